@@ -1,0 +1,178 @@
+"""The single source of truth for configuration: typed models loaded from YAML.
+
+Every key a user can set is a field below (the README's config reference is generated
+from these models). Unknown keys are errors that name the nearest valid key; command-line
+overrides use `key.sub=value` with YAML-parsed values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are rejected, values are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModelConfig(Section):
+    """A small transformers model built from config with a local character tokenizer."""
+
+    architecture: Literal["llama", "qwen2"] = Field("llama", description="transformers architecture of the tiny model")
+    hidden_size: int = Field(128, gt=0, description="width of the residual stream")
+    num_layers: int = Field(4, gt=0, description="number of decoder layers")
+    num_heads: int = Field(4, gt=0, description="attention heads (key/value heads equal)")
+    intermediate_size: int = Field(384, gt=0, description="MLP width")
+    max_positions: int = Field(64, gt=0, description="maximum sequence length")
+
+
+class ModelConfig(Section):
+    path: str | None = Field(None, description="a transformers model folder; when unset, a tiny model is built from `tiny`")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="the model built when `path` is unset")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="weights dtype for training")
+    cache_dir: str = Field("~/.cache/copd", description="where built and warm-started base models are cached")
+
+
+class WarmupConfig(Section):
+    """Supervised warm start so that every capability's SAMPLED pass rate is neither 0 nor 1."""
+
+    enabled: bool = Field(True, description="run the supervised warm start before CoPD")
+    max_steps: int = Field(2000, ge=0, description="upper bound on supervised steps")
+    batch_size: int = Field(64, gt=0, description="samples per supervised step (balanced over capabilities)")
+    lr: float = Field(3e-3, gt=0, description="AdamW learning rate of the warm start")
+    check_every: int = Field(100, gt=0, description="measure sampled pass rates every this many steps")
+    check_samples: int = Field(64, gt=0, description="test prompts per capability for each check")
+    min_pass_rate: float = Field(0.2, ge=0, le=1, description="stop once every capability's sampled pass rate reaches this")
+
+
+class CapabilityConfig(Section):
+    """A capability: built-in generator or a user JSONL file with a verifier."""
+
+    name: str = Field(description="name used by branches and reports")
+    builtin: str | None = Field(None, description="built-in generator: addition, reversal, count")
+    options: dict[str, Any] = Field(default_factory=dict, description="options of the built-in generator")
+    path: str | None = Field(None, description="JSONL file with prompt and answer fields")
+    test_path: str | None = Field(None, description="JSONL test file; otherwise `test_ratio` of `path`")
+    test_ratio: float = Field(0.1, gt=0, lt=1, description="fraction of `path` held out for testing")
+    split_seed: int = Field(0, description="seed of the train/test split by ratio")
+    verifier: str = Field("exact", description="exact, numeric or module:function")
+    prompt_field: str = Field("prompt", description="JSONL field holding the prompt")
+    answer_field: str = Field("answer", description="JSONL field holding the reference answer")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CapabilityConfig:
+        if (self.builtin is None) == (self.path is None):
+            raise ValueError(f"capability {self.name!r} needs exactly one of `builtin` or `path`")
+        return self
+
+
+class BranchConfig(Section):
+    name: str = Field(description="branch name")
+    capabilities: list[str] = Field(min_length=1, description="capabilities this branch trains on (RL data D_k)")
+    beta: float = Field(0.1, ge=0, description="OPD advantage scale beta_k (METHOD.md, OPD)")
+    weight: float = Field(1.0, ge=0, description="merge weight w_k (normalised)")
+
+
+class TopologyConfig(Section):
+    kind: Literal["pair", "hub", "mesh", "oneway"] = Field(
+        "pair", description="pair (K=2, both directions), hub (hub-and-spoke), mesh (all pairs), oneway (first branch learns from the second)"
+    )
+    hub: str | None = Field(None, description="hub branch name for kind=hub")
+
+
+class ScheduleConfig(Section):
+    plan: str = Field("copd", description="plan builder: copd, experts")
+    cycles: int = Field(3, gt=0, description="N cycles of Algorithm 1")
+    rl_steps: int = Field(6, ge=0, description="S_RL: Phase I steps per cycle")
+    opd_steps: int = Field(4, ge=0, description="S_OPD: Phase II steps per cycle")
+
+
+class RLConfig(Section):
+    prompts_per_step: int = Field(16, gt=0, description="prompts per branch per RL step")
+    rollouts_per_prompt: int = Field(8, gt=1, description="G rollouts per prompt")
+    advantage: str = Field("grpo", description="group advantage: grpo, dr_grpo")
+    loss_aggregation: str = Field("token_mean", description="token_mean (DAPO), seq_mean, seq_sum_norm (Dr.GRPO)")
+    eps_low: float = Field(0.2, ge=0, description="lower clip range")
+    eps_high: float = Field(0.28, ge=0, description="upper clip range (clip-higher)")
+    filter_zero_signal: bool = Field(False, description="drop groups whose rewards are all equal (DAPO)")
+    epochs: int = Field(1, gt=0, description="policy updates per batch (1 = on-policy, rho = 1)")
+
+
+class OPDConfig(Section):
+    estimator: str = Field("sampled", description="sampled (paper), baseline (per-position baseline), exact_kl (full reverse KL)")
+    prompts_per_step: int = Field(16, gt=0, description="teacher-data prompts per edge per OPD step")
+    rollouts_per_prompt: int = Field(2, gt=0, description="student rollouts per teacher prompt")
+    overlap_k: int = Field(4, gt=0, description="k of the top-k overlap diagnostic")
+
+
+class SamplingConfig(Section):
+    temperature: float = Field(1.0, gt=0, description="rollout temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
+    max_new_tokens: int = Field(8, gt=0, description="maximum completion length")
+
+
+class OptimConfig(Section):
+    lr: float = Field(2e-4, gt=0, description="AdamW learning rate (constant)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    grad_clip: float = Field(1.0, gt=0, description="gradient norm clip")
+    max_nan_in_row: int = Field(5, gt=0, description="stop the run after this many consecutive non-finite losses")
+
+
+class EvalConfig(Section):
+    samples: int = Field(200, gt=0, description="test prompts per capability")
+    batch_size: int = Field(128, gt=0, description="prompts per generation batch")
+
+
+class MergeConfig(Section):
+    method: str = Field("mean", description="mean, weighted, task_arithmetic, ties")
+    scale: float = Field(1.0, gt=0, description="task-vector scale (task_arithmetic, ties)")
+    density: float = Field(0.2, gt=0, le=1, description="fraction of task-vector entries kept (ties)")
+
+
+class RunConfig(Section):
+    out: str = Field("runs/copd", description="run directory")
+    seed: int = Field(0, description="seed of sampling, data order and initialisation")
+    device: str = Field("cpu", description="cpu, cuda or auto")
+    threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")
+    keep_checkpoints: int = Field(2, gt=0, description="cycle checkpoints kept on disk")
+
+
+class Config(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    warmup: WarmupConfig = Field(default_factory=WarmupConfig)
+    capabilities: list[CapabilityConfig] = Field(min_length=1)
+    branches: list[BranchConfig] = Field(min_length=1)
+    topology: TopologyConfig = Field(default_factory=TopologyConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
+    opd: OPDConfig = Field(default_factory=OPDConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> Config:
+        known = [c.name for c in self.capabilities]
+        names = [b.name for b in self.branches]
+        if len(set(names)) != len(names):
+            raise ValueError(f"branch names must be unique, got {names}")
+        for b in self.branches:
+            for cap in b.capabilities:
+                if cap not in known:
+                    raise ValueError(f"branch {b.name!r} uses unknown capability {cap!r}; defined: {known}")
+        if self.topology.kind == "hub" and self.topology.hub not in names:
+            raise ValueError(f"topology.hub must name a branch {names}, got {self.topology.hub!r}")
+        return self
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def path_of(config_path: str | Path) -> Path:
+    return Path(config_path).expanduser()

@@ -1,0 +1,113 @@
+"""Per-token advantages: GRPO group normalisation (RLVR part) and OPD (distillation part).
+
+Equations refer to METHOD.md: "GRPO" gives A_i = (r_i - mean(r)) / (std(r) + eps);
+"OPD" gives A_t = beta * (log pi_teacher(y_t) - log pi_student(y_t)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+
+def _grpo(rewards_N_G: Tensor, eps: float) -> Tensor:
+    # GRPO: A_i = (r_i - mean_g r) / (std_g r + eps). Unbiased std (Bessel, torch default)
+    # because that is what TRL and verl use, so numbers match what users expect.
+    mean_N_1 = rewards_N_G.mean(dim=-1, keepdim=True)
+    if rewards_N_G.shape[-1] < 2:
+        # The unbiased std of one sample is NaN; a single rollout has no group signal.
+        return torch.zeros_like(rewards_N_G)
+    std_N_1 = rewards_N_G.std(dim=-1, keepdim=True)
+    return (rewards_N_G - mean_N_1) / (std_N_1 + eps)
+
+
+def _dr_grpo(rewards_N_G: Tensor, eps: float) -> Tensor:
+    # Dr.GRPO: drop the std division, which up-weights near-uniform groups (a bias).
+    del eps  # kept in the signature so every registry entry is called the same way
+    return rewards_N_G - rewards_N_G.mean(dim=-1, keepdim=True)
+
+
+GROUP_ADVANTAGES: dict[str, Callable[[Tensor, float], Tensor]] = {
+    "grpo": _grpo,
+    "dr_grpo": _dr_grpo,
+}
+
+
+def group_advantages(rewards_N_G: Tensor, kind: str = "grpo", eps: float = 1e-6) -> Tensor:
+    """Sequence-level advantages for N prompts with G rollouts each, shape [N, G]."""
+    try:
+        fn = GROUP_ADVANTAGES[kind]
+    except KeyError:
+        valid = ", ".join(sorted(GROUP_ADVANTAGES))
+        raise ValueError(f"unknown advantage kind {kind!r}; valid kinds: {valid}") from None
+    # Integer/bool rewards (pass/fail) are promoted; float64 stays float64.
+    if not rewards_N_G.is_floating_point():
+        rewards_N_G = rewards_N_G.float()
+    return fn(rewards_N_G, eps)
+
+
+def zero_signal_groups(rewards_N_G: Tensor) -> Tensor:
+    """Bool[N]: True where all G rewards are equal, so every GRPO advantage is zero.
+
+    DAPO's dynamic sampling drops these groups: they add tokens to the denominator of
+    the token-mean loss without adding gradient.
+    """
+    return (rewards_N_G == rewards_N_G[..., :1]).all(dim=-1)
+
+
+def _beta_B_1(beta: float | Tensor, like_B_T: Tensor) -> Tensor | float:
+    # beta is per branch (a float) or per row (Tensor[B]) when a batch mixes edges.
+    if isinstance(beta, Tensor) and beta.dim() == 1:
+        return beta.to(like_B_T).unsqueeze(-1)
+    return beta
+
+
+def opd_sampled_advantage(
+    teacher_logprobs_B_T: Tensor,
+    student_logprobs_B_T: Tensor,
+    mask_B_T: Tensor,
+    beta: float | Tensor,
+) -> Tensor:
+    """OPD advantage at the sampled tokens: beta * (log p_t(y_t) - log p_s(y_t)).
+
+    Its expectation over y_t ~ p_s is -beta * KL(p_s || p_t): a one-sample estimate of
+    the negative reverse KL (METHOD.md, "OPD"). Advantages are constants in the policy
+    gradient, so inputs are detached.
+    """
+    delta_B_T = teacher_logprobs_B_T.detach() - student_logprobs_B_T.detach()
+    adv_B_T = _beta_B_1(beta, delta_B_T) * delta_B_T
+    return torch.where(mask_B_T.bool(), adv_B_T, torch.zeros_like(adv_B_T))
+
+
+def _neg_reverse_kl_B_T(teacher_dist_B_T_V: Tensor, student_dist_B_T_V: Tensor) -> Tensor:
+    # b_t = sum_v p_s(v) (log p_t(v) - log p_s(v)) = -KL(p_s || p_t) at each position.
+    # Where p_s(v) = 0 the term is 0 by convention (avoids 0 * inf = NaN).
+    p_s = student_dist_B_T_V.exp()
+    diff = torch.where(p_s > 0, teacher_dist_B_T_V - student_dist_B_T_V, torch.zeros_like(p_s))
+    return (p_s * diff).sum(dim=-1)
+
+
+def opd_baseline_advantage(
+    teacher_logprobs_B_T: Tensor,
+    student_logprobs_B_T: Tensor,
+    teacher_dist_B_T_V: Tensor,
+    student_dist_B_T_V: Tensor,
+    mask_B_T: Tensor,
+    beta: float | Tensor,
+) -> Tensor:
+    """OPD advantage with a per-position baseline: beta * ((t - s) - b_t).
+
+    dist tensors are log-probabilities over the vocabulary, or over a shared restricted
+    support (renormalised, see losses.restricted_log_softmax). b_t = -KL(p_s || p_t)
+    depends only on the context, not on the sampled y_t, so
+    E_{y~p_s}[b_t * grad log p_s(y)] = b_t * grad sum_y p_s(y) = b_t * grad 1 = 0:
+    subtracting it keeps the gradient estimate unbiased while centring the advantage
+    (its mean over y ~ p_s becomes 0), which removes the systematic push-down of
+    sampled tokens the plain estimator has (METHOD.md, "small run").
+    """
+    delta_B_T = teacher_logprobs_B_T.detach() - student_logprobs_B_T.detach()
+    baseline_B_T = _neg_reverse_kl_B_T(teacher_dist_B_T_V.detach(), student_dist_B_T_V.detach())
+    adv_B_T = _beta_B_1(beta, delta_B_T) * (delta_B_T - baseline_B_T)
+    return torch.where(mask_B_T.bool(), adv_B_T, torch.zeros_like(adv_B_T))

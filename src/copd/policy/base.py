@@ -1,0 +1,130 @@
+"""What a branch is: the Policy interface and the plain data that crosses it.
+
+Everything in and out is a tensor, a string or a dataclass of them, so a remote worker
+(a Ray actor, say) can hold a Policy unchanged and the driver never sees a model class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 8
+    greedy: bool = False
+
+
+@dataclass
+class Rollouts:
+    """Sampled sequences: left-padded prompts followed by right-padded completions.
+
+    Rows are grouped by prompt: rows [i*n, (i+1)*n) are the n samples of prompt i.
+    """
+
+    input_ids_B_L: torch.Tensor
+    attention_mask_B_L: torch.Tensor
+    prompt_len: int
+    completion_mask_B_T: torch.Tensor  # float, 1 on generated tokens (EOS included)
+    completions: list[str]
+
+    @property
+    def completion_ids_B_T(self) -> torch.Tensor:
+        return self.input_ids_B_L[:, self.prompt_len :]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.completion_mask_B_T.sum().item())
+
+    def select(self, rows: torch.Tensor) -> Rollouts:
+        """Keep the given row indices (used to drop zero-signal groups)."""
+        keep = rows.tolist()
+        return Rollouts(
+            self.input_ids_B_L[rows],
+            self.attention_mask_B_L[rows],
+            self.prompt_len,
+            self.completion_mask_B_T[rows],
+            [self.completions[i] for i in keep],
+        )
+
+
+@dataclass
+class Scores:
+    """A policy's view of given rollouts (no gradient): per-token and full log-probs."""
+
+    token_logprobs_B_T: torch.Tensor
+    dist_logprobs_B_T_V: torch.Tensor | None = None
+
+
+@dataclass
+class RLPart:
+    """Rollouts with per-token advantages, trained with the clipped policy gradient."""
+
+    rollouts: Rollouts
+    advantages_B_T: torch.Tensor
+
+
+@dataclass
+class OPDPart:
+    """Student rollouts on a teacher's prompts with the teacher's scores (one edge)."""
+
+    rollouts: Rollouts
+    teacher: Scores
+    beta: float
+    edge: str
+
+
+@dataclass
+class LossSpec:
+    """How a branch turns parts into one loss: the core functions to use and their settings."""
+
+    aggregation: str = "token_mean"
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    opd_estimator: str = "sampled"
+    overlap_k: int = 4
+    epochs: int = 1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class UpdateResult:
+    """Metrics of one optimizer update; `skipped` when the loss was not finite."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    edge_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    skipped: bool = False
+
+
+class Policy(Protocol):
+    """A trainable branch. Implementations: HFPolicy (transformers), fakes in tests."""
+
+    name: str
+
+    def generate(self, prompts: list[str], n: int, params: SamplingParams, seed: int) -> Rollouts:
+        """n samples per prompt, reproducible from `seed`."""
+
+    def score(self, rollouts: Rollouts, full: bool = True) -> Scores:
+        """Log-probabilities of the rollouts' completion tokens under this policy."""
+
+    def update(self, rl: list[RLPart], opd: list[OPDPart], spec: LossSpec) -> UpdateResult:
+        """One policy-gradient update on RL and OPD parts together (Algorithm 1, Phase II)."""
+
+    def get_weights(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of the parameters (for merging and snapshots)."""
+
+    def set_weights(self, weights: dict[str, torch.Tensor]) -> None: ...
+
+    def save_checkpoint(self, folder: Path) -> None:
+        """Weights and optimizer state, enough to resume exactly."""
+
+    def load_checkpoint(self, folder: Path) -> None: ...
+
+    def save_pretrained(self, folder: Path) -> None:
+        """A standard transformers folder."""

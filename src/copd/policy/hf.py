@@ -1,0 +1,131 @@
+"""A Policy backed by a transformers causal LM, trained with AdamW, on CPU or GPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from copd.core.losses import approx_kl
+from copd.policy.base import LossSpec, OPDPart, RLPart, Rollouts, SamplingParams, Scores, UpdateResult
+from copd.policy.objective import opd_loss, rl_loss
+from copd.policy.sampling import completion_logits, sample_completions, token_logprobs
+
+
+class HFPolicy:
+    """One branch: a model, its tokenizer and its optimizer."""
+
+    def __init__(self, name: str, model, tokenizer, lr: float = 1e-4, weight_decay: float = 0.0, device: str = "cpu"):
+        self.name = name
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.tokenizer = tokenizer
+        self.tokenizer.padding_side = "left"
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay)
+
+    # ---- sampling and scoring -------------------------------------------------------
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    def generate(self, prompts: list[str], n: int, params: SamplingParams, seed: int) -> Rollouts:
+        ids, mask = self._encode([p for p in prompts for _ in range(n)])
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.model.eval()
+        comp_ids, comp_mask = sample_completions(
+            self.model, ids, mask, params, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, generator
+        )
+        # Rows that finished are padded after EOS, so skipping special tokens leaves the answer text.
+        texts = self.tokenizer.batch_decode(comp_ids, skip_special_tokens=True)
+        return Rollouts(
+            input_ids_B_L=torch.cat([ids, comp_ids], 1),
+            attention_mask_B_L=torch.cat([mask, comp_mask.long()], 1),
+            prompt_len=ids.shape[1],
+            completion_mask_B_T=comp_mask,
+            completions=texts,
+        )
+
+    def _dist(self, rollouts: Rollouts) -> torch.Tensor:
+        logits = completion_logits(
+            self.model, rollouts.input_ids_B_L.to(self.device), rollouts.attention_mask_B_L.to(self.device), rollouts.prompt_len
+        )
+        return logits.float().log_softmax(-1)
+
+    @torch.no_grad()
+    def score(self, rollouts: Rollouts, full: bool = True) -> Scores:
+        self.model.eval()
+        dist = self._dist(rollouts)
+        tokens = token_logprobs(dist, rollouts.completion_ids_B_T.to(self.device))
+        return Scores(tokens.cpu(), dist.cpu() if full else None)
+
+    # ---- training ---------------------------------------------------------------------
+    def update(self, rl: list[RLPart], opd: list[OPDPart], spec: LossSpec) -> UpdateResult:
+        """`spec.epochs` optimizer steps on all parts together; old log-probs from the first pass."""
+        self.model.train()
+        olds: list[torch.Tensor | None] = [None] * (len(rl) + len(opd))
+        result = UpdateResult()
+        for _ in range(spec.epochs):
+            self.optimizer.zero_grad(set_to_none=True)
+            metrics, edges, finite = self._accumulate(rl, opd, spec, olds)
+            if not finite:
+                self.optimizer.zero_grad(set_to_none=True)
+                return UpdateResult(metrics=metrics, skipped=True)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), spec.grad_clip)
+            self.optimizer.step()
+            result = UpdateResult(metrics={**metrics, "grad_norm": float(grad_norm)}, edge_metrics=edges)
+        result.metrics["approx_kl"] = self._policy_kl([p.rollouts for p in rl] + [p.rollouts for p in opd], olds)
+        return result
+
+    def _accumulate(self, rl, opd, spec, olds) -> tuple[dict, dict, bool]:
+        """Backward each part's loss in turn (gradients add up; peak memory stays one part's)."""
+        metrics: dict[str, float] = {"loss": 0.0, "tokens": 0.0}
+        edges: dict[str, dict] = {}
+        parts = [("rl", p) for p in rl] + [("opd", p) for p in opd]
+        for i, (kind, part) in enumerate(parts):
+            dist = self._dist(part.rollouts)
+            logprobs = token_logprobs(dist, part.rollouts.completion_ids_B_T.to(self.device))
+            if olds[i] is None:
+                olds[i] = logprobs.detach()
+            if kind == "rl":
+                loss, stats = rl_loss(logprobs, olds[i], part, spec)
+            else:
+                loss, stats, edges[part.edge] = opd_loss(logprobs, dist, olds[i], part, spec)
+            if not torch.isfinite(loss):
+                return {"loss": float("nan")}, {}, False
+            loss.backward()
+            metrics["loss"] += loss.item()
+            metrics["tokens"] += float(part.rollouts.num_tokens)
+            metrics.update(stats)
+        return metrics, edges, True
+
+    @torch.no_grad()
+    def _policy_kl(self, rollouts: list[Rollouts], olds: list[torch.Tensor]) -> float:
+        """k3 estimate of KL(pi_old || pi_new) on this update's tokens: how far one step moved."""
+        self.model.eval()
+        values = []
+        for r, old in zip(rollouts, olds):
+            new = token_logprobs(self._dist(r), r.completion_ids_B_T.to(self.device))
+            values.append(approx_kl(new, old, r.completion_mask_B_T.to(self.device)).item())
+        return sum(values) / max(len(values), 1)
+
+    # ---- weights and checkpoints --------------------------------------------------------
+    def get_weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(weights)
+
+    def save_checkpoint(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_model(self.model, str(folder / "model.safetensors"))
+        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+
+    def load_checkpoint(self, folder: Path) -> None:
+        load_model(self.model, str(folder / "model.safetensors"), device=str(self.device))
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.device))
+
+    def save_pretrained(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(folder, safe_serialization=True)
+        self.tokenizer.save_pretrained(folder)

@@ -1,0 +1,81 @@
+"""Batched autoregressive sampling with a KV cache, and log-probabilities of completions.
+
+A lean loop instead of `generate()`: one prefill, then one cached forward per new token,
+with temperature, top-p and an explicit torch.Generator so rollouts are reproducible from
+a seed (which is what makes resumed runs match uninterrupted ones).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from copd.policy.base import SamplingParams
+
+
+def positions_from_mask(attention_mask_B_L: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on the first real token of each left-padded row."""
+    return (attention_mask_B_L.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def top_p_filter(logits_B_V: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability mass reaches top_p (nucleus)."""
+    if top_p >= 1.0:
+        return logits_B_V
+    sorted_logits, order = logits_B_V.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    # A token is dropped when the mass before it already reaches top_p; the top token always stays.
+    drop_sorted = probs.cumsum(-1) - probs >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits_B_V.masked_fill(drop, float("-inf"))
+
+
+def next_tokens(logits_B_V: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+    if params.greedy:
+        return logits_B_V.argmax(-1)
+    logits = top_p_filter(logits_B_V.float() / params.temperature, params.top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def sample_completions(
+    model,
+    input_ids_B_P: torch.Tensor,
+    attention_mask_B_P: torch.Tensor,
+    params: SamplingParams,
+    eos_id: int,
+    pad_id: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample up to max_new_tokens per row; returns (completion_ids_B_T, completion_mask_B_T).
+
+    The mask is 1 on generated tokens up to and including EOS; finished rows are padded.
+    """
+    batch = input_ids_B_P.shape[0]
+    mask = attention_mask_B_P.clone()
+    out = model(input_ids=input_ids_B_P, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True)
+    cache, logits = out.past_key_values, out.logits[:, -1]
+    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids_B_P.device)
+    tokens, alive = [], []
+    for step in range(params.max_new_tokens):
+        token = next_tokens(logits, params, generator)
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        tokens.append(token)
+        alive.append(~finished)
+        finished = finished | (token == eos_id)
+        if bool(finished.all()) or step == params.max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, (~finished | (token == eos_id)).long()[:, None]], dim=1)
+        position = positions_from_mask(mask)[:, -1:]
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1]
+    return torch.stack(tokens, 1), torch.stack(alive, 1).float()
+
+
+def completion_logits(model, input_ids_B_L: torch.Tensor, attention_mask_B_L: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Logits that predict each completion token: positions prompt_len-1 .. L-2."""
+    out = model(input_ids=input_ids_B_L, attention_mask=attention_mask_B_L, position_ids=positions_from_mask(attention_mask_B_L))
+    return out.logits[:, prompt_len - 1 : -1]
+
+
+def token_logprobs(logprobs_B_T_V: torch.Tensor, ids_B_T: torch.Tensor) -> torch.Tensor:
+    return logprobs_B_T_V.gather(-1, ids_B_T.unsqueeze(-1)).squeeze(-1)

@@ -1,0 +1,188 @@
+"""The driver: runs a plan of phases over policies, logs every step, checkpoints every cycle.
+
+It never branches on the method: a phase says which branches do RLVR and which OPD edges
+are active, and one step is always (1) sample every branch's RL and OPD rollouts,
+(2) let the teachers score the students' rollouts, (3) update every branch. Because all
+scoring happens before any update, teachers are the branches as they were at the start
+of the step (Algorithm 1, Phase II) and the branch order never matters.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from copd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from copd.config import Config
+from copd.errors import CopdError
+from copd.policy.base import LossSpec, OPDPart, Policy, SamplingParams
+from copd.progress import QuietReporter, Reporter
+from copd.rollout import MixtureSampler, collect_opd_rollouts, collect_rl, derived_seed
+from copd.schedule.plan import Phase, build_plan
+from copd.schedule.topology import Edge, build_edges
+from copd.tasks import Capability
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON record per line, appended and flushed as training goes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.lines = sum(1 for _ in path.open()) if path.exists() else 0
+
+    def truncate(self, lines: int) -> None:
+        """Drop records written after the checkpoint being resumed, so they are not duplicated."""
+        kept = self.path.read_text().splitlines(keepends=True)[:lines] if self.path.exists() else []
+        self.path.write_text("".join(kept))
+        self.lines = len(kept)
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.lines += 1
+
+
+def loss_spec(config: Config) -> LossSpec:
+    return LossSpec(
+        aggregation=config.rl.loss_aggregation,
+        eps_low=config.rl.eps_low,
+        eps_high=config.rl.eps_high,
+        opd_estimator=config.opd.estimator,
+        overlap_k=config.opd.overlap_k,
+        epochs=config.rl.epochs,
+        grad_clip=config.optim.grad_clip,
+    )
+
+
+class Trainer:
+    def __init__(self, config: Config, run_dir: Path, policies: dict[str, Policy], capabilities: dict[str, Capability], reporter: Reporter | None = None):
+        self.config, self.run_dir, self.policies = config, run_dir, policies
+        self.reporter = reporter or QuietReporter()
+        names = [b.name for b in config.branches]
+        try:
+            self.edges = build_edges(config.topology.kind, names, config.topology.hub) if len(names) > 1 else []
+            self.plan = build_plan(config.schedule.plan, names, self.edges, config.schedule.cycles, config.schedule.rl_steps, config.schedule.opd_steps)
+        except ValueError as err:
+            raise CopdError(f"config: {err}") from None
+        seed = config.run.seed
+        caps_of = {b.name: [capabilities[c] for c in b.capabilities] for b in config.branches}
+        self.rl_samplers = {b: MixtureSampler(caps_of[b], derived_seed(seed, "rl", b)) for b in names}
+        self.opd_samplers = {e.label: MixtureSampler(caps_of[e.teacher], derived_seed(seed, "opd", e.label)) for e in self.edges}
+        self.beta = {b.name: b.beta for b in config.branches}
+        self.spec = loss_spec(config)
+        self.sampling = SamplingParams(config.sampling.temperature, config.sampling.top_p, config.sampling.max_new_tokens)
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        self.state = {"next_phase": 0, "global_step": 0, "nan_in_row": dict.fromkeys(names, 0), "nan_skipped": dict.fromkeys(names, 0)}
+
+    # ---- running the plan --------------------------------------------------------------
+    def run(self, resume: bool = False) -> None:
+        if resume:
+            self._restore()
+        total = sum(p.steps for p in self.plan)
+        done = sum(p.steps for p in self.plan[: self.state["next_phase"]])
+        self.reporter.start("training", total)
+        for _ in range(done):
+            self.reporter.advance("resumed")
+        for index in range(self.state["next_phase"], len(self.plan)):
+            phase = self.plan[index]
+            for _ in range(phase.steps):
+                self.step(phase)
+            self.state["next_phase"] = index + 1
+            if index + 1 == len(self.plan) or self.plan[index + 1].cycle != phase.cycle:
+                self._checkpoint(phase.cycle)
+        self.reporter.stop()
+
+    def step(self, phase: Phase) -> None:
+        """One step of Algorithm 1 for every branch of the phase."""
+        self.state["global_step"] += 1
+        step, seed, cfg = self.state["global_step"], self.config.run.seed, self.config
+        timer = {b: 0.0 for b in self._active(phase)}
+        rl = {}
+        for b in phase.rl_branches:
+            t0 = time.perf_counter()
+            rl[b] = collect_rl(self.policies[b], self.rl_samplers[b], cfg.rl.prompts_per_step, cfg.rl.rollouts_per_prompt,
+                               self.sampling, derived_seed(seed, "rl", b, step), cfg.rl.advantage, cfg.rl.filter_zero_signal)
+            timer[b] += time.perf_counter() - t0
+        opd_parts: dict[str, list[OPDPart]] = {b: [] for b in timer}
+        for edge in phase.edges:
+            t0 = time.perf_counter()
+            rollouts = collect_opd_rollouts(self.policies[edge.student], self.opd_samplers[edge.label], cfg.opd.prompts_per_step,
+                                            cfg.opd.rollouts_per_prompt, self.sampling, derived_seed(seed, "opd", edge.label, step))
+            # Scored before any branch updates this step: the teacher is a snapshot.
+            teacher = self.policies[edge.teacher].score(rollouts, full=True)
+            opd_parts[edge.student].append(OPDPart(rollouts, teacher, self.beta[edge.student], edge.label))
+            timer[edge.student] += time.perf_counter() - t0
+        for b in timer:
+            t0 = time.perf_counter()
+            batch = rl.get(b)
+            parts = [batch.part] if batch is not None and batch.part is not None else []
+            result = self.policies[b].update(parts, opd_parts[b], self.spec) if parts or opd_parts[b] else None
+            timer[b] += time.perf_counter() - t0
+            self._record(phase, b, batch, result, timer[b])
+
+    def _active(self, phase: Phase) -> list[str]:
+        students = [e.student for e in phase.edges]
+        return [b.name for b in self.config.branches if b.name in phase.rl_branches or b.name in students]
+
+    # ---- logging and failure handling -------------------------------------------------------
+    def _record(self, phase: Phase, branch: str, batch, result, seconds: float) -> None:
+        step = self.state["global_step"]
+        base = {"step": step, "cycle": phase.cycle, "phase": phase.name}
+        record = {**base, "type": "branch", "branch": branch, "seconds": round(seconds, 4)}
+        if batch is not None:
+            record.update(reward=sum(batch.rewards) / len(batch.rewards), filtered_groups=batch.filtered_groups,
+                          **{f"reward/{k}": v for k, v in batch.by_capability.items()})
+        if result is not None:
+            record.update(result.metrics, skipped=result.skipped)
+            for label, edge in result.edge_metrics.items():
+                student, teacher = label.split("<-")
+                self.metrics.write({**base, "type": "edge", "edge": label, "student": student, "teacher": teacher, **edge})
+            self._count_nan(branch, result.skipped)
+        self.metrics.write(record)
+        overlap = next(iter(result.edge_metrics.values()), {}).get("overlap_topk") if result else None
+        info = f"{branch} reward {record.get('reward', float('nan')):.2f}" + (f" overlap {overlap:.2f}" if overlap is not None else "")
+        if branch == self._active(phase)[-1]:
+            self.reporter.advance(f"cycle {phase.cycle}/{self.config.schedule.cycles} {phase.name}", info)
+
+    def _count_nan(self, branch: str, skipped: bool) -> None:
+        self.state["nan_in_row"][branch] = self.state["nan_in_row"][branch] + 1 if skipped else 0
+        self.state["nan_skipped"][branch] += int(skipped)
+        limit = self.config.optim.max_nan_in_row
+        if self.state["nan_in_row"][branch] >= limit:
+            last = latest_checkpoint(self.run_dir)
+            kept = f"the last checkpoint {last} is intact" if last else "no checkpoint was written yet"
+            raise CopdError(
+                f"branch {branch!r}: {limit} non-finite losses in a row (step {self.state['global_step']}); "
+                f"stopping, {kept}; lower optim.lr and resume with --resume"
+            )
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def _checkpoint(self, cycle: int) -> None:
+        state = {
+            **self.state,
+            "cycle": cycle,
+            "metrics_lines": self.metrics.lines,
+            "rl_samplers": {b: s.state_dict() for b, s in self.rl_samplers.items()},
+            "opd_samplers": {e: s.state_dict() for e, s in self.opd_samplers.items()},
+        }
+        save_checkpoint(self.run_dir, cycle, self.policies, state, self.config.run.keep_checkpoints)
+
+    def _restore(self) -> None:
+        folder = latest_checkpoint(self.run_dir)
+        if folder is None:
+            return  # killed before the first cycle ended: start over from the base
+        state = load_checkpoint(folder, self.policies)
+        for b, s in state.pop("rl_samplers").items():
+            self.rl_samplers[b].load_state_dict(s)
+        for e, s in state.pop("opd_samplers").items():
+            self.opd_samplers[e].load_state_dict(s)
+        self.metrics.truncate(state.pop("metrics_lines"))
+        state.pop("cycle")
+        self.state = state
+        self.reporter.print(f"resumed from {folder}")
+
+
+def edges_of(config: Config) -> list[Edge]:
+    names = [b.name for b in config.branches]
+    return build_edges(config.topology.kind, names, config.topology.hub) if len(names) > 1 else []
