@@ -1,0 +1,118 @@
+"""A whole run: prepare the base, train the plan, save branches, merge, evaluate, report.
+
+This is what `copd train` and `copd demo` call. Everything lands in the run directory
+(DESIGN.md, "The run directory").
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from copd.config import Config
+from copd.config_loader import dump_config
+from copd.errors import CopdError
+from copd.evaluate import evaluate_policy
+from copd.merging import merge_branches
+from copd.models import load_pretrained
+from copd.policy.base import SamplingParams
+from copd.policy.hf import HFPolicy
+from copd.progress import QuietReporter, Reporter
+from copd.tasks import Capability, load_capability
+from copd.train import Trainer
+from copd.warmstart import clone_model, prepare_base
+
+
+def capability_spec(cap) -> dict:
+    """The plain dict `load_capability` reads, from a typed CapabilityConfig."""
+    if cap.builtin is not None:
+        return {"name": cap.name, "builtin": cap.builtin, **cap.options}
+    spec = cap.model_dump(exclude={"builtin", "options"})
+    if cap.test_path is not None:
+        spec.pop("test_ratio")
+    return spec
+
+
+def load_capabilities(config: Config, base_dir: Path | None = None) -> dict[str, Capability]:
+    return {c.name: load_capability(capability_spec(c), base_dir) for c in config.capabilities}
+
+
+def prepare_run_dir(config: Config, run_dir: Path, resume: bool) -> None:
+    """Refuse to mix runs: a new run needs an empty folder; --resume needs the same config."""
+    saved = run_dir / "config.yaml"
+    if resume:
+        if not saved.is_file():
+            raise CopdError(f"--resume {run_dir}: no config.yaml there, so it holds no run to resume")
+        _check_same_run(config, saved)
+        return
+    if saved.is_file():
+        raise CopdError(f"run directory {run_dir} already holds a run; resume it with --resume {run_dir} or choose another run.out")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise CopdError(f"run directory {run_dir} is not empty; choose another run.out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(config, saved)
+
+
+def _check_same_run(config: Config, saved: Path) -> None:
+    old = yaml.safe_load(saved.read_text())
+    new = config.to_yaml_dict()
+    old["run"].pop("out", None)
+    new["run"].pop("out", None)
+    for section in new:
+        if old.get(section) != new[section]:
+            raise CopdError(f"{saved}: the run there was made with a different config (section {section!r} differs); resume with the same config")
+
+
+def run_training(config: Config, resume: bool = False, reporter: Reporter | None = None, base_dir: Path | None = None) -> Path:
+    """Run the config end to end; returns the run directory."""
+    reporter = reporter or QuietReporter()
+    run_dir = Path(config.run.out).expanduser()
+    capabilities = load_capabilities(config, base_dir)  # data errors surface before anything is written
+    prepare_run_dir(config, run_dir, resume)
+    timing, t0 = {}, time.perf_counter()
+    base_folder = run_dir / "base"
+    if resume and (base_folder / "config.json").is_file():
+        model, tokenizer = load_pretrained(base_folder, config.model.dtype)
+    else:
+        model, tokenizer, info = prepare_base(config, capabilities, reporter)
+        HFPolicy("base", model, tokenizer).save_pretrained(base_folder)
+        (run_dir / "warmup.json").write_text(json.dumps(info, indent=1))
+    timing["warmup_seconds"] = round(time.perf_counter() - t0, 2)
+    policies = {
+        b.name: HFPolicy(b.name, clone_model(model), tokenizer, config.optim.lr, config.optim.weight_decay, config.run.device)
+        for b in config.branches
+    }
+    t1 = time.perf_counter()
+    Trainer(config, run_dir, policies, capabilities, reporter).run(resume=resume)
+    timing["train_seconds"] = round(time.perf_counter() - t1, 2)
+    for name, policy in policies.items():
+        policy.save_pretrained(run_dir / "branches" / name)
+    merged = merge_branches(run_dir, config)
+    t2 = time.perf_counter()
+    evaluate_run(config, run_dir, capabilities, {"base": HFPolicy("base", model, tokenizer), **{f"branch:{n}": p for n, p in policies.items()}, "merged": merged}, reporter)
+    timing["eval_seconds"] = round(time.perf_counter() - t2, 2)
+    timing["total_seconds"] = round(time.perf_counter() - t0, 2)
+    (run_dir / "timing.json").write_text(json.dumps(timing, indent=1))
+    return run_dir
+
+
+def evaluate_run(config: Config, run_dir: Path, capabilities: dict[str, Capability], policies: dict, reporter: Reporter) -> dict:
+    """eval.json: every model (base, branches, merged) on every capability's test split."""
+    params = SamplingParams(config.sampling.temperature, config.sampling.top_p, config.sampling.max_new_tokens)
+    caps = list(capabilities.values())
+    reporter.start("evaluating", len(policies))
+    models = {}
+    for label, policy in policies.items():
+        models[label] = evaluate_policy(policy, caps, config.eval.samples, params, config.eval.batch_size, seed=config.run.seed)
+        reporter.advance("evaluating", label)
+    reporter.stop()
+    result = {
+        "decoding": {"greedy": "argmax decoding", "sampled": f"one sample at temperature {params.temperature}, top_p {params.top_p}"},
+        "samples": config.eval.samples,
+        "models": models,
+    }
+    (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
+    return result
