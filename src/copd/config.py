@@ -40,13 +40,13 @@ class ModelConfig(Section):
 class WarmupConfig(Section):
     """Supervised warm start so that every capability's SAMPLED pass rate is neither 0 nor 1."""
 
-    enabled: bool = Field(True, description="run the supervised warm start before CoPD")
+    enabled: bool = Field(True, description="run the supervised warm start before CoPD (built tiny models only)")
     max_steps: int = Field(2000, ge=0, description="upper bound on supervised steps")
     batch_size: int = Field(64, gt=0, description="samples per supervised step (balanced over capabilities)")
-    lr: float = Field(3e-3, gt=0, description="AdamW learning rate of the warm start")
-    check_every: int = Field(100, gt=0, description="measure sampled pass rates every this many steps")
-    check_samples: int = Field(64, gt=0, description="test prompts per capability for each check")
-    min_pass_rate: float = Field(0.2, ge=0, le=1, description="stop once every capability's sampled pass rate reaches this")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the warm start (gradient norm clipped at 1)")
+    check_every: int = Field(25, gt=0, description="measure sampled pass rates every this many steps")
+    check_samples: int = Field(64, gt=0, description="training prompts per capability sampled at each check")
+    min_pass_rate: float = Field(0.2, ge=0, le=1, description="stop once every RL-trained capability's sampled pass rate reaches this")
 
 
 class CapabilityConfig(Section):
