@@ -84,3 +84,38 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch):
     resumed = run_training(crashed_config, resume=True)
     assert records(resumed) == records(straight)
     assert json.loads((resumed / "eval.json").read_text()) == json.loads((straight / "eval.json").read_text())
+
+
+def test_cli_eval_and_merge_on_a_finished_run(tmp_path, capsys):
+    from copd.cli import main
+
+    run_dir = run_training(tiny_config(tmp_path, "run"))
+    scores = tmp_path / "scores.json"
+    assert main(["eval", str(run_dir), "--tasks", "reversal,count", "--samples", "8", "--out", str(scores)]) == 0
+    models = json.loads(scores.read_text())["models"]
+    assert set(models) == {"base", "branch:cnt", "branch:rev", "merged"}
+    # The run's own capability options are used, so scores match eval.json on the same prompts.
+    assert models["merged"]["greedy"]["reversal"] == pytest.approx(
+        _greedy_on_first(run_dir, "reversal", 8), abs=1e-9
+    )
+    assert main(["merge", str(run_dir), "--method", "ties"]) == 0
+    ties = AutoModelForCausalLM.from_pretrained(run_dir / "merged-ties").state_dict()
+    mean = AutoModelForCausalLM.from_pretrained(run_dir / "final").state_dict()
+    assert any(not torch.equal(ties[k], mean[k]) for k in mean)
+    assert main(["merge", str(run_dir), "--method", "ties"]) == 2  # never overwrites
+    assert "already exists" in capsys.readouterr().err
+
+
+def _greedy_on_first(run_dir, capability: str, n: int) -> float:
+    from copd.config_loader import load_config
+    from copd.evaluate import evaluate_policy
+    from copd.models import load_pretrained
+    from copd.pipeline import load_capabilities
+    from copd.policy.base import SamplingParams
+    from copd.policy.hf import HFPolicy
+
+    config = load_config(run_dir / "config.yaml")
+    cap = load_capabilities(config)[capability]
+    model, tokenizer = load_pretrained(run_dir / "final")
+    params = SamplingParams(max_new_tokens=config.sampling.max_new_tokens)
+    return evaluate_policy(HFPolicy("m", model, tokenizer), [cap], n, params)["greedy"][capability]

@@ -33,7 +33,7 @@ class TinyModelConfig(Section):
 class ModelConfig(Section):
     path: str | None = Field(None, description="a transformers model folder; when unset, a tiny model is built from `tiny`")
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="the model built when `path` is unset")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="weights dtype for training")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="weights dtype of a model loaded from `path` (tiny models train in float32)")
     cache_dir: str = Field("~/.cache/copd", description="where built and warm-started base models are cached")
 
 

@@ -20,7 +20,7 @@ from copd.policy.base import LossSpec, OPDPart, Policy, SamplingParams
 from copd.progress import QuietReporter, Reporter
 from copd.rollout import MixtureSampler, collect_opd_rollouts, collect_rl, derived_seed
 from copd.schedule.plan import Phase, build_plan
-from copd.schedule.topology import Edge, build_edges
+from copd.schedule.topology import build_edges
 from copd.tasks import Capability
 
 
@@ -182,7 +182,3 @@ class Trainer:
         self.state = state
         self.reporter.print(f"resumed from {folder}")
 
-
-def edges_of(config: Config) -> list[Edge]:
-    names = [b.name for b in config.branches]
-    return build_edges(config.topology.kind, names, config.topology.hub) if len(names) > 1 else []

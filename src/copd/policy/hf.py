@@ -72,6 +72,9 @@ class HFPolicy:
                 self.optimizer.zero_grad(set_to_none=True)
                 return UpdateResult(metrics=metrics, skipped=True)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), spec.grad_clip)
+            if not torch.isfinite(grad_norm):  # a finite loss can still have overflowing gradients
+                self.optimizer.zero_grad(set_to_none=True)
+                return UpdateResult(metrics={**metrics, "grad_norm": float("nan")}, skipped=True)
             self.optimizer.step()
             result = UpdateResult(metrics={**metrics, "grad_norm": float(grad_norm)}, edge_metrics=edges)
         result.metrics["approx_kl"] = self._policy_kl([p.rollouts for p in rl] + [p.rollouts for p in opd], olds)
