@@ -53,7 +53,7 @@ class CapabilityConfig(Section):
     """A capability: built-in generator or a user JSONL file with a verifier."""
 
     name: str = Field(description="name used by branches and reports")
-    builtin: str | None = Field(None, description="built-in generator: addition, reversal, count")
+    builtin: str | None = Field(None, description="built-in generator: addition, reversal, sort, count")
     options: dict[str, Any] = Field(default_factory=dict, description="options of the built-in generator")
     path: str | None = Field(None, description="JSONL file with prompt and answer fields")
     test_path: str | None = Field(None, description="JSONL test file; otherwise `test_ratio` of `path`")

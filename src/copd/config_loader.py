@@ -52,6 +52,8 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     for i, part in enumerate(parts[:-1]):
         node = _child(node, part, parts[: i + 1])
     last = parts[-1]
+    if not isinstance(node, (dict, list)):
+        raise CopdError(f"override key {key!r}: {'.'.join(parts[:-1])} is not a section")
     parsed = yaml.safe_load(value) if value != "" else None
     if isinstance(node, list):
         node[_index(node, last, parts)] = parsed

@@ -54,13 +54,19 @@ def build_tiny_model(cfg: TinyModelConfig, tokenizer, seed: int = 0) -> torch.nn
     return model_cls(config_cls(**common))
 
 
-def load_pretrained(path: str | Path, dtype: str = "float32"):
-    """Load a standard transformers folder (model + tokenizer)."""
+def check_model_folder(path: str | Path) -> Path:
+    """The folder of a transformers model, or a CopdError saying what is wrong with `path`."""
     folder = Path(path).expanduser()
     if not folder.exists():
         raise CopdError(f"model path does not exist: {folder}")
     if not (folder / "config.json").is_file():
         raise CopdError(f"model path {folder} has no config.json; expected a transformers model folder")
+    return folder
+
+
+def load_pretrained(path: str | Path, dtype: str = "float32"):
+    """Load a standard transformers folder (model + tokenizer)."""
+    folder = check_model_folder(path)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])
     if tokenizer.pad_token_id is None:

@@ -17,7 +17,7 @@ from copd.config_loader import dump_config
 from copd.errors import CopdError
 from copd.evaluate import evaluate_policy
 from copd.merging import merge_branches
-from copd.models import load_pretrained
+from copd.models import check_model_folder, load_pretrained
 from copd.policy.base import SamplingParams
 from copd.policy.hf import HFPolicy
 from copd.progress import QuietReporter, Reporter
@@ -71,10 +71,13 @@ def run_training(config: Config, resume: bool = False, reporter: Reporter | None
     reporter = reporter or QuietReporter()
     run_dir = Path(config.run.out).expanduser()
     capabilities = load_capabilities(config, base_dir)  # data errors surface before anything is written
+    base_folder = run_dir / "base"
+    reuse_base = resume and (base_folder / "config.json").is_file()
+    if config.model.path and not reuse_base:
+        check_model_folder(config.model.path)  # so does a bad model.path
     prepare_run_dir(config, run_dir, resume)
     timing, t0 = {}, time.perf_counter()
-    base_folder = run_dir / "base"
-    if resume and (base_folder / "config.json").is_file():
+    if reuse_base:
         model, tokenizer = load_pretrained(base_folder, config.model.dtype)
     else:
         model, tokenizer, info = prepare_base(config, capabilities, reporter)

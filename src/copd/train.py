@@ -117,7 +117,10 @@ class Trainer:
             t0 = time.perf_counter()
             batch = rl.get(b)
             parts = [batch.part] if batch is not None and batch.part is not None else []
-            result = self.policies[b].update(parts, opd_parts[b], self.spec) if parts or opd_parts[b] else None
+            # A canonical order of a student's edges, so listing branches differently cannot
+            # change the floating-point sum of its losses.
+            opd = sorted(opd_parts[b], key=lambda part: part.edge)
+            result = self.policies[b].update(parts, opd, self.spec) if parts or opd else None
             timer[b] += time.perf_counter() - t0
             self._record(phase, b, batch, result, timer[b])
 
@@ -138,8 +141,9 @@ class Trainer:
             for label, edge in result.edge_metrics.items():
                 student, teacher = label.split("<-")
                 self.metrics.write({**base, "type": "edge", "edge": label, "student": student, "teacher": teacher, **edge})
-            self._count_nan(branch, result.skipped)
         self.metrics.write(record)
+        if result is not None:  # after writing, so the step that stops the run is on record too
+            self._count_nan(branch, result.skipped)
         overlap = next(iter(result.edge_metrics.values()), {}).get("overlap_topk") if result else None
         info = f"{branch} reward {record.get('reward', float('nan')):.2f}" + (f" overlap {overlap:.2f}" if overlap is not None else "")
         if branch == self._active(phase)[-1]:
@@ -170,8 +174,9 @@ class Trainer:
 
     def _restore(self) -> None:
         folder = latest_checkpoint(self.run_dir)
-        if folder is None:
-            return  # killed before the first cycle ended: start over from the base
+        if folder is None:  # killed before the first cycle ended: start over from the base
+            self.metrics.truncate(0)  # and drop the records of the lost steps, or they would repeat
+            return
         state = load_checkpoint(folder, self.policies)
         for b, s in state.pop("rl_samplers").items():
             self.rl_samplers[b].load_state_dict(s)

@@ -37,6 +37,11 @@ def _reversal(rng: random.Random, o: dict[str, Any]) -> Sample:
     return Sample(f"rev:{word}=", word[::-1])
 
 
+def _sort(rng: random.Random, o: dict[str, Any]) -> Sample:
+    word = _word(rng, o)
+    return Sample(f"sort:{word}=", "".join(sorted(word)))
+
+
 def _count(rng: random.Random, o: dict[str, Any]) -> Sample:
     letter = rng.choice(o["letters"])
     word = _word(rng, o)
@@ -70,6 +75,7 @@ class _Kind:
 _KINDS: dict[str, _Kind] = {
     "addition": _Kind({"digits": 2}, _addition, _check_digits),
     "reversal": _Kind({"min_len": 3, "max_len": 5, "letters": "abcdef"}, _reversal, _check_word),
+    "sort": _Kind({"min_len": 3, "max_len": 5, "letters": "abcdef"}, _sort, _check_word),
     "count": _Kind({"min_len": 4, "max_len": 8, "letters": "abcd"}, _count, _check_word),
 }
 
