@@ -136,7 +136,7 @@ class MergeConfig(Section):
 class RunConfig(Section):
     out: str = Field("runs/copd", description="run directory")
     seed: int = Field(0, description="seed of sampling, data order and initialisation")
-    device: str = Field("cpu", description="cpu, cuda or auto")
+    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where branches train; auto picks cuda when available")
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")
     keep_checkpoints: int = Field(2, gt=0, description="cycle checkpoints kept on disk")
 

@@ -36,6 +36,16 @@ def capability_spec(cap) -> dict:
     return spec
 
 
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CopdError("run.device is cuda but torch sees no CUDA device; use run.device=cpu or auto")
+    return name
+
+
 def load_capabilities(config: Config, base_dir: Path | None = None) -> dict[str, Capability]:
     return {c.name: load_capability(capability_spec(c), base_dir) for c in config.capabilities}
 
@@ -70,11 +80,13 @@ def run_training(config: Config, resume: bool = False, reporter: Reporter | None
     """Run the config end to end; returns the run directory."""
     reporter = reporter or QuietReporter()
     run_dir = Path(config.run.out).expanduser()
-    capabilities = load_capabilities(config, base_dir)  # data errors surface before anything is written
+    # Data, device and model-path errors surface before anything is written.
+    capabilities = load_capabilities(config, base_dir)
+    device = resolve_device(config.run.device)
     base_folder = run_dir / "base"
     reuse_base = resume and (base_folder / "config.json").is_file()
     if config.model.path and not reuse_base:
-        check_model_folder(config.model.path)  # so does a bad model.path
+        check_model_folder(config.model.path)
     prepare_run_dir(config, run_dir, resume)
     timing, t0 = {}, time.perf_counter()
     if reuse_base:
@@ -85,7 +97,7 @@ def run_training(config: Config, resume: bool = False, reporter: Reporter | None
         (run_dir / "warmup.json").write_text(json.dumps(info, indent=1))
     timing["warmup_seconds"] = round(time.perf_counter() - t0, 2)
     policies = {
-        b.name: HFPolicy(b.name, clone_model(model), tokenizer, config.optim.lr, config.optim.weight_decay, config.run.device)
+        b.name: HFPolicy(b.name, clone_model(model), tokenizer, config.optim.lr, config.optim.weight_decay, device)
         for b in config.branches
     }
     t1 = time.perf_counter()
@@ -115,6 +127,8 @@ def evaluate_run(config: Config, run_dir: Path, capabilities: dict[str, Capabili
     result = {
         "decoding": {"greedy": "argmax decoding", "sampled": f"one sample at temperature {params.temperature}, top_p {params.top_p}"},
         "samples": config.eval.samples,
+        # A small option space can hold fewer test prompts than asked for: say how many were used.
+        "test_sizes": {c.name: len(c.test_set(config.eval.samples)) for c in caps},
         "models": models,
     }
     (run_dir / "eval.json").write_text(json.dumps(result, indent=1))

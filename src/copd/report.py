@@ -130,7 +130,9 @@ def _results(ev: Any, plots: set[str]) -> list[str]:
         return out + ["_Evaluation missing: no eval.json (or no models in it); "
                       "the run may have stopped before evaluation._", ""]
     desc = _get(ev, "decoding", "greedy", default="greedy decoding")
-    out += [f"Greedy accuracy (%), {desc}; {_get(ev, 'samples')} samples per capability.", ""]
+    sizes = _get(ev, "test_sizes", default=None)
+    counted = ", ".join(f"{k} {v}" for k, v in sizes.items()) if isinstance(sizes, dict) else _get(ev, "samples")
+    out += [f"Greedy accuracy (%), {desc}; test prompts per capability: {counted}.", ""]
     out += _score_table(models, "greedy") + ["", "Sampled mean reward (%), at the rollout temperature.", ""]
     out += _score_table(models, "sampled") + ["", merged_vs_base(models, "greedy"), ""]
     return out + _images(plots, ("eval",))
