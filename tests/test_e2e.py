@@ -119,3 +119,30 @@ def _greedy_on_first(run_dir, capability: str, n: int) -> float:
     model, tokenizer = load_pretrained(run_dir / "final")
     params = SamplingParams(max_new_tokens=config.sampling.max_new_tokens)
     return evaluate_policy(HFPolicy("m", model, tokenizer), [cap], n, params)["greedy"][capability]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"opd": {"estimator": "baseline"}},
+        {"opd": {"estimator": "exact_kl"}},
+        {"rl": {"advantage": "dr_grpo", "loss_aggregation": "seq_mean", "filter_zero_signal": True, "epochs": 2,
+                "prompts_per_step": 4, "rollouts_per_prompt": 4}},
+        {"rl": {"loss_aggregation": "seq_sum_norm", "prompts_per_step": 4, "rollouts_per_prompt": 4},
+         "sampling": {"max_new_tokens": 6, "top_p": 0.9}},
+    ],
+    ids=["opd-baseline", "opd-exact-kl", "dr-grpo-seq-mean-filter-epochs", "seq-sum-norm-top-p"],
+)
+def test_every_objective_option_trains_the_real_model(tmp_path, overrides):
+    raw = {**overrides, "schedule": {"cycles": 1, "rl_steps": 1, "opd_steps": 2}}
+    run_dir = run_training(tiny_config(tmp_path, "run", **raw))
+    rows = records(run_dir)
+    branch_rows = [r for r in rows if r["type"] == "branch"]
+    edge_rows = [r for r in rows if r["type"] == "edge"]
+    assert len(edge_rows) == 2 * 2
+    assert all(r.get("skipped") is False for r in branch_rows if "loss" in r)
+    for r in edge_rows:
+        assert 0.0 <= r["overlap_topk"] <= 1.0 and r["sym_kl"] >= 0.0
+    if overrides.get("rl", {}).get("epochs") == 2:
+        # A second epoch on the same batch moves the ratio away from 1, so clipping can act.
+        assert any(r["approx_kl"] > 0 for r in branch_rows if "approx_kl" in r)

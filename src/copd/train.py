@@ -113,6 +113,7 @@ class Trainer:
             teacher = self.policies[edge.teacher].score(rollouts, full=True)
             opd_parts[edge.student].append(OPDPart(rollouts, teacher, self.beta[edge.student], edge.label))
             timer[edge.student] += time.perf_counter() - t0
+        shown = []
         for b in timer:
             t0 = time.perf_counter()
             batch = rl.get(b)
@@ -122,14 +123,16 @@ class Trainer:
             opd = sorted(opd_parts[b], key=lambda part: part.edge)
             result = self.policies[b].update(parts, opd, self.spec) if parts or opd else None
             timer[b] += time.perf_counter() - t0
-            self._record(phase, b, batch, result, timer[b])
+            shown.append(self._record(phase, b, batch, result, timer[b]))
+        self.reporter.advance(f"cycle {phase.cycle}/{self.config.schedule.cycles} {phase.name}", "  ".join(shown))
 
     def _active(self, phase: Phase) -> list[str]:
         students = [e.student for e in phase.edges]
         return [b.name for b in self.config.branches if b.name in phase.rl_branches or b.name in students]
 
     # ---- logging and failure handling -------------------------------------------------------
-    def _record(self, phase: Phase, branch: str, batch, result, seconds: float) -> None:
+    def _record(self, phase: Phase, branch: str, batch, result, seconds: float) -> str:
+        """Write the branch's (and its edges') records; return a short summary for the progress bar."""
         step = self.state["global_step"]
         base = {"step": step, "cycle": phase.cycle, "phase": phase.name}
         record = {**base, "type": "branch", "branch": branch, "seconds": round(seconds, 4)}
@@ -144,10 +147,9 @@ class Trainer:
         self.metrics.write(record)
         if result is not None:  # after writing, so the step that stops the run is on record too
             self._count_nan(branch, result.skipped)
-        overlap = next(iter(result.edge_metrics.values()), {}).get("overlap_topk") if result else None
-        info = f"{branch} reward {record.get('reward', float('nan')):.2f}" + (f" overlap {overlap:.2f}" if overlap is not None else "")
-        if branch == self._active(phase)[-1]:
-            self.reporter.advance(f"cycle {phase.cycle}/{self.config.schedule.cycles} {phase.name}", info)
+        overlaps = [e["overlap_topk"] for e in result.edge_metrics.values()] if result else []
+        shown = f"{branch} r={record['reward']:.2f}" if "reward" in record else branch
+        return shown + (f" ov={sum(overlaps) / len(overlaps):.2f}" if overlaps else "")
 
     def _count_nan(self, branch: str, skipped: bool) -> None:
         self.state["nan_in_row"][branch] = self.state["nan_in_row"][branch] + 1 if skipped else 0
