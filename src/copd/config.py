@@ -75,6 +75,8 @@ class BranchConfig(Section):
     capabilities: list[str] = Field(min_length=1, description="capabilities this branch trains on (RL data D_k)")
     beta: float = Field(0.1, ge=0, description="OPD advantage scale beta_k (METHOD.md, OPD)")
     weight: float = Field(1.0, ge=0, description="merge weight w_k (normalised)")
+    distill_from: list[str] = Field(default_factory=list, description="teachers of a student that only distils after the experts trained (plans static_opd, mopd)")
+    fork_of: str | None = Field(None, description="a distilling student starts as a copy of this branch (static OPD); unset: from the base (MOPD)")
 
 
 class TopologyConfig(Section):
@@ -85,7 +87,7 @@ class TopologyConfig(Section):
 
 
 class ScheduleConfig(Section):
-    plan: str = Field("copd", description="plan builder: copd, experts")
+    plan: str = Field("copd", description="plan builder: copd, experts, static_opd, mopd")
     cycles: int = Field(3, gt=0, description="N cycles of Algorithm 1")
     rl_steps: int = Field(6, ge=0, description="S_RL: Phase I steps per cycle")
     opd_steps: int = Field(4, ge=0, description="S_OPD: Phase II steps per cycle")
@@ -129,6 +131,7 @@ class EvalConfig(Section):
 
 class MergeConfig(Section):
     method: str = Field("mean", description="mean, weighted, task_arithmetic, ties")
+    branches: list[str] | None = Field(None, description="branches merged into RUN/final (default: all)")
     scale: float = Field(1.0, gt=0, description="task-vector scale (task_arithmetic, ties)")
     density: float = Field(0.2, gt=0, le=1, description="fraction of task-vector entries kept (ties)")
 
@@ -166,6 +169,13 @@ class Config(Section):
             for cap in b.capabilities:
                 if cap not in known:
                     raise ValueError(f"branch {b.name!r} uses unknown capability {cap!r}; defined: {known}")
+        for b in self.branches:
+            for ref in [*b.distill_from, *([b.fork_of] if b.fork_of else [])]:
+                if ref not in names or ref == b.name:
+                    raise ValueError(f"branch {b.name!r} refers to {ref!r}, which is not another branch {names}")
+        for ref in self.merge.branches or []:
+            if ref not in names:
+                raise ValueError(f"merge.branches names unknown branch {ref!r}; branches: {names}")
         if self.topology.kind == "hub" and self.topology.hub not in names:
             raise ValueError(f"topology.hub must name a branch {names}, got {self.topology.hub!r}")
         return self

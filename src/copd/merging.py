@@ -17,7 +17,8 @@ _OPTIONS = {"task_arithmetic": ("scale",), "ties": ("scale", "density")}
 def merge_branches(run_dir: Path, config: Config, method: str | None = None, out: Path | None = None) -> HFPolicy:
     """Merge RUN/branches/* (with RUN/base as the task-vector origin) into RUN/final or `out`."""
     method = method or config.merge.method
-    names = [b.name for b in config.branches]
+    names = config.merge.branches or [b.name for b in config.branches]
+    branches = [b for b in config.branches if b.name in names]
     folders = [run_dir / "branches" / n for n in names]
     missing = [str(f) for f in folders if not (f / "config.json").is_file()]
     if missing:
@@ -28,7 +29,7 @@ def merge_branches(run_dir: Path, config: Config, method: str | None = None, out
         states.append(model.state_dict())
     base_model, _ = load_pretrained(run_dir / "base", config.model.dtype)
     options = {k: getattr(config.merge, k) for k in _OPTIONS.get(method, ())}
-    weights = [b.weight for b in config.branches] if method in ("weighted", "task_arithmetic") else None
+    weights = [b.weight for b in branches] if method in ("weighted", "task_arithmetic") else None
     if method == "task_arithmetic":
         weights = [w / sum(weights) for w in weights]  # normalised, so scale 1 with equal weights is the mean
     try:

@@ -19,7 +19,7 @@ from copd.errors import CopdError
 from copd.policy.base import LossSpec, OPDPart, Policy, SamplingParams
 from copd.progress import QuietReporter, Reporter
 from copd.rollout import MixtureSampler, collect_opd_rollouts, collect_rl, derived_seed
-from copd.schedule.plan import Phase, build_plan
+from copd.schedule.plan import TOPOLOGY_PLANS, Phase, Roles, build_plan
 from copd.schedule.topology import build_edges
 from copd.tasks import Capability
 
@@ -60,11 +60,8 @@ class Trainer:
         self.config, self.run_dir, self.policies = config, run_dir, policies
         self.reporter = reporter or QuietReporter()
         names = [b.name for b in config.branches]
-        try:
-            self.edges = build_edges(config.topology.kind, names, config.topology.hub) if len(names) > 1 else []
-            self.plan = build_plan(config.schedule.plan, names, self.edges, config.schedule.cycles, config.schedule.rl_steps, config.schedule.opd_steps)
-        except ValueError as err:
-            raise CopdError(f"config: {err}") from None
+        self.plan = plan_of(config)
+        self.edges = sorted({e for phase in self.plan for e in phase.edges}, key=lambda e: e.label)
         seed = config.run.seed
         caps_of = {b.name: [capabilities[c] for c in b.capabilities] for b in config.branches}
         self.rl_samplers = {b: MixtureSampler(caps_of[b], derived_seed(seed, "rl", b)) for b in names}
@@ -86,6 +83,8 @@ class Trainer:
             self.reporter.advance("resumed")
         for index in range(self.state["next_phase"], len(self.plan)):
             phase = self.plan[index]
+            for branch, source in phase.forks:  # e.g. static OPD: the student starts as a copy of an expert
+                self.policies[branch].set_weights(self.policies[source].get_weights())
             for _ in range(phase.steps):
                 self.step(phase)
             self.state["next_phase"] = index + 1
@@ -189,3 +188,17 @@ class Trainer:
         self.state = state
         self.reporter.print(f"resumed from {folder}")
 
+
+
+def plan_of(config: Config) -> list[Phase]:
+    """The config's plan: topology edges among the experts for CoPD, named teachers otherwise."""
+    names = [b.name for b in config.branches]
+    roles = Roles({b.name: tuple(b.distill_from) for b in config.branches if b.distill_from},
+                  {b.name: b.fork_of for b in config.branches if b.fork_of})
+    experts = list(roles.experts(names))
+    s = config.schedule
+    try:
+        edges = build_edges(config.topology.kind, experts, config.topology.hub) if s.plan in TOPOLOGY_PLANS and len(experts) > 1 else []
+        return build_plan(s.plan, names, edges, s.cycles, s.rl_steps, s.opd_steps, roles)
+    except ValueError as err:
+        raise CopdError(f"config: {err}") from None

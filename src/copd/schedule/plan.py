@@ -6,7 +6,7 @@ active. The driver knows nothing about CoPD itself; a baseline is another plan b
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from copd.schedule.topology import Edge
@@ -19,13 +19,25 @@ class Phase:
     steps: int
     rl_branches: tuple[str, ...]
     edges: tuple[Edge, ...] = ()
+    forks: tuple[tuple[str, str], ...] = ()  # (branch, source): copy source's weights into branch at phase start
 
     @property
     def label(self) -> str:
         return f"cycle {self.cycle} {self.name}"
 
 
-def copd_plan(branches: list[str], edges: list[Edge], cycles: int, rl_steps: int, opd_steps: int) -> list[Phase]:
+@dataclass(frozen=True)
+class Roles:
+    """Branches that only distil once the experts have trained (static OPD, MOPD)."""
+
+    distill_from: dict[str, tuple[str, ...]] = field(default_factory=dict)  # student -> its teachers
+    fork_of: dict[str, str] = field(default_factory=dict)  # student -> branch copied when distillation starts
+
+    def experts(self, branches: list[str]) -> tuple[str, ...]:
+        return tuple(b for b in branches if b not in self.distill_from)
+
+
+def copd_plan(branches: list[str], edges: list[Edge], cycles: int, rl_steps: int, opd_steps: int, roles: Roles | None = None) -> list[Phase]:
     """Algorithm 1: per cycle, S_RL steps of RLVR, then S_OPD steps of RLVR + OPD on every edge."""
     phases = []
     for n in range(1, cycles + 1):
@@ -36,15 +48,38 @@ def copd_plan(branches: list[str], edges: list[Edge], cycles: int, rl_steps: int
     return phases
 
 
-def experts_plan(branches: list[str], edges: list[Edge], cycles: int, rl_steps: int, opd_steps: int) -> list[Phase]:
+def experts_plan(branches: list[str], edges: list[Edge], cycles: int, rl_steps: int, opd_steps: int, roles: Roles | None = None) -> list[Phase]:
     """Independent RLVR experts with the same number of updates as CoPD (no distillation)."""
-    return [Phase("explore", n, rl_steps + opd_steps, tuple(branches)) for n in range(1, cycles + 1)]
+    experts = (roles or Roles()).experts(branches)
+    return [Phase("explore", n, rl_steps + opd_steps, experts) for n in range(1, cycles + 1)]
 
 
-PLANS: dict[str, Callable[..., list[Phase]]] = {"copd": copd_plan, "experts": experts_plan}
+def experts_then_distill_plan(branches: list[str], edges: list[Edge], cycles: int, rl_steps: int, opd_steps: int, roles: Roles | None = None) -> list[Phase]:
+    """Static OPD and MOPD: train experts to the end, then distil students from the frozen experts.
+
+    Students that fork an expert (static OPD) start as a copy of it; others (MOPD) start
+    from the base. The distillation phase has as many steps as CoPD's OPD steps in total.
+    """
+    roles = roles or Roles()
+    if not roles.distill_from:
+        raise ValueError("this plan needs at least one branch with `distill_from`")
+    distill_edges = tuple(Edge(s, t) for s, teachers in roles.distill_from.items() for t in teachers)
+    phases = experts_plan(branches, edges, cycles, rl_steps, opd_steps, roles)
+    forks = tuple(roles.fork_of.items())
+    return [*phases, Phase("distill", cycles + 1, cycles * opd_steps, (), distill_edges, forks)]
 
 
-def build_plan(name: str, branches: list[str], edges: list[Edge], cycles: int, rl_steps: int, opd_steps: int) -> list[Phase]:
+PLANS: dict[str, Callable[..., list[Phase]]] = {
+    "copd": copd_plan,
+    "experts": experts_plan,
+    "static_opd": experts_then_distill_plan,
+    "mopd": experts_then_distill_plan,
+}
+# Plans whose OPD edges come from the `topology` section (the others name teachers per branch).
+TOPOLOGY_PLANS = {"copd"}
+
+
+def build_plan(name: str, branches: list[str], edges: list[Edge], cycles: int, rl_steps: int, opd_steps: int, roles: Roles | None = None) -> list[Phase]:
     if name not in PLANS:
         raise ValueError(f"unknown plan {name!r}; valid: {sorted(PLANS)}")
-    return PLANS[name](branches, edges, cycles, rl_steps, opd_steps)
+    return PLANS[name](branches, edges, cycles, rl_steps, opd_steps, roles)

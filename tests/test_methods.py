@@ -1,0 +1,116 @@
+"""Baselines are config transforms and plans, run by the same driver."""
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from copd.config_loader import validate_config
+from copd.methods import METHODS
+from copd.pipeline import run_training
+from copd.train import plan_of
+from tests.test_e2e import TINY, records
+
+BASE = {
+    "capabilities": [{"name": "sort", "builtin": "sort"}, {"name": "reversal", "builtin": "reversal"}],
+    "branches": [{"name": "s", "capabilities": ["sort"]}, {"name": "r", "capabilities": ["reversal"]}],
+    "schedule": {"cycles": 2, "rl_steps": 3, "opd_steps": 2},
+}
+
+
+def method_config(name):
+    method = METHODS[name]
+    config = method.transform(validate_config(BASE))
+    return config, method.outputs(config)
+
+
+def test_every_method_trains_the_same_number_of_updates_per_capability():
+    updates = {}
+    for name in METHODS:
+        config, _ = method_config(name)
+        plan = plan_of(config)
+        rl_updates = sum(p.steps * len(p.rl_branches) for p in plan)
+        updates[name] = rl_updates
+    # K = 2 branches x 2 cycles x (3 + 2) steps: experts, CoPD and mixed all make 20 RL updates.
+    assert set(updates.values()) == {20}
+
+
+def test_static_opd_forks_each_expert_and_distils_from_the_other():
+    config, outputs = method_config("static_opd")
+    plan = plan_of(config)
+    distill = plan[-1]
+    assert [p.name for p in plan] == ["explore", "explore", "distill"]
+    assert distill.steps == 2 * 2 and distill.rl_branches == ()
+    assert set(distill.forks) == {("s_from_r", "s"), ("r_from_s", "r")}
+    assert {e.label for e in distill.edges} == {"s_from_r<-r", "r_from_s<-s"}
+    assert outputs == {"static OPD s<-r": "branch:s_from_r", "static OPD r<-s": "branch:r_from_s"}
+    assert config.merge.branches == ["s", "r"]
+
+
+def test_mopd_student_starts_from_base_and_learns_from_every_expert():
+    config, outputs = method_config("mopd")
+    distill = plan_of(config)[-1]
+    assert distill.forks == () and {e.label for e in distill.edges} == {"student<-s", "student<-r"}
+    assert all("student" not in p.rl_branches for p in plan_of(config))
+    assert outputs == {"MOPD": "branch:student"}
+
+
+def test_mixed_is_one_policy_on_the_union_with_k_times_the_updates():
+    config, _ = method_config("mixed")
+    assert [b.name for b in config.branches] == ["mixed"] and config.branches[0].capabilities == ["reversal", "sort"]
+    assert sum(p.steps for p in plan_of(config)) == 2 * 2 * 5
+
+
+def test_copd_variants_share_and_differ_where_they_should():
+    assert METHODS["copd"].run == METHODS["copd_nomerge"].run
+    oneway, _ = method_config("copd_oneway")
+    assert {e.label for p in plan_of(oneway) for e in p.edges} == {"s<-r"}
+
+
+def test_unknown_reference_in_distill_from_is_a_config_error():
+    raw = json.loads(json.dumps(BASE))
+    raw["branches"].append({"name": "x", "capabilities": ["sort"], "distill_from": ["nope"]})
+    with pytest.raises(Exception, match="nope"):
+        validate_config(raw)
+
+
+@pytest.mark.parametrize("name", ["static_opd", "mopd"])
+def test_distillation_baselines_run_on_a_real_model(tmp_path, name):
+    raw = json.loads(json.dumps(TINY))
+    raw["model"]["cache_dir"] = str(tmp_path / "cache")
+    raw["run"] = {"out": str(tmp_path / name), "seed": 1}
+    raw["schedule"] = {"cycles": 1, "rl_steps": 2, "opd_steps": 1}
+    config = METHODS[name].transform(validate_config(raw))
+    run_dir = run_training(config)
+    rows = records(run_dir)
+    distill_edges = {r["edge"] for r in rows if r["type"] == "edge"}
+    assert distill_edges == {e.label for e in plan_of(config)[-1].edges}
+    assert all(r["phase"] == "distill" for r in rows if r["type"] == "edge")
+    evals = json.loads((run_dir / "eval.json").read_text())["models"]
+    for label in METHODS[name].outputs(config).values():
+        assert label in evals
+
+
+def test_a_forked_student_starts_as_a_copy_of_its_expert(tmp_path):
+    from copd.pipeline import load_capabilities
+    from copd.train import Trainer
+    from tests.test_driver import FakePolicy, make_config
+
+    branches = [{"name": "add", "capabilities": ["addition"]}, {"name": "rev", "capabilities": ["reversal"]},
+                {"name": "add_from_rev", "capabilities": ["addition"], "distill_from": ["rev"], "fork_of": "add"}]
+    config = make_config(tmp_path, branches=branches, schedule={"plan": "static_opd", "cycles": 1, "rl_steps": 1, "opd_steps": 1})
+    log = []
+    policies = {b.name: FakePolicy(b.name, log, 0.5, [float(i) * (k + 1) for i in range(5)]) for k, b in enumerate(config.branches)}
+    trainer = Trainer(config, tmp_path, policies, load_capabilities(config))
+    seen = {}
+    original = policies["add_from_rev"].update
+
+    def first_update(rl, opd, spec):
+        seen.setdefault("logits", list(policies["add_from_rev"].state["logits"]))
+        return original(rl, opd, spec)
+
+    policies["add_from_rev"].update = first_update
+    trainer.run()
+    # At its first (distillation) update the student holds exactly the expert's trained weights.
+    assert seen["logits"] == policies["add"].state["logits"]
+    assert policies["add"].state["updates"] == 2 and policies["add_from_rev"].state["updates"] == 1
