@@ -1,4 +1,4 @@
-"""The `copd` command line: demo, train, eval, merge, report.
+"""The `copd` command line: demo, train, eval, merge, compare, diagnose, report.
 
 User mistakes (CopdError) print one line and exit 2; nothing already written is touched.
 """
@@ -101,6 +101,20 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from copd.compare import parse_methods, run_compare
+    from copd.config_loader import load_config
+    from copd.progress import default_reporter
+
+    methods = parse_methods(args.methods)
+    base = load_config(args.config, args.overrides)
+    out = Path(args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    report = run_compare(base, methods, args.seeds, out, default_reporter(args.quiet), Path(args.config).resolve().parent)
+    print((out / "compare.md").read_text().split("## Compute")[0])
+    print(f"comparison: {report}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from copd.report import write_report
 
@@ -149,10 +163,24 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", help="output model folder (default: RUN/merged-METHOD)")
     merge.set_defaults(func=cmd_merge)
 
+    compare = sub.add_parser("compare", help="train CoPD and the baselines on the same data and base; one table", epilog=EPILOG)
+    compare.add_argument("config", help="YAML config of the CoPD run the baselines are derived from")
+    compare.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    compare.add_argument("--methods", default="copd,copd_nomerge,copd_oneway,experts,experts_merge,mixed,static_opd,mopd",
+                         help="comma-separated methods (default: all)")
+    compare.add_argument("--seeds", type=int, default=3, help="seeds run.seed, run.seed+1, ... (default 3)")
+    compare.add_argument("--out", help="comparison directory (default: runs/compare-TIMESTAMP); finished runs in it are reused")
+    compare.add_argument("--quiet", action="store_true", help="no progress display")
+    compare.set_defaults(func=cmd_compare)
+
+    from copd.diagnose import add_parser as add_diagnose
+
+    diagnose = add_diagnose(sub)
+
     report = sub.add_parser("report", help="(re)write RUN/report.md and RUN/plots/")
     report.add_argument("run", metavar="RUN", help="a run directory")
     report.set_defaults(func=cmd_report)
-    for p in (demo, train, ev, merge, report):
+    for p in (demo, train, ev, merge, compare, diagnose, report):
         p.add_argument("--threads", type=int, help="torch CPU threads")
     return parser
 
