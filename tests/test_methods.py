@@ -114,3 +114,27 @@ def test_a_forked_student_starts_as_a_copy_of_its_expert(tmp_path):
     # At its first (distillation) update the student holds exactly the expert's trained weights.
     assert seen["logits"] == policies["add"].state["logits"]
     assert policies["add"].state["updates"] == 2 and policies["add_from_rev"].state["updates"] == 1
+
+
+def test_overlap_trigger_moves_unused_explore_steps_into_consolidation(tmp_path):
+    from copd.pipeline import load_capabilities
+    from copd.train import Trainer
+    from tests.test_driver import FakePolicy, make_config, records
+
+    config = make_config(tmp_path, schedule={"cycles": 2, "rl_steps": 4, "opd_steps": 2, "trigger": "overlap", "overlap_threshold": 0.9})
+    plan = plan_of(config)
+    assert plan[0].stop_below == 0.9 and plan[1].absorbs_carry and {e.label for e in plan[0].probe_edges} == {"add<-rev", "rev<-add"}
+    log = []
+    # Different top-2 tokens: probed overlap is 0.5 < 0.9, so each explore phase stops after one step.
+    policies = {"add": FakePolicy("add", log, 0.5, [0.0, 0.0, 0.0, 1.0, 2.0]), "rev": FakePolicy("rev", log, 0.5, [2.0, 1.0, 0.0, 0.0, 0.0])}
+    Trainer(config, tmp_path, policies, load_capabilities(config)).run()
+    rows = records(tmp_path)
+    phases = [r["phase"] for r in rows if r["type"] == "branch" and r["branch"] == "add"]
+    cycles = [[r["phase"] for r in rows if r["type"] == "branch" and r["branch"] == "add" and r["cycle"] == c] for c in (1, 2)]
+    probes = [(r["cycle"], r["overlap_topk"]) for r in rows if r.get("probe")]
+    # Cycle 1: top-4 overlap 0.75 < 0.9 after the first step, so the 3 unused explore steps go to consolidation.
+    assert cycles[0] == ["explore"] + ["consolidate"] * 5
+    # Distillation pulled the fake policies together (overlap 1.0): cycle 2 keeps the fixed rhythm,
+    # probing after every explore step but the last.
+    assert cycles[1] == ["explore"] * 4 + ["consolidate"] * 2
+    assert probes == [(1, 0.75)] * 2 + [(2, 1.0)] * 6

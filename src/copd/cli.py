@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="train CoPD and the baselines on the same data and base; one table", epilog=EPILOG)
     compare.add_argument("config", help="YAML config of the CoPD run the baselines are derived from")
     compare.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    compare.add_argument("--methods", default="copd,copd_nomerge,copd_oneway,experts,experts_merge,mixed,static_opd,mopd",
+    compare.add_argument("--methods", default="copd,copd_nomerge,copd_oneway,copd_overlap,experts,experts_merge,mixed,static_opd,mopd",
                          help="comma-separated methods (default: all)")
     compare.add_argument("--seeds", type=int, default=3, help="seeds run.seed, run.seed+1, ... (default 3)")
     compare.add_argument("--out", help="comparison directory (default: runs/compare-TIMESTAMP); finished runs in it are reused")

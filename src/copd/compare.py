@@ -97,11 +97,13 @@ def orderings(result: dict) -> list[tuple[str, bool, str]]:
         "mixed RLVR": [l for l in overall if l == "mixed RLVR"],
         "experts merged": [l for l in overall if l == "experts merged"],
         "CoPD one-way": [l for l in overall if l == "CoPD one-way"],
+        "CoPD overlap trigger": [l for l in overall if l == "CoPD overlap trigger"],
         "base": ["base"],
     }
     best = {g: max(overall[l] for l in labels) for g, labels in groups.items() if labels}
     claims = [("CoPD", "static OPD / MOPD"), ("static OPD / MOPD", "mixed RLVR"), ("mixed RLVR", "base"),
-              ("CoPD", "mixed RLVR"), ("CoPD", "experts merged"), ("CoPD", "CoPD one-way"), ("CoPD", "base")]
+              ("CoPD", "mixed RLVR"), ("CoPD", "experts merged"), ("CoPD", "CoPD one-way"), ("CoPD", "base"),
+              ("CoPD overlap trigger", "CoPD")]
     found = []
     for high, low in claims:
         if high in best and low in best:

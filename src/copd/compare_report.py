@@ -10,7 +10,8 @@ from matplotlib.figure import Figure
 
 from copd.report import load_metrics
 
-ROW_ORDER = ["base", "expert", "mixed RLVR", "static OPD", "MOPD", "experts merged", "CoPD no merge", "CoPD one-way", "CoPD"]
+ROW_ORDER = ["base", "expert", "mixed RLVR", "static OPD", "MOPD", "experts merged", "CoPD no merge", "CoPD one-way",
+             "CoPD overlap trigger", "CoPD"]
 
 
 def _rank(label: str) -> int:

@@ -45,6 +45,11 @@ def _copd_oneway(config: Config) -> Config:
     return _copy(_copd(config), topology={"kind": "oneway", "hub": None})
 
 
+def _copd_overlap(config: Config) -> Config:
+    """CoPD whose Phase I ends once branch overlap drops below schedule.overlap_threshold."""
+    return _copy(config, schedule={**config.schedule.model_dump(), "plan": "copd", "trigger": "overlap"})
+
+
 def _experts_run(config: Config) -> Config:
     return _copy(config, schedule={**config.schedule.model_dump(), "plan": "experts"})
 
@@ -86,6 +91,7 @@ METHODS: dict[str, Method] = {
     "copd": Method("copd", _copd, lambda c: {"CoPD": "merged"}),
     "copd_nomerge": Method("copd", _copd, _branch_rows("CoPD no merge:")),
     "copd_oneway": Method("copd_oneway", _copd_oneway, lambda c: {"CoPD one-way": "merged"}),
+    "copd_overlap": Method("copd_overlap", _copd_overlap, lambda c: {"CoPD overlap trigger": "merged"}),
     "experts": Method("experts", _experts_run, _branch_rows("expert")),
     "experts_merge": Method("experts", _experts_run, lambda c: {"experts merged": "merged"}),
     "mixed": Method("mixed", _mixed, lambda c: {"mixed RLVR": "branch:mixed"}),

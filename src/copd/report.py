@@ -157,9 +157,10 @@ def _diagnostics(edges: list[dict], plots: set[str]) -> list[str]:
         rows = []
         for name, recs in _by(edges, "edge").items():
             ov = [v for v in (_num(r.get("overlap_topk")) for r in recs) if v is not None]
-            rows.append([f"`{name}`", str(len(recs)), _fmt(ov[0] if ov else None), _fmt(ov[-1] if ov else None),
+            rows.append([f"`{name}`", str(sum(1 for r in recs if not r.get("probe"))), _fmt(ov[0] if ov else None), _fmt(ov[-1] if ov else None),
                          _fmt(min(ov) if ov else None), _fmt(_mean([r.get("sym_kl") for r in recs])),
                          _fmt(_mean([r.get("delta_mean") for r in recs]))])
+        # Probe records (schedule.trigger: overlap) measure overlap during Phase I without training.
         header = ["edge (student<-teacher)", "OPD steps", "overlap first", "overlap last",
                   "overlap min", "mean sym KL", "mean delta"]
         out += _table(header, rows) + [""]

@@ -15,11 +15,12 @@ from pathlib import Path
 
 from copd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from copd.config import Config
+from copd.core.overlap import symmetric_kl, topk_overlap
 from copd.errors import CopdError
 from copd.policy.base import LossSpec, OPDPart, Policy, SamplingParams
 from copd.progress import QuietReporter, Reporter
 from copd.rollout import MixtureSampler, collect_opd_rollouts, collect_rl, derived_seed
-from copd.schedule.plan import TOPOLOGY_PLANS, Phase, Roles, build_plan
+from copd.schedule.plan import TOPOLOGY_PLANS, Phase, Roles, build_plan, with_overlap_trigger
 from copd.schedule.topology import build_edges
 from copd.tasks import Capability
 
@@ -66,6 +67,8 @@ class Trainer:
         caps_of = {b.name: [capabilities[c] for c in b.capabilities] for b in config.branches}
         self.rl_samplers = {b: MixtureSampler(caps_of[b], derived_seed(seed, "rl", b)) for b in names}
         self.opd_samplers = {e.label: MixtureSampler(caps_of[e.teacher], derived_seed(seed, "opd", e.label)) for e in self.edges}
+        probed = {e for phase in self.plan for e in phase.probe_edges}
+        self.opd_samplers.update({f"probe:{e.label}": MixtureSampler(caps_of[e.teacher], derived_seed(seed, "probe", e.label)) for e in probed})
         self.beta = {b.name: b.beta for b in config.branches}
         self.spec = loss_spec(config)
         self.sampling = SamplingParams(config.sampling.temperature, config.sampling.top_p, config.sampling.max_new_tokens)
@@ -85,8 +88,12 @@ class Trainer:
             phase = self.plan[index]
             for branch, source in phase.forks:  # e.g. static OPD: the student starts as a copy of an expert
                 self.policies[branch].set_weights(self.policies[source].get_weights())
-            for _ in range(phase.steps):
+            limit = phase.steps + (self.state.pop("carry", 0) if phase.absorbs_carry else 0)
+            for done in range(1, limit + 1):
                 self.step(phase)
+                if phase.stop_below is not None and done < limit and self._probe(phase) < phase.stop_below:
+                    self.state["carry"] = limit - done  # the next phase runs these steps
+                    break
             self.state["next_phase"] = index + 1
             if index + 1 == len(self.plan) or self.plan[index + 1].cycle != phase.cycle:
                 self._checkpoint(phase.cycle)
@@ -124,6 +131,21 @@ class Trainer:
             timer[b] += time.perf_counter() - t0
             shown.append(self._record(phase, b, batch, result, timer[b]))
         self.reporter.advance(f"cycle {phase.cycle}/{self.config.schedule.cycles} {phase.name}", "  ".join(shown))
+
+    def _probe(self, phase: Phase) -> float:
+        """Mean top-k overlap over the phase's probe edges on the students' own rollouts (logged)."""
+        step, cfg, values = self.state["global_step"], self.config, []
+        for edge in phase.probe_edges:
+            rollouts = collect_opd_rollouts(self.policies[edge.student], self.opd_samplers[f"probe:{edge.label}"], cfg.schedule.probe_prompts,
+                                            1, self.sampling, derived_seed(cfg.run.seed, "probe", edge.label, step))
+            student, teacher = self.policies[edge.student].score(rollouts), self.policies[edge.teacher].score(rollouts)
+            mask = rollouts.completion_mask_B_T
+            overlap = topk_overlap(student.dist_logprobs_B_T_V, teacher.dist_logprobs_B_T_V, mask, cfg.opd.overlap_k).item()
+            sym = symmetric_kl(student.dist_logprobs_B_T_V, teacher.dist_logprobs_B_T_V, mask).item()
+            self.metrics.write({"step": step, "cycle": phase.cycle, "phase": phase.name, "type": "edge", "probe": True, "edge": edge.label,
+                                "student": edge.student, "teacher": edge.teacher, "overlap_topk": overlap, "sym_kl": sym})
+            values.append(overlap)
+        return sum(values) / len(values)
 
     def _active(self, phase: Phase) -> list[str]:
         students = [e.student for e in phase.edges]
@@ -199,6 +221,7 @@ def plan_of(config: Config) -> list[Phase]:
     s = config.schedule
     try:
         edges = build_edges(config.topology.kind, experts, config.topology.hub) if s.plan in TOPOLOGY_PLANS and len(experts) > 1 else []
-        return build_plan(s.plan, names, edges, s.cycles, s.rl_steps, s.opd_steps, roles)
+        plan = build_plan(s.plan, names, edges, s.cycles, s.rl_steps, s.opd_steps, roles)
+        return with_overlap_trigger(plan, s.overlap_threshold) if s.trigger == "overlap" else plan
     except ValueError as err:
         raise CopdError(f"config: {err}") from None

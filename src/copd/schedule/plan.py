@@ -6,7 +6,7 @@ active. The driver knows nothing about CoPD itself; a baseline is another plan b
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from copd.schedule.topology import Edge
@@ -20,6 +20,11 @@ class Phase:
     rl_branches: tuple[str, ...]
     edges: tuple[Edge, ...] = ()
     forks: tuple[tuple[str, str], ...] = ()  # (branch, source): copy source's weights into branch at phase start
+    # Adaptive rhythm: end this phase early once the overlap measured on probe_edges drops below
+    # stop_below; a phase with absorbs_carry then runs the steps the earlier phase did not use.
+    stop_below: float | None = None
+    probe_edges: tuple[Edge, ...] = ()
+    absorbs_carry: bool = False
 
     @property
     def label(self) -> str:
@@ -83,3 +88,18 @@ def build_plan(name: str, branches: list[str], edges: list[Edge], cycles: int, r
     if name not in PLANS:
         raise ValueError(f"unknown plan {name!r}; valid: {sorted(PLANS)}")
     return PLANS[name](branches, edges, cycles, rl_steps, opd_steps, roles)
+
+
+def with_overlap_trigger(phases: list[Phase], threshold: float) -> list[Phase]:
+    """Start each cycle's consolidation when branches drift apart instead of after a fixed S_RL.
+
+    An explore phase followed by a consolidate phase of the same cycle probes the overlap on
+    that phase's edges after every step and stops once it falls below `threshold`; the
+    consolidate phase then runs the unused steps, so the number of updates is unchanged.
+    """
+    out = list(phases)
+    for i, (explore, nxt) in enumerate(zip(phases, phases[1:])):
+        if explore.name == "explore" and nxt.name == "consolidate" and nxt.cycle == explore.cycle:
+            out[i] = replace(explore, stop_below=threshold, probe_edges=nxt.edges)
+            out[i + 1] = replace(nxt, absorbs_carry=True)
+    return out
