@@ -138,3 +138,23 @@ def test_overlap_trigger_moves_unused_explore_steps_into_consolidation(tmp_path)
     # probing after every explore step but the last.
     assert cycles[1] == ["explore"] * 4 + ["consolidate"] * 2
     assert probes == [(1, 0.75)] * 2 + [(2, 1.0)] * 6
+
+
+def test_experts_are_probed_for_overlap_without_changing_training(tmp_path):
+    from copd.pipeline import load_capabilities
+    from copd.train import Trainer
+    from tests.test_driver import FakePolicy, make_config, records
+
+    def run(sub, probe):
+        config = make_config(tmp_path / sub, schedule={"plan": "experts", "cycles": 1, "rl_steps": 2, "opd_steps": 1, "probe": probe})
+        (tmp_path / sub).mkdir()
+        policies = {b: FakePolicy(b, [], 0.5, [float(i) * (k + 1) for i in range(5)]) for k, b in enumerate(["add", "rev"])}
+        Trainer(config, tmp_path / sub, policies, load_capabilities(config)).run()
+        return records(tmp_path / sub), {b: p.state for b, p in policies.items()}
+
+    probed, probed_states = run("probed", True)
+    plain, plain_states = run("plain", False)
+    assert probed_states == plain_states
+    assert [r["edge"] for r in probed if r.get("probe")] == ["add<-rev", "rev<-add"] * 3
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in probed if not r.get("probe")]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in plain]

@@ -74,8 +74,10 @@ def write_plots(out: Path) -> list[str]:
     plots.mkdir(exist_ok=True)
     made = []
     specs = [
-        ("overlap", "copd*-seed*", "edge", "overlap_topk", "edge", "Top-k overlap per edge (CoPD runs)", "overlap"),
-        ("sym_kl", "copd*-seed*", "edge", "sym_kl", "edge", "Symmetric KL per edge (CoPD runs)", "sym KL"),
+        ("overlap", "copd-seed*", "edge", "overlap_topk", "edge", "Top-k overlap per edge: CoPD", "overlap"),
+        ("overlap_experts", "experts-seed*", "edge", "overlap_topk", "edge", "Top-k overlap between independent experts (probed)", "overlap"),
+        ("sym_kl", "copd-seed*", "edge", "sym_kl", "edge", "Symmetric KL per edge: CoPD", "sym KL"),
+        ("sym_kl_experts", "experts-seed*", "edge", "sym_kl", "edge", "Symmetric KL between independent experts (probed)", "sym KL"),
         ("reward", "*-seed*", "branch", "reward", "branch", "Reward per branch, every run", "mean reward"),
     ]
     for name, glob, kind, key, by, title, ylabel in specs:

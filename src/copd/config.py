@@ -93,7 +93,8 @@ class ScheduleConfig(Section):
     opd_steps: int = Field(4, ge=0, description="S_OPD: Phase II steps per cycle")
     trigger: Literal["fixed", "overlap"] = Field("fixed", description="fixed: S_RL steps; overlap: end Phase I early once branch overlap drops below overlap_threshold")
     overlap_threshold: float = Field(0.8, gt=0, le=1, description="top-k overlap that starts consolidation (trigger: overlap)")
-    probe_prompts: int = Field(8, gt=0, description="teacher prompts per edge for each overlap probe (trigger: overlap)")
+    probe_prompts: int = Field(8, gt=0, description="teacher prompts per edge for each overlap probe")
+    probe: bool = Field(False, description="log the top-k overlap between branches after every Phase I step (diagnostic only; training is unchanged)")
 
 
 class RLConfig(Section):

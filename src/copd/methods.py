@@ -51,7 +51,8 @@ def _copd_overlap(config: Config) -> Config:
 
 
 def _experts_run(config: Config) -> Config:
-    return _copy(config, schedule={**config.schedule.model_dump(), "plan": "experts"})
+    """Independent experts; their overlap is probed along the way (it does not change training)."""
+    return _copy(config, schedule={**config.schedule.model_dump(), "plan": "experts", "probe": True})
 
 
 def _mixed(config: Config) -> Config:

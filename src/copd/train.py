@@ -20,7 +20,7 @@ from copd.errors import CopdError
 from copd.policy.base import LossSpec, OPDPart, Policy, SamplingParams
 from copd.progress import QuietReporter, Reporter
 from copd.rollout import MixtureSampler, collect_opd_rollouts, collect_rl, derived_seed
-from copd.schedule.plan import TOPOLOGY_PLANS, Phase, Roles, build_plan, with_overlap_trigger
+from copd.schedule.plan import TOPOLOGY_PLANS, Phase, Roles, build_plan, with_overlap_trigger, with_probes
 from copd.schedule.topology import build_edges
 from copd.tasks import Capability
 
@@ -91,7 +91,10 @@ class Trainer:
             limit = phase.steps + (self.state.pop("carry", 0) if phase.absorbs_carry else 0)
             for done in range(1, limit + 1):
                 self.step(phase)
-                if phase.stop_below is not None and done < limit and self._probe(phase) < phase.stop_below:
+                # A trigger needs no probe after the phase's last step; a diagnostic probe does.
+                probing = phase.probe_edges and (done < limit or phase.stop_below is None)
+                overlap = self._probe(phase) if probing else None
+                if overlap is not None and phase.stop_below is not None and overlap < phase.stop_below:
                     self.state["carry"] = limit - done  # the next phase runs these steps
                     break
             self.state["next_phase"] = index + 1
@@ -220,8 +223,9 @@ def plan_of(config: Config) -> list[Phase]:
     experts = list(roles.experts(names))
     s = config.schedule
     try:
-        edges = build_edges(config.topology.kind, experts, config.topology.hub) if s.plan in TOPOLOGY_PLANS and len(experts) > 1 else []
-        plan = build_plan(s.plan, names, edges, s.cycles, s.rl_steps, s.opd_steps, roles)
-        return with_overlap_trigger(plan, s.overlap_threshold) if s.trigger == "overlap" else plan
+        topology = build_edges(config.topology.kind, experts, config.topology.hub) if len(experts) > 1 else []
+        plan = build_plan(s.plan, names, topology if s.plan in TOPOLOGY_PLANS else [], s.cycles, s.rl_steps, s.opd_steps, roles)
+        plan = with_overlap_trigger(plan, s.overlap_threshold) if s.trigger == "overlap" else plan
+        return with_probes(plan, topology) if s.probe else plan
     except ValueError as err:
         raise CopdError(f"config: {err}") from None

@@ -103,3 +103,8 @@ def with_overlap_trigger(phases: list[Phase], threshold: float) -> list[Phase]:
             out[i] = replace(explore, stop_below=threshold, probe_edges=nxt.edges)
             out[i + 1] = replace(nxt, absorbs_carry=True)
     return out
+
+
+def with_probes(phases: list[Phase], edges: list[Edge]) -> list[Phase]:
+    """Measure branch overlap after every explore step (e.g. between independent experts)."""
+    return [replace(p, probe_edges=p.probe_edges or tuple(edges)) if p.name == "explore" else p for p in phases]
