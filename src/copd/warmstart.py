@@ -58,6 +58,8 @@ def base_key(config: Config) -> str:
         "tiny": config.model.tiny.model_dump(),
         "warmup": config.warmup.model_dump(),
         "capabilities": [c.model_dump() for c in config.capabilities],
+        # The stop rule looks at the capabilities some branch trains, so they shape the base too.
+        "trained": sorted({c for b in config.branches for c in b.capabilities}),
         "seed": config.run.seed,
         "temperature": config.sampling.temperature,
         "max_new_tokens": config.sampling.max_new_tokens,
