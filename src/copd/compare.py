@@ -91,6 +91,7 @@ def _mean_std(per_seed: dict, keys: list[str]) -> tuple[dict, dict]:
 def orderings(result: dict) -> list[tuple[str, bool, str]]:
     """METHOD.md's orderings, checked on mean overall accuracy: (claim, held, numbers)."""
     overall = {label: row["mean"]["overall"] for label, row in result["rows"].items()}
+    spread = {label: row.get("std", {}).get("overall", 0.0) for label, row in result["rows"].items()}
     groups = {
         "CoPD": [l for l in overall if l == "CoPD"],
         "static OPD / MOPD": [l for l in overall if l.startswith("static OPD") or l == "MOPD"],
@@ -100,15 +101,18 @@ def orderings(result: dict) -> list[tuple[str, bool, str]]:
         "CoPD overlap trigger": [l for l in overall if l == "CoPD overlap trigger"],
         "base": ["base"],
     }
-    best = {g: max(overall[l] for l in labels) for g, labels in groups.items() if labels}
+    best = {g: max(labels, key=overall.get) for g, labels in groups.items() if labels}
     claims = [("CoPD", "static OPD / MOPD"), ("static OPD / MOPD", "mixed RLVR"), ("mixed RLVR", "base"),
               ("CoPD", "mixed RLVR"), ("CoPD", "experts merged"), ("CoPD", "CoPD one-way"), ("CoPD", "base"),
               ("CoPD overlap trigger", "CoPD")]
     found = []
     for high, low in claims:
         if high in best and low in best:
-            held = best[high] > best[low]
-            found.append((f"{high} > {low}", held, f"{100 * best[high]:.1f} vs {100 * best[low]:.1f}"))
+            a, b = best[high], best[low]
+            numbers = f"{100 * overall[a]:.1f} vs {100 * overall[b]:.1f}"
+            if abs(overall[a] - overall[b]) < max(spread[a], spread[b]):
+                numbers += f"; the gap is within one std over seeds ({100 * max(spread[a], spread[b]):.1f})"
+            found.append((f"{high} > {low}", overall[a] > overall[b], numbers))
     return found
 
 
