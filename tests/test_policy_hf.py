@@ -86,3 +86,15 @@ def test_non_finite_loss_skips_the_update_and_keeps_weights():
     assert result.skipped
     for key, value in policy.get_weights().items():
         assert torch.equal(value, before[key])
+
+
+def test_chat_template_wraps_prompts_with_the_system_prompt_when_the_tokenizer_has_one():
+    policy = tiny_policy()
+    assert not policy.use_chat and policy.format_prompt("rev:abc=") == "rev:abc="
+    tokenizer = policy.tokenizer
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}a:{% endif %}"
+    chat = HFPolicy("c", policy.model, tokenizer, system_prompt="be brief")
+    assert chat.use_chat and chat.format_prompt("rev:abc=") == "s:be brief u:rev:abc= a:"
+    rollouts = chat.generate(["rev:abc="], 2, SamplingParams(max_new_tokens=3), seed=0)
+    assert rollouts.prompt_len == len("s:be brief u:rev:abc= a:")
+    assert HFPolicy("off", policy.model, tokenizer, chat_template="off").format_prompt("x") == "x"

@@ -174,8 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.set_defaults(func=cmd_compare)
 
     from copd.diagnose import add_parser as add_diagnose
+    from copd.fetch import add_parser as add_models
 
     diagnose = add_diagnose(sub)
+    add_models(sub)
 
     report = sub.add_parser("report", help="(re)write RUN/report.md and RUN/plots/")
     report.add_argument("run", metavar="RUN", help="a run directory")

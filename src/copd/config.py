@@ -35,6 +35,12 @@ class ModelConfig(Section):
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="the model built when `path` is unset")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="weights dtype of a model loaded from `path` (tiny models train in float32)")
     cache_dir: str = Field("~/.cache/copd", description="where built and warm-started base models are cached")
+    chat_template: Literal["auto", "on", "off"] = Field("auto", description="wrap prompts in the tokenizer's chat template (auto: when it has one)")
+    system_prompt: str | None = Field(None, description="system message placed before every prompt when the chat template is used")
+
+    def prompt_options(self) -> dict:
+        """How every policy of a run formats prompts, so training and evaluation agree."""
+        return {"chat_template": self.chat_template, "system_prompt": self.system_prompt}
 
 
 class WarmupConfig(Section):
@@ -53,7 +59,7 @@ class CapabilityConfig(Section):
     """A capability: built-in generator or a user JSONL file with a verifier."""
 
     name: str = Field(description="name used by branches and reports")
-    builtin: str | None = Field(None, description="built-in generator: addition, reversal, sort, count")
+    builtin: str | None = Field(None, description="built-in generator: addition, reversal, sort, count (character tasks); word_problems, unit_conversion (natural language)")
     options: dict[str, Any] = Field(default_factory=dict, description="options of the built-in generator")
     path: str | None = Field(None, description="JSONL file with prompt and answer fields")
     test_path: str | None = Field(None, description="JSONL test file; otherwise `test_ratio` of `path`")

@@ -63,7 +63,8 @@ def run_eval(target: str, tasks: str, samples: int, verifier: str, out: str | No
     results = {}
     for label, folder in models_of(path).items():
         model, tokenizer = load_pretrained(folder)
-        results[label] = evaluate_policy(HFPolicy(label, model, tokenizer), caps, samples, params, seed=seed)
+        prompting = run_config.model.prompt_options() if run_config else {}
+        results[label] = evaluate_policy(HFPolicy(label, model, tokenizer, **prompting), caps, samples, params, seed=seed)
     print(f"  {'model':<16}" + "".join(f"{c.name:>14}" for c in caps) + "   (greedy accuracy / sampled pass rate)")
     for label, scores in results.items():
         cells = "".join(f"{100 * scores['greedy'][c.name]:>7.1f}/{100 * scores['sampled'][c.name]:<5.1f}%" for c in caps)

@@ -97,7 +97,7 @@ def run_training(config: Config, resume: bool = False, reporter: Reporter | None
         (run_dir / "warmup.json").write_text(json.dumps(info, indent=1))
     timing["warmup_seconds"] = round(time.perf_counter() - t0, 2)
     policies = {
-        b.name: HFPolicy(b.name, clone_model(model), tokenizer, config.optim.lr, config.optim.weight_decay, device)
+        b.name: HFPolicy(b.name, clone_model(model), tokenizer, config.optim.lr, config.optim.weight_decay, device, **config.model.prompt_options())
         for b in config.branches
     }
     t1 = time.perf_counter()
@@ -107,7 +107,7 @@ def run_training(config: Config, resume: bool = False, reporter: Reporter | None
         policy.save_pretrained(run_dir / "branches" / name)
     merged = merge_branches(run_dir, config)
     t2 = time.perf_counter()
-    evaluate_run(config, run_dir, capabilities, {"base": HFPolicy("base", model, tokenizer), **{f"branch:{n}": p for n, p in policies.items()}, "merged": merged}, reporter)
+    evaluate_run(config, run_dir, capabilities, {"base": HFPolicy("base", model, tokenizer, **config.model.prompt_options()), **{f"branch:{n}": p for n, p in policies.items()}, "merged": merged}, reporter)
     timing["eval_seconds"] = round(time.perf_counter() - t2, 2)
     timing["total_seconds"] = round(time.perf_counter() - t0, 2)
     (run_dir / "timing.json").write_text(json.dumps(timing, indent=1))

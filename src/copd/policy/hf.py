@@ -16,8 +16,12 @@ from copd.policy.sampling import completion_logits, sample_completions, token_lo
 class HFPolicy:
     """One branch: a model, its tokenizer and its optimizer."""
 
-    def __init__(self, name: str, model, tokenizer, lr: float = 1e-4, weight_decay: float = 0.0, device: str = "cpu"):
+    def __init__(self, name: str, model, tokenizer, lr: float = 1e-4, weight_decay: float = 0.0, device: str = "cpu",
+                 chat_template: str = "auto", system_prompt: str | None = None):
         self.name = name
+        has_template = getattr(tokenizer, "chat_template", None) is not None
+        self.use_chat = chat_template == "on" or (chat_template == "auto" and has_template)
+        self.system_prompt = system_prompt
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.tokenizer = tokenizer
@@ -25,8 +29,17 @@ class HFPolicy:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay)
 
     # ---- sampling and scoring -------------------------------------------------------
+    def format_prompt(self, prompt: str) -> str:
+        """The text the model sees: the raw prompt, or a chat turn with the generation prompt."""
+        if not self.use_chat:
+            return prompt
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        turns = [*system, {"role": "user", "content": prompt}]
+        return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        texts = [self.format_prompt(p) for p in prompts]
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
     def generate(self, prompts: list[str], n: int, params: SamplingParams, seed: int) -> Rollouts:

@@ -113,3 +113,8 @@ def _factory(name: str, kind: _Kind) -> Callable[..., Capability]:
 BUILTIN_CAPABILITIES: dict[str, Callable[..., Capability]] = {
     name: _factory(name, kind) for name, kind in _KINDS.items()
 }
+
+# Natural-language tasks for pretrained models (not limited to CHAR_ALPHABET).
+from copd.tasks.language import LANGUAGE_CAPABILITIES  # noqa: E402
+
+BUILTIN_CAPABILITIES.update(LANGUAGE_CAPABILITIES)
