@@ -205,7 +205,7 @@ def main(argv=None) -> int:
     config = load_config(config_path)
     caps = load_capabilities(config, base_dir=config_path.resolve().parent)
     args.eval_samples = args.eval_samples or config.eval.samples
-    params = SamplingParams(config.sampling.temperature, config.sampling.top_p, config.sampling.max_new_tokens)
+    params = SamplingParams.from_config(config.sampling)
     policies = load_checkpoints(runs, config)
     acc = evaluate_all(policies, list(caps.values()), args.eval_samples, params)
     pairs = choose_pairs(acc, args.max_pairs, args.min_gap)

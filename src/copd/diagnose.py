@@ -124,7 +124,7 @@ def run_diagnose(model_a: str, model_b: str, tasks: str, samples: int, k: int, s
     run_config = _run_config(folders)
     caps = resolve_tasks(tasks, "exact", run_config)
     s = run_config.sampling if run_config else None
-    params = SamplingParams(s.temperature, s.top_p, s.max_new_tokens) if s else SamplingParams(1.0, 1.0, DEFAULT_MAX_NEW_TOKENS)
+    params = SamplingParams.from_config(s) if s else SamplingParams(1.0, 1.0, DEFAULT_MAX_NEW_TOKENS)
     result = diagnose_models(policy_a, policy_b, caps, samples, params, k, seed)
     print(f"diagnose: B={folders[1]} on the rollouts of A={folders[0]} (up to {samples} test prompts per capability)")
     _print_table(result)

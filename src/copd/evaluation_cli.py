@@ -59,7 +59,7 @@ def run_eval(target: str, tasks: str, samples: int, verifier: str, out: str | No
         run_config = load_config(path / "config.yaml")
     caps = resolve_tasks(tasks, verifier, run_config)
     s = run_config.sampling if run_config else None
-    params = SamplingParams(s.temperature, s.top_p, s.max_new_tokens) if s else SamplingParams(max_new_tokens=32)
+    params = SamplingParams.from_config(s) if s else SamplingParams(max_new_tokens=32)
     results = {}
     for label, folder in models_of(path).items():
         model, tokenizer = load_pretrained(folder)

@@ -116,7 +116,7 @@ def run_training(config: Config, resume: bool = False, reporter: Reporter | None
 
 def evaluate_run(config: Config, run_dir: Path, capabilities: dict[str, Capability], policies: dict, reporter: Reporter) -> dict:
     """eval.json: every model (base, branches, merged) on every capability's test split."""
-    params = SamplingParams(config.sampling.temperature, config.sampling.top_p, config.sampling.max_new_tokens)
+    params = SamplingParams.from_config(config.sampling)
     caps = list(capabilities.values())
     reporter.start("evaluating", len(policies))
     models = {}

@@ -71,7 +71,7 @@ class Trainer:
         self.opd_samplers.update({f"probe:{e.label}": MixtureSampler(caps_of[e.teacher], derived_seed(seed, "probe", e.label)) for e in probed})
         self.beta = {b.name: b.beta for b in config.branches}
         self.spec = loss_spec(config)
-        self.sampling = SamplingParams(config.sampling.temperature, config.sampling.top_p, config.sampling.max_new_tokens)
+        self.sampling = SamplingParams.from_config(config.sampling)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self.state = {"next_phase": 0, "global_step": 0, "nan_in_row": dict.fromkeys(names, 0), "nan_skipped": dict.fromkeys(names, 0)}
 

@@ -91,7 +91,7 @@ def warm_start(model, tokenizer, config: Config, capabilities: list[Capability],
     # Trained on every capability; the stop rule looks only at those some branch trains with RL.
     trained = [c for c in capabilities if any(c.name in b.capabilities for b in config.branches)]
     checks = {c.name: c.train_sampler(derived_seed(config.run.seed, "warmup-check", c.name)).draw(cfg.check_samples) for c in trained}
-    params = SamplingParams(config.sampling.temperature, config.sampling.top_p, config.sampling.max_new_tokens)
+    params = SamplingParams.from_config(config.sampling)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     history, step = [], 0
     reporter.start("warm start", cfg.max_steps)

@@ -20,6 +20,11 @@ class SamplingParams:
     max_new_tokens: int = 8
     greedy: bool = False
 
+    @classmethod
+    def from_config(cls, sampling) -> SamplingParams:
+        """From a run's `sampling` section (any object with temperature, top_p, max_new_tokens)."""
+        return cls(sampling.temperature, sampling.top_p, sampling.max_new_tokens)
+
 
 @dataclass
 class Rollouts:
