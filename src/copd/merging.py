@@ -23,11 +23,8 @@ def merge_branches(run_dir: Path, config: Config, method: str | None = None, out
     missing = [str(f) for f in folders if not (f / "config.json").is_file()]
     if missing:
         raise CopdError(f"cannot merge: branch folder missing: {missing[0]} (has training finished?)")
-    states = []
-    for folder in folders:
-        model, tokenizer = load_pretrained(folder, config.model.dtype)
-        states.append(model.state_dict())
-    base_model, _ = load_pretrained(run_dir / "base", config.model.dtype)
+    states = [load_pretrained(folder, config.model.dtype)[0].state_dict() for folder in folders]
+    base_model, tokenizer = load_pretrained(run_dir / "base", config.model.dtype)
     options = {k: getattr(config.merge, k) for k in _OPTIONS.get(method, ())}
     weights = [b.weight for b in branches] if method in ("weighted", "task_arithmetic") else None
     if method == "task_arithmetic":
