@@ -15,9 +15,9 @@ from pathlib import Path
 
 from copd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from copd.config import Config
-from copd.core.overlap import symmetric_kl, topk_overlap
 from copd.errors import CopdError
 from copd.policy.base import LossSpec, OPDPart, Policy, SamplingParams
+from copd.policy.objective import edge_diagnostics
 from copd.progress import QuietReporter, Reporter
 from copd.rollout import MixtureSampler, collect_opd_rollouts, collect_rl, derived_seed
 from copd.schedule.plan import TOPOLOGY_PLANS, Phase, Roles, build_plan, with_overlap_trigger, with_probes
@@ -142,12 +142,12 @@ class Trainer:
             rollouts = collect_opd_rollouts(self.policies[edge.student], self.opd_samplers[f"probe:{edge.label}"], cfg.schedule.probe_prompts,
                                             1, self.sampling, derived_seed(cfg.run.seed, "probe", edge.label, step))
             student, teacher = self.policies[edge.student].score(rollouts), self.policies[edge.teacher].score(rollouts)
-            mask = rollouts.completion_mask_B_T
-            overlap = topk_overlap(student.dist_logprobs_B_T_V, teacher.dist_logprobs_B_T_V, mask, cfg.opd.overlap_k).item()
-            sym = symmetric_kl(student.dist_logprobs_B_T_V, teacher.dist_logprobs_B_T_V, mask).item()
+            # The same diagnostics as an OPD step's, on a part that is measured but never trained on.
+            part = OPDPart(rollouts, teacher, 0.0, edge.label)
+            found = edge_diagnostics(student.dist_logprobs_B_T_V, student.token_logprobs_B_T, part, cfg.opd.overlap_k)
             self.metrics.write({"step": step, "cycle": phase.cycle, "phase": phase.name, "type": "edge", "probe": True, "edge": edge.label,
-                                "student": edge.student, "teacher": edge.teacher, "overlap_topk": overlap, "sym_kl": sym})
-            values.append(overlap)
+                                "student": edge.student, "teacher": edge.teacher, **found})
+            values.append(found["overlap_topk"])
         return sum(values) / len(values)
 
     def _active(self, phase: Phase) -> list[str]:
