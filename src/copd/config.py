@@ -43,6 +43,16 @@ class ModelConfig(Section):
         return {"chat_template": self.chat_template, "system_prompt": self.system_prompt}
 
 
+class LoraSettings(Section):
+    """LoRA branches (PEFT): one frozen base in memory and one adapter per branch."""
+
+    enabled: bool = Field(False, description="train each branch as a LoRA adapter on one shared frozen base instead of a full copy")
+    r: int = Field(16, gt=0, description="adapter rank")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha; the delta is B A * alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input (0 keeps rollout and update log-probs consistent)")
+    target_modules: str | list[str] = Field("all-linear", description="modules that get adapters: all-linear, or a list of module names such as [q_proj, v_proj]")
+
+
 class WarmupConfig(Section):
     """Supervised warm start so that every capability's SAMPLED pass rate is neither 0 nor 1."""
 
@@ -156,6 +166,7 @@ class RunConfig(Section):
 
 class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
     warmup: WarmupConfig = Field(default_factory=WarmupConfig)
     capabilities: list[CapabilityConfig] = Field(min_length=1)
     branches: list[BranchConfig] = Field(min_length=1)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from copd.branches import build_branches
 from copd.config import Config
 from copd.config_loader import dump_config
 from copd.errors import CopdError
@@ -19,11 +20,10 @@ from copd.evaluate import evaluate_policy
 from copd.merging import merge_branches
 from copd.models import check_model_folder, load_pretrained
 from copd.policy.base import SamplingParams
-from copd.policy.hf import HFPolicy
 from copd.progress import QuietReporter, Reporter
 from copd.tasks import Capability, load_capability
 from copd.train import Trainer
-from copd.warmstart import clone_model, prepare_base
+from copd.warmstart import prepare_base
 
 
 def capability_spec(cap) -> dict:
@@ -50,7 +50,7 @@ def load_capabilities(config: Config, base_dir: Path | None = None) -> dict[str,
     return {c.name: load_capability(capability_spec(c), base_dir) for c in config.capabilities}
 
 
-def prepare_run_dir(config: Config, run_dir: Path, resume: bool) -> None:
+def check_run_dir(config: Config, run_dir: Path, resume: bool) -> None:
     """Refuse to mix runs: a new run needs an empty folder; --resume needs the same config."""
     saved = run_dir / "config.yaml"
     if resume:
@@ -62,8 +62,14 @@ def prepare_run_dir(config: Config, run_dir: Path, resume: bool) -> None:
         raise CopdError(f"run directory {run_dir} already holds a run; resume it with --resume {run_dir} or choose another run.out")
     if run_dir.exists() and any(run_dir.iterdir()):
         raise CopdError(f"run directory {run_dir} is not empty; choose another run.out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(config, saved)
+
+
+def prepare_run_dir(config: Config, run_dir: Path, resume: bool) -> None:
+    """check_run_dir, then (for a new run) create the folder with its config.yaml."""
+    check_run_dir(config, run_dir, resume)
+    if not resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(config, run_dir / "config.yaml")
 
 
 def _check_same_run(config: Config, saved: Path) -> None:
@@ -87,19 +93,20 @@ def run_training(config: Config, resume: bool = False, reporter: Reporter | None
     reuse_base = resume and (base_folder / "config.json").is_file()
     if config.model.path and not reuse_base:
         check_model_folder(config.model.path)
-    prepare_run_dir(config, run_dir, resume)
+    check_run_dir(config, run_dir, resume)
     timing, t0 = {}, time.perf_counter()
     if reuse_base:
         model, tokenizer = load_pretrained(base_folder, config.model.dtype)
     else:
         model, tokenizer, info = prepare_base(config, capabilities, reporter)
-        HFPolicy("base", model, tokenizer).save_pretrained(base_folder)
-        (run_dir / "warmup.json").write_text(json.dumps(info, indent=1))
     timing["warmup_seconds"] = round(time.perf_counter() - t0, 2)
-    policies = {
-        b.name: HFPolicy(b.name, clone_model(model), tokenizer, config.optim.lr, config.optim.weight_decay, device, **config.model.prompt_options())
-        for b in config.branches
-    }
+    policies, base_policy = build_branches(config, model, tokenizer, device)
+    # The run folder is written only now, so a mistake found while building the base or the
+    # branches (a bad lora.target_modules, say) leaves no half-made run behind.
+    prepare_run_dir(config, run_dir, resume)
+    if not reuse_base:
+        base_policy.save_pretrained(base_folder)
+        (run_dir / "warmup.json").write_text(json.dumps(info, indent=1))
     t1 = time.perf_counter()
     Trainer(config, run_dir, policies, capabilities, reporter).run(resume=resume)
     timing["train_seconds"] = round(time.perf_counter() - t1, 2)
@@ -107,7 +114,7 @@ def run_training(config: Config, resume: bool = False, reporter: Reporter | None
         policy.save_pretrained(run_dir / "branches" / name)
     merged = merge_branches(run_dir, config)
     t2 = time.perf_counter()
-    evaluate_run(config, run_dir, capabilities, {"base": HFPolicy("base", model, tokenizer, **config.model.prompt_options()), **{f"branch:{n}": p for n, p in policies.items()}, "merged": merged}, reporter)
+    evaluate_run(config, run_dir, capabilities, {"base": base_policy, **{f"branch:{n}": p for n, p in policies.items()}, "merged": merged}, reporter)
     timing["eval_seconds"] = round(time.perf_counter() - t2, 2)
     timing["total_seconds"] = round(time.perf_counter() - t0, 2)
     (run_dir / "timing.json").write_text(json.dumps(timing, indent=1))

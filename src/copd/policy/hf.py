@@ -17,7 +17,7 @@ class HFPolicy:
     """One branch: a model, its tokenizer and its optimizer."""
 
     def __init__(self, name: str, model, tokenizer, lr: float = 1e-4, weight_decay: float = 0.0, device: str = "cpu",
-                 chat_template: str = "auto", system_prompt: str | None = None):
+                 chat_template: str = "auto", system_prompt: str | None = None, params: list | None = None):
         self.name = name
         has_template = getattr(tokenizer, "chat_template", None) is not None
         self.use_chat = chat_template == "on" or (chat_template == "auto" and has_template)
@@ -26,7 +26,13 @@ class HFPolicy:
         self.model = model.to(self.device)
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "left"
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay)
+        # What this branch trains: every weight (full fine-tuning) or only its adapter (LoRA).
+        self.params = list(self.model.parameters()) if params is None else list(params)
+        # A read-only view (e.g. the frozen base under LoRA branches) has nothing to optimize.
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay) if self.params else None
+
+    def activate(self) -> None:
+        """Make this branch the one the model computes with (a no-op unless weights are shared)."""
 
     # ---- sampling and scoring -------------------------------------------------------
     def format_prompt(self, prompt: str) -> str:
@@ -43,6 +49,7 @@ class HFPolicy:
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
     def generate(self, prompts: list[str], n: int, params: SamplingParams, seed: int) -> Rollouts:
+        self.activate()
         ids, mask = self._encode([p for p in prompts for _ in range(n)])
         generator = torch.Generator(device=self.device).manual_seed(seed)
         self.model.eval()
@@ -67,6 +74,7 @@ class HFPolicy:
 
     @torch.no_grad()
     def score(self, rollouts: Rollouts, full: bool = True) -> Scores:
+        self.activate()
         self.model.eval()
         dist = self._dist(rollouts)
         tokens = token_logprobs(dist, rollouts.completion_ids_B_T.to(self.device))
@@ -75,6 +83,7 @@ class HFPolicy:
     # ---- training ---------------------------------------------------------------------
     def update(self, rl: list[RLPart], opd: list[OPDPart], spec: LossSpec) -> UpdateResult:
         """`spec.epochs` optimizer steps on all parts together; old log-probs from the first pass."""
+        self.activate()
         self.model.train()
         olds: list[torch.Tensor | None] = [None] * (len(rl) + len(opd))
         result = UpdateResult()
@@ -84,7 +93,7 @@ class HFPolicy:
             if not finite:
                 self.optimizer.zero_grad(set_to_none=True)
                 return UpdateResult(metrics=metrics, skipped=True)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), spec.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, spec.grad_clip)
             if not torch.isfinite(grad_norm):  # a finite loss can still have overflowing gradients
                 self.optimizer.zero_grad(set_to_none=True)
                 return UpdateResult(metrics={**metrics, "grad_norm": float("nan")}, skipped=True)

@@ -1,0 +1,55 @@
+"""The K branch policies of a run, built from the base model in one of two modes.
+
+full: every branch is an independent copy of the base, all weights trained (the default,
+      right for small models).
+lora: one frozen base shared by every branch, one PEFT adapter each (`lora.enabled`).
+
+Each mode also gives a read-only policy for the base itself, used to evaluate pi_0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from copd.config import Config
+from copd.policy.base import Policy
+from copd.policy.hf import HFPolicy
+from copd.policy.lora import LoraPolicy, SharedBase, adapter_name
+from copd.warmstart import clone_model
+
+Branches = tuple[dict[str, Policy], Policy]
+
+
+def build_branches(config: Config, model, tokenizer, device: str) -> Branches:
+    """(branch policies by name, base policy), every branch starting at theta_0 = the base."""
+    mode = "lora" if config.lora.enabled else "full"
+    torch.manual_seed(config.run.seed)  # LoRA A matrices are random; make them reproducible
+    return BRANCH_MODES[mode](config, model, tokenizer, device)
+
+
+def _full_branches(config: Config, model, tokenizer, device: str) -> Branches:
+    optim, prompting = config.optim, config.model.prompt_options()
+    policies = {
+        b.name: HFPolicy(b.name, clone_model(model), tokenizer, optim.lr, optim.weight_decay, device, **prompting)
+        for b in config.branches
+    }
+    return policies, HFPolicy("base", model, tokenizer, device=device, **prompting)
+
+
+def _lora_branches(config: Config, model, tokenizer, device: str) -> Branches:
+    optim, prompting, lora = config.optim, config.model.prompt_options(), config.lora
+    names = [b.name for b in config.branches]
+    shared = SharedBase(model.to(device), names, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+    policies = {
+        name: LoraPolicy(name, shared, tokenizer, adapter_name(name), optim.lr, optim.weight_decay, device, **prompting)
+        for name in names
+    }
+    return policies, LoraPolicy("base", shared, tokenizer, None, device=device, **prompting)
+
+
+BRANCH_MODES: dict[str, Callable[[Config, object, object, str], Branches]] = {
+    "full": _full_branches,
+    "lora": _lora_branches,
+}
