@@ -98,3 +98,20 @@ def test_chat_template_wraps_prompts_with_the_system_prompt_when_the_tokenizer_h
     rollouts = chat.generate(["rev:abc="], 2, SamplingParams(max_new_tokens=3), seed=0)
     assert rollouts.prompt_len == len("s:be brief u:rev:abc= a:")
     assert HFPolicy("off", policy.model, tokenizer, chat_template="off").format_prompt("x") == "x"
+
+
+def test_bf16_compute_is_mixed_precision_weights_and_updates_stay_float32():
+    policy = tiny_policy()
+    policy.compute_dtype = "bfloat16"
+    rollouts = policy.generate(PROMPTS, 2, SamplingParams(max_new_tokens=4), seed=0)
+    fp32 = tiny_policy()
+    # Same weights, different compute: log-probs agree to bf16 precision, not exactly.
+    low, high = policy.score(rollouts).token_logprobs_B_T, fp32.score(rollouts).token_logprobs_B_T
+    assert not torch.equal(low, high)
+    torch.testing.assert_close(low, high, atol=0.1, rtol=0.05)
+    before = {k: v.clone() for k, v in policy.model.state_dict().items()}
+    advantages = torch.ones_like(rollouts.completion_mask_B_T) * rollouts.completion_mask_B_T
+    result = policy.update([RLPart(rollouts, advantages)], [], LossSpec())
+    assert not result.skipped
+    assert all(p.dtype == torch.float32 for p in policy.model.parameters())
+    assert any(not torch.equal(before[k], v) for k, v in policy.model.state_dict().items())

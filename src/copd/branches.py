@@ -9,6 +9,7 @@ Each mode also gives a read-only policy for the base itself, used to evaluate pi
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -18,6 +19,8 @@ from copd.policy.base import Policy
 from copd.policy.hf import HFPolicy
 from copd.policy.lora import LoraPolicy, SharedBase, adapter_name
 from copd.warmstart import clone_model
+
+logger = logging.getLogger("copd")
 
 Branches = tuple[dict[str, Policy], Policy]
 
@@ -30,7 +33,12 @@ def build_branches(config: Config, model, tokenizer, device: str) -> Branches:
 
 
 def _full_branches(config: Config, model, tokenizer, device: str) -> Branches:
-    optim, prompting = config.optim, config.model.prompt_options()
+    optim, prompting = config.optim, config.model.policy_options()
+    if config.model.dtype != "float32":
+        logger.warning(
+            "model.dtype=%s with full fine-tuning: AdamW updates smaller than the weights' rounding step are lost; "
+            "model.compute_dtype=%s with float32 weights, or lora.enabled=true, keeps them", config.model.dtype, config.model.dtype
+        )
     policies = {
         b.name: HFPolicy(b.name, clone_model(model), tokenizer, optim.lr, optim.weight_decay, device, **prompting)
         for b in config.branches
@@ -39,7 +47,7 @@ def _full_branches(config: Config, model, tokenizer, device: str) -> Branches:
 
 
 def _lora_branches(config: Config, model, tokenizer, device: str) -> Branches:
-    optim, prompting, lora = config.optim, config.model.prompt_options(), config.lora
+    optim, prompting, lora = config.optim, config.model.policy_options(), config.lora
     names = [b.name for b in config.branches]
     shared = SharedBase(model.to(device), names, lora.r, lora.alpha, lora.dropout, lora.target_modules)
     policies = {

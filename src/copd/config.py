@@ -33,14 +33,15 @@ class TinyModelConfig(Section):
 class ModelConfig(Section):
     path: str | None = Field(None, description="a transformers model folder; when unset, a tiny model is built from `tiny`")
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="the model built when `path` is unset")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="weights dtype of a model loaded from `path` (tiny models train in float32)")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="weights dtype of a model loaded from `path` (tiny models train in float32); bfloat16 weights suit a frozen LoRA base, while full fine-tuning in bfloat16 rounds small AdamW updates away (use compute_dtype)")
+    compute_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of forward passes (torch.autocast); weights and optimizer state keep `dtype`, so bfloat16 here is mixed precision")
     cache_dir: str = Field("~/.cache/copd", description="where built and warm-started base models are cached")
     chat_template: Literal["auto", "on", "off"] = Field("auto", description="wrap prompts in the tokenizer's chat template (auto: when it has one)")
     system_prompt: str | None = Field(None, description="system message placed before every prompt when the chat template is used")
 
-    def prompt_options(self) -> dict:
-        """How every policy of a run formats prompts, so training and evaluation agree."""
-        return {"chat_template": self.chat_template, "system_prompt": self.system_prompt}
+    def policy_options(self) -> dict:
+        """How every policy of a run formats prompts and computes, so training and evaluation agree."""
+        return {"chat_template": self.chat_template, "system_prompt": self.system_prompt, "compute_dtype": self.compute_dtype}
 
 
 class LoraSettings(Section):

@@ -60,7 +60,7 @@ def run_eval(target: str, tasks: str, samples: int, verifier: str, out: str | No
     caps = resolve_tasks(tasks, verifier, run_config)
     s = run_config.sampling if run_config else None
     params = SamplingParams.from_config(s) if s else SamplingParams(max_new_tokens=32)
-    prompting = run_config.model.prompt_options() if run_config else {}
+    prompting = run_config.model.policy_options() if run_config else {}
     results = {}
     for label, folder in models_of(path).items():
         model, tokenizer = load_pretrained(folder)

@@ -34,6 +34,6 @@ def merge_branches(run_dir: Path, config: Config, method: str | None = None, out
     except ValueError as err:
         raise CopdError(f"merge: {err}") from None
     base_model.load_state_dict(merged)
-    policy = HFPolicy("merged", base_model, tokenizer, **config.model.prompt_options())
+    policy = HFPolicy("merged", base_model, tokenizer, **config.model.policy_options())
     policy.save_pretrained(out or run_dir / "final")
     return policy

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -12,13 +13,18 @@ from copd.policy.base import LossSpec, OPDPart, RLPart, Rollouts, SamplingParams
 from copd.policy.objective import opd_loss, rl_loss
 from copd.policy.sampling import completion_logits, sample_completions, token_logprobs
 
+# model.compute_dtype values other than float32: the dtype autocast runs matmuls in.
+COMPUTE_DTYPES = {"bfloat16": torch.bfloat16}
+
 
 class HFPolicy:
     """One branch: a model, its tokenizer and its optimizer."""
 
     def __init__(self, name: str, model, tokenizer, lr: float = 1e-4, weight_decay: float = 0.0, device: str = "cpu",
-                 chat_template: str = "auto", system_prompt: str | None = None, params: list | None = None):
+                 chat_template: str = "auto", system_prompt: str | None = None, params: list | None = None,
+                 compute_dtype: str = "float32"):
         self.name = name
+        self.compute_dtype = compute_dtype
         has_template = getattr(tokenizer, "chat_template", None) is not None
         self.use_chat = chat_template == "on" or (chat_template == "auto" and has_template)
         self.system_prompt = system_prompt
@@ -33,6 +39,12 @@ class HFPolicy:
 
     def activate(self) -> None:
         """Make this branch the one the model computes with (a no-op unless weights are shared)."""
+
+    def _compute(self):
+        """Forward passes in bf16 under autocast when asked: weights and AdamW stay as loaded."""
+        if self.compute_dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=COMPUTE_DTYPES[self.compute_dtype])
 
     # ---- sampling and scoring -------------------------------------------------------
     def format_prompt(self, prompt: str) -> str:
@@ -53,9 +65,10 @@ class HFPolicy:
         ids, mask = self._encode([p for p in prompts for _ in range(n)])
         generator = torch.Generator(device=self.device).manual_seed(seed)
         self.model.eval()
-        comp_ids, comp_mask = sample_completions(
-            self.model, ids, mask, params, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, generator
-        )
+        with self._compute():
+            comp_ids, comp_mask = sample_completions(
+                self.model, ids, mask, params, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, generator
+            )
         # Rows that finished are padded after EOS, so skipping special tokens leaves the answer text.
         texts = self.tokenizer.batch_decode(comp_ids, skip_special_tokens=True)
         return Rollouts(
@@ -67,9 +80,10 @@ class HFPolicy:
         )
 
     def _dist(self, rollouts: Rollouts) -> torch.Tensor:
-        logits = completion_logits(
-            self.model, rollouts.input_ids_B_L.to(self.device), rollouts.attention_mask_B_L.to(self.device), rollouts.prompt_len
-        )
+        with self._compute():
+            logits = completion_logits(
+                self.model, rollouts.input_ids_B_L.to(self.device), rollouts.attention_mask_B_L.to(self.device), rollouts.prompt_len
+            )
         return logits.float().log_softmax(-1)
 
     @torch.no_grad()

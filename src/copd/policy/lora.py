@@ -93,10 +93,11 @@ class LoraPolicy(HFPolicy):
     """One branch of a SharedBase; `adapter=None` is a read-only view of the base itself."""
 
     def __init__(self, name: str, shared: SharedBase, tokenizer, adapter: str | None, lr: float = 1e-4, weight_decay: float = 0.0,
-                 device: str = "cpu", chat_template: str = "auto", system_prompt: str | None = None):
+                 device: str = "cpu", chat_template: str = "auto", system_prompt: str | None = None, compute_dtype: str = "float32"):
         self.shared, self.adapter = shared, adapter
         params = shared.adapter_parameters(adapter) if adapter else []
-        super().__init__(name, shared.model, tokenizer, lr, weight_decay, device, chat_template, system_prompt, params=params)
+        super().__init__(name, shared.model, tokenizer, lr, weight_decay, device, chat_template, system_prompt, params=params,
+                         compute_dtype=compute_dtype)
 
     def activate(self) -> None:
         self.shared.use(self.adapter)

@@ -52,7 +52,8 @@ def sample_completions(
     """
     batch = input_ids_B_P.shape[0]
     mask = attention_mask_B_P.clone()
-    out = model(input_ids=input_ids_B_P, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True)
+    # Only the last position's logits are needed: skip the LM head on the rest of the prompt.
+    out = model(input_ids=input_ids_B_P, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True, logits_to_keep=1)
     cache, logits = out.past_key_values, out.logits[:, -1]
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids_B_P.device)
     tokens, alive = [], []
@@ -72,9 +73,14 @@ def sample_completions(
 
 
 def completion_logits(model, input_ids_B_L: torch.Tensor, attention_mask_B_L: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """Logits that predict each completion token: positions prompt_len-1 .. L-2."""
-    out = model(input_ids=input_ids_B_L, attention_mask=attention_mask_B_L, position_ids=positions_from_mask(attention_mask_B_L))
-    return out.logits[:, prompt_len - 1 : -1]
+    """Logits that predict each completion token: positions prompt_len-1 .. L-2.
+
+    `logits_to_keep` runs the LM head on those positions only; with a large vocabulary the
+    head is a good part of the cost, and prompt positions never need it.
+    """
+    keep = input_ids_B_L.shape[1] - prompt_len + 1
+    out = model(input_ids=input_ids_B_L, attention_mask=attention_mask_B_L, position_ids=positions_from_mask(attention_mask_B_L), logits_to_keep=keep)
+    return out.logits[:, :-1]
 
 
 def token_logprobs(logprobs_B_T_V: torch.Tensor, ids_B_T: torch.Tensor) -> torch.Tensor:
