@@ -130,7 +130,7 @@ def test_branch_with_unknown_capability(tmp_path):
 
 def test_capability_needs_exactly_one_source(tmp_path):
     path = write(tmp_path, VALID.replace("{name: addition, builtin: addition}", "{name: addition}"))
-    assert "exactly one of `builtin` or `path`" in error_of(path)
+    assert "exactly one of `builtin`, `path` or `dataset`" in error_of(path)
 
 
 def test_duplicate_branch_names(tmp_path):

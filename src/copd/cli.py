@@ -150,9 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="score a run or a model folder on capabilities' test splits")
     ev.add_argument("target", metavar="RUN_OR_MODEL", help="a run directory (base, branches, final) or a transformers model folder")
-    ev.add_argument("--tasks", required=True, help="comma-separated built-in capability names or JSONL files")
+    ev.add_argument("--tasks", required=True, help="comma-separated built-in capability names or data files (.jsonl, .json, .parquet, .csv)")
     ev.add_argument("--samples", type=int, default=200, help="test prompts per capability (default 200)")
-    ev.add_argument("--verifier", default="exact", help="verifier for JSONL tasks: exact, numeric or module:function")
+    ev.add_argument("--verifier", default="exact", help="verifier for data-file tasks: exact, numeric or module:function")
     ev.add_argument("--seed", type=int, default=0, help="seed of the sampled pass rate")
     ev.add_argument("--out", help="write the scores as JSON here")
     ev.set_defaults(func=cmd_eval)

@@ -31,7 +31,8 @@ class TinyModelConfig(Section):
 
 
 class ModelConfig(Section):
-    path: str | None = Field(None, description="a transformers model folder; when unset, a tiny model is built from `tiny`")
+    path: str | None = Field(None, description="a transformers model folder or a hub id (loaded when the hub is reachable); when neither this nor gguf_file is set, a tiny model is built from `tiny`")
+    gguf_file: str | None = Field(None, description="a GGUF checkpoint (relative to `path` when both are set), dequantised once into a safetensors folder under cache_dir")
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="the model built when `path` is unset")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="weights dtype of a model loaded from `path` (tiny models train in float32); bfloat16 weights suit a frozen LoRA base, while full fine-tuning in bfloat16 rounds small AdamW updates away (use compute_dtype)")
     compute_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of forward passes (torch.autocast); weights and optimizer state keep `dtype`, so bfloat16 here is mixed precision")
@@ -67,23 +68,37 @@ class WarmupConfig(Section):
 
 
 class CapabilityConfig(Section):
-    """A capability: built-in generator or a user JSONL file with a verifier."""
+    """A capability: built-in generator, or a user data file or `datasets` source with a verifier."""
 
     name: str = Field(description="name used by branches and reports")
     builtin: str | None = Field(None, description="built-in generator: addition, reversal, sort, count (character tasks); word_problems, unit_conversion (natural language)")
     options: dict[str, Any] = Field(default_factory=dict, description="options of the built-in generator")
-    path: str | None = Field(None, description="JSONL file with prompt and answer fields")
-    test_path: str | None = Field(None, description="JSONL test file; otherwise `test_ratio` of `path`")
-    test_ratio: float = Field(0.1, gt=0, lt=1, description="fraction of `path` held out for testing")
+    path: str | None = Field(None, description="data file: .jsonl, .json (a list of objects or JSON lines), .parquet or .csv (parquet and csv need copd[data])")
+    dataset: str | None = Field(None, description="instead of `path`: anything `datasets.load_dataset` reads, a local dataset folder (also one written by save_to_disk) or a hub id (needs copd[data])")
+    dataset_config: str | None = Field(None, description="config name of `dataset`")
+    split: str = Field("train", description="split of `dataset` used for training")
+    test_path: str | None = Field(None, description="test file (any format of `path`); otherwise `test_split` or `test_ratio`")
+    test_split: str | None = Field(None, description="split of `dataset` used for testing, e.g. test")
+    test_ratio: float = Field(0.1, gt=0, lt=1, description="fraction of the distinct prompts held out for testing when neither `test_path` nor `test_split` is set")
     split_seed: int = Field(0, description="seed of the train/test split by ratio")
     verifier: str = Field("exact", description="exact, numeric or module:function")
-    prompt_field: str = Field("prompt", description="JSONL field holding the prompt")
-    answer_field: str = Field("answer", description="JSONL field holding the reference answer")
+    prompt_field: str = Field("prompt", description="column holding the prompt")
+    answer_field: str = Field("answer", description="column holding the reference answer (numbers become strings)")
+    system_field: str | None = Field(None, description="column holding a per-sample system prompt (empty or null: none)")
+    images_field: str | None = Field(None, description="column holding an image path or a list of them; relative paths are resolved against the data file's folder (or the local dataset folder)")
+    videos_field: str | None = Field(None, description="column holding a video path or a list of them; relative paths are resolved against the data file's folder (or the local dataset folder)")
+    fields: list[str] | None = Field(None, description="columns passed to the verifier as keyword arguments; unset: every column not mapped above (completion and answer are reserved)")
 
     @model_validator(mode="after")
     def _one_source(self) -> CapabilityConfig:
-        if (self.builtin is None) == (self.path is None):
-            raise ValueError(f"capability {self.name!r} needs exactly one of `builtin` or `path`")
+        if [self.builtin, self.path, self.dataset].count(None) != 2:
+            raise ValueError(f"capability {self.name!r} needs exactly one of `builtin`, `path` or `dataset`")
+        # Compared with the defaults, not model_fields_set: a run's saved config.yaml lists every key.
+        only_dataset = [k for k, default in (("dataset_config", None), ("split", "train"), ("test_split", None)) if getattr(self, k) != default]
+        if self.dataset is None and only_dataset:
+            raise ValueError(f"capability {self.name!r}: `{only_dataset[0]}` needs `dataset` (a file has no configs or splits)")
+        if self.test_path is not None and self.test_split is not None:
+            raise ValueError(f"capability {self.name!r}: give `test_path` or `test_split`, not both")
         return self
 
 

@@ -14,7 +14,7 @@ from copd.tasks import BUILTIN_CAPABILITIES, Capability, load_capability
 
 
 def resolve_tasks(names: str, verifier: str, run_config=None) -> list[Capability]:
-    """A run's own capability names first (same options as in training), then built-ins, then JSONL files."""
+    """A run's own capability names first (same options as in training), then built-ins, then data files (.jsonl, .json, .parquet, .csv)."""
     from copd.pipeline import capability_spec
 
     own = {c.name: c for c in run_config.capabilities} if run_config else {}
@@ -29,9 +29,9 @@ def resolve_tasks(names: str, verifier: str, run_config=None) -> list[Capability
             caps.append(load_capability({"name": Path(name).stem, "path": name, "test_path": name, "verifier": verifier}))
         else:
             known = sorted(set(own) | set(BUILTIN_CAPABILITIES))
-            raise CopdError(f"--tasks: {name!r} is neither a capability ({', '.join(known)}) nor a JSONL file")
+            raise CopdError(f"--tasks: {name!r} is neither a capability ({', '.join(known)}) nor a data file")
     if not caps:
-        raise CopdError("--tasks: give at least one capability name or JSONL file")
+        raise CopdError("--tasks: give at least one capability name or data file")
     return caps
 
 

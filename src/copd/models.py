@@ -7,6 +7,9 @@ load with the usual `from_pretrained`.
 
 from __future__ import annotations
 
+import hashlib
+import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -17,6 +20,7 @@ from copd.config import ModelConfig, TinyModelConfig
 from copd.errors import CopdError
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -66,12 +70,67 @@ def check_model_folder(path: str | Path) -> Path:
 
 def load_pretrained(path: str | Path, dtype: str = "float32"):
     """Load a standard transformers folder (model + tokenizer)."""
-    folder = check_model_folder(path)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])
+    return _load(check_model_folder(path), dtype)
+
+
+def _load(source: str | Path, dtype: str):
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def is_hub_id(path: str) -> bool:
+    """"org/name" or "name" as the Hugging Face hub spells ids (never a path that exists here)."""
+    return bool(_HUB_ID.fullmatch(path)) and not Path(path).expanduser().exists()
+
+
+def gguf_path(cfg: ModelConfig) -> Path:
+    """model.gguf_file, read relative to model.path when both are given (as transformers does)."""
+    gguf = Path(cfg.gguf_file).expanduser()
+    return Path(cfg.path).expanduser() / gguf if cfg.path and not gguf.is_absolute() else gguf
+
+
+def check_model_source(cfg: ModelConfig) -> None:
+    """Fail before anything is written when model.path / model.gguf_file cannot be a model."""
+    if cfg.gguf_file:
+        gguf = gguf_path(cfg)
+        if not gguf.is_file():
+            raise CopdError(f"model.gguf_file: no such file: {gguf}")
+        if gguf.suffix.lower() != ".gguf":
+            raise CopdError(f"model.gguf_file: {gguf} does not end in .gguf")
+    elif cfg.path and not is_hub_id(cfg.path):
+        check_model_folder(cfg.path)
+
+
+def load_base_model(cfg: ModelConfig):
+    """The user's pretrained model: a local folder, a GGUF file (converted once), or a hub id."""
+    check_model_source(cfg)
+    if cfg.gguf_file:
+        return _load(_converted_gguf(gguf_path(cfg), Path(cfg.cache_dir).expanduser()), cfg.dtype)
+    if not is_hub_id(cfg.path):
+        return load_pretrained(cfg.path, cfg.dtype)
+    try:
+        return _load(cfg.path, cfg.dtype)
+    except OSError as err:  # no network, unknown id, gated repo...
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CopdError(f"model.path {cfg.path!r} is not a local folder, and loading it from the Hugging Face hub failed: {reason}") from None
+
+
+def _converted_gguf(gguf: Path, cache_dir: Path) -> Path:
+    """A dequantised safetensors folder of `gguf` in the cache, keyed by the file's identity."""
+    from copd.fetch import convert_gguf
+
+    stat = gguf.resolve().stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir / "gguf" / f"{gguf.stem}-{key}"
+    if not (target / "config.json").is_file():
+        staging = target.with_name(target.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        convert_gguf(gguf, staging)
+        staging.rename(target)
+    return target
 
 
 def save_pretrained(model, tokenizer, folder: Path) -> None:

@@ -18,7 +18,7 @@ from copd.config_loader import dump_config
 from copd.errors import CopdError
 from copd.evaluate import evaluate_policy
 from copd.merging import merge_branches
-from copd.models import check_model_folder, load_pretrained
+from copd.models import check_model_source, load_pretrained
 from copd.policy.base import SamplingParams
 from copd.progress import QuietReporter, Reporter
 from copd.tasks import Capability, load_capability
@@ -30,8 +30,11 @@ def capability_spec(cap) -> dict:
     """The plain dict `load_capability` reads, from a typed CapabilityConfig."""
     if cap.builtin is not None:
         return {"name": cap.name, "builtin": cap.builtin, **cap.options}
-    spec = cap.model_dump(exclude={"builtin", "options"})
-    if cap.test_path is not None:
+    # Unset optional keys are left out; `split` only applies to a `dataset` source.
+    spec = cap.model_dump(exclude={"builtin", "options"}, exclude_none=True)
+    if cap.dataset is None:
+        spec.pop("split")
+    if cap.test_path is not None or cap.test_split is not None:
         spec.pop("test_ratio")
     return spec
 
@@ -91,8 +94,8 @@ def run_training(config: Config, resume: bool = False, reporter: Reporter | None
     device = resolve_device(config.run.device)
     base_folder = run_dir / "base"
     reuse_base = resume and (base_folder / "config.json").is_file()
-    if config.model.path and not reuse_base:
-        check_model_folder(config.model.path)
+    if not reuse_base:
+        check_model_source(config.model)
     check_run_dir(config, run_dir, resume)
     timing, t0 = {}, time.perf_counter()
     if reuse_base:

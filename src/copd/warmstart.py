@@ -20,7 +20,7 @@ import torch
 
 from copd.config import Config
 from copd.evaluate import pass_rates
-from copd.models import build_char_tokenizer, build_tiny_model, load_pretrained, save_pretrained
+from copd.models import build_char_tokenizer, build_tiny_model, load_base_model, load_pretrained, save_pretrained
 from copd.policy.base import SamplingParams
 from copd.policy.hf import HFPolicy
 from copd.progress import QuietReporter, Reporter
@@ -33,8 +33,8 @@ TINY_ALPHABET = CHAR_ALPHABET + "".join(c for c in string.printable if c.isprint
 def prepare_base(config: Config, capabilities: dict[str, Capability], reporter: Reporter | None = None):
     """(model, tokenizer, warmup_info) for the run's base policy pi_0."""
     reporter = reporter or QuietReporter()
-    if config.model.path:
-        model, tokenizer = load_pretrained(config.model.path, config.model.dtype)
+    if config.model.path or config.model.gguf_file:
+        model, tokenizer = load_base_model(config.model)
         return model, tokenizer, {}
     cache = Path(config.model.cache_dir).expanduser() / f"base-{base_key(config)}"
     if (cache / "config.json").is_file():

@@ -15,12 +15,19 @@ Verifier = Callable[..., float]
 
 @dataclass(frozen=True)
 class Sample:
-    """One prompt with its reference answer; `fields` go to the verifier as keywords."""
+    """One prompt with its reference answer; `fields` go to the verifier as keywords.
+
+    `system` is a per-sample system prompt, `images` and `videos` are paths (or URLs) of
+    media attached to the prompt; text tasks leave them at their defaults.
+    """
 
     prompt: str
     answer: str
     # hash=False keeps samples hashable even though a dict is not.
     fields: dict[str, Any] = field(default_factory=dict, hash=False)
+    system: str | None = None
+    images: tuple[str, ...] = ()
+    videos: tuple[str, ...] = ()
 
 
 class TrainSampler(Protocol):

@@ -10,23 +10,36 @@ from typing import Any
 from copd.errors import CopdError
 from copd.tasks.builtin import BUILTIN_CAPABILITIES
 from copd.tasks.core import Capability, did_you_mean
-from copd.tasks.jsonl import read_jsonl, split_by_prompt
+from copd.tasks.rows import RESERVED_FIELDS, FieldMap
 from copd.tasks.sources import FileSource
+from copd.tasks.tables import read_splits
 from copd.tasks.verifiers import ANSWER_CHECKS, resolve_verifier
 
-# Optional keys of a JSONL capability, with their defaults and accepted types.
-_JSONL_OPTIONS: dict[str, tuple[Any, type | tuple[type, ...]]] = {
-    "test_path": (None, (str, type(None))),
+_STR_OR_NONE = (str, type(None))
+# Optional keys of a file (`path`) or `dataset` capability, with defaults and accepted types.
+_DATA_OPTIONS: dict[str, tuple[Any, type | tuple[type, ...]]] = {
+    "test_path": (None, _STR_OR_NONE),
     "test_ratio": (0.1, (int, float)),
     "verifier": ("exact", str),
     "prompt_field": ("prompt", str),
     "answer_field": ("answer", str),
+    "system_field": (None, _STR_OR_NONE),
+    "images_field": (None, _STR_OR_NONE),
+    "videos_field": (None, _STR_OR_NONE),
+    "fields": (None, (list, type(None))),
     "split_seed": (0, int),
+}
+# Keys only a `dataset` source has: a single file has no configs or named splits.
+_DATASET_OPTIONS: dict[str, tuple[Any, type | tuple[type, ...]]] = {
+    "dataset_config": (None, _STR_OR_NONE),
+    "split": ("train", str),
+    "test_split": (None, _STR_OR_NONE),
 }
 
 
 def load_capability(spec: Mapping[str, Any], base_dir: Path | None = None) -> Capability:
-    """Build a capability from {"name", "builtin", **options} or {"name", "path", ...}.
+    """Build a capability from {"name", "builtin", **options}, {"name", "path", ...} or
+    {"name", "dataset", ...} (a `datasets.load_dataset` source).
 
     Relative paths are resolved against `base_dir` when given (the config file's folder),
     otherwise against the working directory.
@@ -41,7 +54,9 @@ def load_capability(spec: Mapping[str, Any], base_dir: Path | None = None) -> Ca
         raise CopdError(f"capability {name!r}: key {bad[0]!r} is not a string")
     kinds = [k for k in _LOADERS if k in spec]
     if len(kinds) != 1:
-        raise CopdError(f"capability {name!r}: give exactly one of the keys 'builtin' or 'path'")
+        raise CopdError(
+            f"capability {name!r}: give exactly one of the keys 'builtin', 'path' or 'dataset'"
+        )
     return _LOADERS[kinds[0]](name, spec, base_dir)
 
 
@@ -62,21 +77,31 @@ def _load_builtin(name: str, spec: Mapping[str, Any], base_dir: Path | None) -> 
     return dataclasses.replace(capability, name=name)
 
 
-def _jsonl_options(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
-    allowed = {"name", "path", *_JSONL_OPTIONS}
+def _data_options(name: str, spec: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    own = {**_DATA_OPTIONS, **(_DATASET_OPTIONS if kind == "dataset" else {})}
+    allowed = {"name", kind, *own}
     for key in spec:
+        if key in _DATASET_OPTIONS and key not in allowed:
+            raise CopdError(
+                f"capability {name!r}: key {key!r} needs key 'dataset' instead of 'path' "
+                "(a file has no configs or splits)"
+            )
         if key not in allowed:
             raise CopdError(
                 f"capability {name!r}: unknown key {key!r}{did_you_mean(key, allowed)}"
             )
-    opts = {k: spec.get(k, default) for k, (default, _) in _JSONL_OPTIONS.items()}
-    opts["path"] = spec["path"]
-    types = {"path": str, **{k: t for k, (_, t) in _JSONL_OPTIONS.items()}}
+    opts = {k: spec.get(k, default) for k, (default, _) in own.items()}
+    opts[kind] = spec[kind]
+    types = {kind: str, **{k: t for k, (_, t) in own.items()}}
     for key, want in types.items():
         if not isinstance(opts[key], want) or isinstance(opts[key], bool):
             raise CopdError(f"capability {name!r}: key {key!r} has the wrong type: {opts[key]!r}")
-    if opts["test_path"] is not None and "test_ratio" in spec:
-        raise CopdError(f"capability {name!r}: give key 'test_path' or 'test_ratio', not both")
+        if opts[key] == "":
+            raise CopdError(f"capability {name!r}: key {key!r} is empty")
+    _check_fields(name, opts["fields"])
+    given = [k for k in ("test_path", "test_split", "test_ratio") if spec.get(k) is not None]
+    if len(given) > 1:
+        raise CopdError(f"capability {name!r}: give key {given[0]!r} or {given[1]!r}, not both")
     if not 0 <= opts["test_ratio"] < 1:
         raise CopdError(
             f"capability {name!r}: key 'test_ratio' must be in [0, 1), got {opts['test_ratio']}"
@@ -84,29 +109,41 @@ def _jsonl_options(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
     return opts
 
 
-def _load_jsonl(name: str, spec: Mapping[str, Any], base_dir: Path | None) -> Capability:
-    opts = _jsonl_options(name, spec)
+def _check_fields(name: str, fields: list[Any] | None) -> None:
+    for item in fields or []:
+        if not isinstance(item, str) or not item:
+            raise CopdError(
+                f"capability {name!r}: key 'fields' must be a list of column names, got {item!r}"
+            )
+        if item in RESERVED_FIELDS:
+            raise CopdError(
+                f"capability {name!r}: key 'fields': {item!r} is reserved (the verifier is "
+                f"called as verifier(completion, answer, **fields))"
+            )
+
+
+def _load_data(name: str, spec: Mapping[str, Any], base_dir: Path | None) -> Capability:
+    kind = "path" if "path" in spec else "dataset"
+    opts = _data_options(name, spec, kind)
     try:
         verifier = resolve_verifier(opts["verifier"])
     except CopdError as exc:
         raise CopdError(f"capability {name!r}: key 'verifier': {exc}") from None
-    check = ANSWER_CHECKS.get(opts["verifier"])
-    fields = (opts["prompt_field"], opts["answer_field"], check)
-    path = _resolve(opts["path"], base_dir)
-    samples = read_jsonl(path, *fields)
-    if opts["test_path"] is None:
-        train, test = split_by_prompt(samples, opts["test_ratio"], opts["split_seed"], path)
-    else:
-        train, test = samples, read_jsonl(_resolve(opts["test_path"], base_dir), *fields)
+    fields = FieldMap(
+        prompt=opts["prompt_field"],
+        answer=opts["answer_field"],
+        system=opts["system_field"],
+        images=opts["images_field"],
+        videos=opts["videos_field"],
+        extra=None if opts["fields"] is None else tuple(opts["fields"]),
+        check=ANSWER_CHECKS.get(opts["verifier"]),
+    )
+    train, test = read_splits(name, kind, opts, fields, base_dir)
     return Capability(name, verifier, FileSource(name, train, test))
-
-
-def _resolve(path: str, base_dir: Path | None) -> Path:
-    p = Path(path).expanduser()
-    return p if p.is_absolute() or base_dir is None else Path(base_dir) / p
 
 
 _LOADERS: dict[str, Callable[[str, Mapping[str, Any], Path | None], Capability]] = {
     "builtin": _load_builtin,
-    "path": _load_jsonl,
+    "path": _load_data,
+    "dataset": _load_data,
 }
