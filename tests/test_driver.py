@@ -40,6 +40,7 @@ class FakePolicy:
         return torch.log_softmax(torch.tensor(self.state["logits"], dtype=torch.float64), -1)
 
     def generate(self, prompts, n, params, seed):
+        prompts = [getattr(p, "text", p) for p in prompts]  # Prompt objects or plain strings
         completions, ids = [], []
         for prompt in prompts:
             for j in range(n):

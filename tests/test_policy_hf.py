@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from copd.config import TinyModelConfig
 from copd.models import build_char_tokenizer, build_tiny_model
-from copd.policy.base import LossSpec, OPDPart, RLPart, SamplingParams
+from copd.errors import CopdError
+from copd.policy.base import LossSpec, OPDPart, Prompt, RLPart, SamplingParams
 from copd.policy.hf import HFPolicy
 from copd.warmstart import TINY_ALPHABET
 
@@ -98,6 +100,15 @@ def test_chat_template_wraps_prompts_with_the_system_prompt_when_the_tokenizer_h
     rollouts = chat.generate(["rev:abc="], 2, SamplingParams(max_new_tokens=3), seed=0)
     assert rollouts.prompt_len == len("s:be brief u:rev:abc= a:")
     assert HFPolicy("off", policy.model, tokenizer, chat_template="off").format_prompt("x") == "x"
+    # A sample's own system message wins over the configured one.
+    assert chat.format_prompt(Prompt("x", system="think")) == "s:think u:x a:"
+    assert HFPolicy("nosys", policy.model, tokenizer).format_prompt(Prompt("x", system="think")) == "s:think u:x a:"
+
+
+def test_a_text_model_refuses_prompts_that_carry_images():
+    policy = tiny_policy()
+    with pytest.raises(CopdError, match="reads text only"):
+        policy.generate([Prompt("what is this?", images=("cat.png",))], 1, SamplingParams(max_new_tokens=2), seed=0)
 
 
 def test_bf16_compute_is_mixed_precision_weights_and_updates_stay_float32():

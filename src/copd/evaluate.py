@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from copd.policy.base import Policy, SamplingParams
+from copd.rollout import prompt_of
 from copd.tasks import Capability, Sample
 
 
@@ -21,7 +22,7 @@ def pass_rates(
         total = 0.0
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            rollouts = policy.generate([s.prompt for s in chunk], 1, params, seed + start)
+            rollouts = policy.generate([prompt_of(s) for s in chunk], 1, params, seed + start)
             total += sum(cap.score(text, s) for text, s in zip(rollouts.completions, chunk))
         rates[cap.name] = total / max(len(items), 1)
     return rates

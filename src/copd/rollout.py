@@ -13,13 +13,18 @@ from dataclasses import dataclass
 import torch
 
 from copd.core.advantages import group_advantages, zero_signal_groups
-from copd.policy.base import Policy, RLPart, Rollouts, SamplingParams
+from copd.policy.base import Policy, Prompt, RLPart, Rollouts, SamplingParams
 from copd.tasks import Capability, Sample
 
 
 def derived_seed(*parts: object) -> int:
     """A stable 31-bit seed from any labels (Python's hash() is salted per process)."""
     return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
+
+
+def prompt_of(sample: Sample) -> Prompt:
+    """What the policy is asked: the sample's text with its system message and media."""
+    return Prompt(sample.prompt, sample.system, sample.images, sample.videos)
 
 
 class MixtureSampler:
@@ -70,7 +75,7 @@ def collect_rl(
 ) -> RLBatch:
     """x ~ D_k; G rollouts per prompt; verifier rewards; group advantages (METHOD.md, GRPO)."""
     drawn = sampler.draw(prompts)
-    rollouts = policy.generate([s.prompt for _, s in drawn], group_size, params, seed)
+    rollouts = policy.generate([prompt_of(s) for _, s in drawn], group_size, params, seed)
     rewards = [cap.score(rollouts.completions[i], s) for i, (cap, s) in enumerate(_repeat(drawn, group_size))]
     rewards_N_G = torch.tensor(rewards, dtype=torch.float32).view(len(drawn), group_size)
     adv_N_G = group_advantages(rewards_N_G, advantage)
@@ -91,7 +96,7 @@ def collect_opd_rollouts(
 ) -> Rollouts:
     """x' ~ D_teacher; the STUDENT samples (on-policy states for the teacher to score)."""
     drawn = teacher_sampler.draw(prompts)
-    return student.generate([s.prompt for _, s in drawn], samples, params, seed)
+    return student.generate([prompt_of(s) for _, s in drawn], samples, params, seed)
 
 
 def _repeat(drawn: list, n: int) -> list:

@@ -26,6 +26,19 @@ class SamplingParams:
         return cls(sampling.temperature, sampling.top_p, sampling.max_new_tokens)
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt with what may come with it: its own system message, images, videos (paths).
+
+    `generate` takes plain strings too; a string is a Prompt with only text.
+    """
+
+    text: str
+    system: str | None = None
+    images: tuple[str, ...] = ()
+    videos: tuple[str, ...] = ()
+
+
 @dataclass
 class Rollouts:
     """Sampled sequences: left-padded prompts followed by right-padded completions.
@@ -112,7 +125,7 @@ class Policy(Protocol):
 
     name: str
 
-    def generate(self, prompts: list[str], n: int, params: SamplingParams, seed: int) -> Rollouts:
+    def generate(self, prompts: list[str | Prompt], n: int, params: SamplingParams, seed: int) -> Rollouts:
         """n samples per prompt, reproducible from `seed`."""
 
     def score(self, rollouts: Rollouts, full: bool = True) -> Scores:

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from copd.core.losses import approx_kl
-from copd.policy.base import LossSpec, OPDPart, RLPart, Rollouts, SamplingParams, Scores, UpdateResult
+from copd.errors import CopdError
+from copd.policy.base import LossSpec, OPDPart, Prompt, RLPart, Rollouts, SamplingParams, Scores, UpdateResult
 from copd.policy.objective import opd_loss, rl_loss
 from copd.policy.sampling import completion_logits, sample_completions, token_logprobs
 
@@ -47,20 +48,28 @@ class HFPolicy:
         return torch.autocast(self.device.type, dtype=COMPUTE_DTYPES[self.compute_dtype])
 
     # ---- sampling and scoring -------------------------------------------------------
-    def format_prompt(self, prompt: str) -> str:
-        """The text the model sees: the raw prompt, or a chat turn with the generation prompt."""
+    def format_prompt(self, prompt: str | Prompt) -> str:
+        """The text the model sees: the raw prompt, or a chat turn with the generation prompt.
+
+        A sample's own system message replaces model.system_prompt; without a chat template
+        there is nowhere to put it, so it is dropped.
+        """
+        prompt = Prompt(prompt) if isinstance(prompt, str) else prompt
+        if prompt.images or prompt.videos:
+            raise CopdError(f"policy {self.name!r}: a prompt comes with images or videos, but this model reads text only")
         if not self.use_chat:
-            return prompt
-        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        turns = [*system, {"role": "user", "content": prompt}]
+            return prompt.text
+        system_text = prompt.system or self.system_prompt
+        system = [{"role": "system", "content": system_text}] if system_text else []
+        turns = [*system, {"role": "user", "content": prompt.text}]
         return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
 
-    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode(self, prompts: list[str | Prompt]) -> tuple[torch.Tensor, torch.Tensor]:
         texts = [self.format_prompt(p) for p in prompts]
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
-    def generate(self, prompts: list[str], n: int, params: SamplingParams, seed: int) -> Rollouts:
+    def generate(self, prompts: list[str | Prompt], n: int, params: SamplingParams, seed: int) -> Rollouts:
         self.activate()
         ids, mask = self._encode([p for p in prompts for _ in range(n)])
         generator = torch.Generator(device=self.device).manual_seed(seed)
