@@ -126,3 +126,27 @@ def test_bf16_compute_is_mixed_precision_weights_and_updates_stay_float32():
     assert not result.skipped
     assert all(p.dtype == torch.float32 for p in policy.model.parameters())
     assert any(not torch.equal(before[k], v) for k, v in policy.model.state_dict().items())
+
+
+def test_a_group_shares_one_prompt_pass_with_the_same_logits_and_gradients():
+    from copd.policy.sampling import completion_logits, group_size
+
+    policy = tiny_policy()
+    rollouts = policy.generate(PROMPTS, 4, SamplingParams(max_new_tokens=6), seed=3)
+    ids, mask, plen = rollouts.input_ids_B_L, rollouts.attention_mask_B_L, rollouts.prompt_len
+    assert group_size(ids[:, :plen], mask[:, :plen]) == 4
+    weights = torch.randn(ids.shape[0], ids.shape[1] - plen, len(policy.tokenizer))
+
+    def run(rows):
+        policy.model.zero_grad()
+        logits = torch.cat([completion_logits(policy.model, ids[r:r + 1], mask[r:r + 1], plen) for r in rows]) if rows else \
+            completion_logits(policy.model, ids, mask, plen)
+        (logits.log_softmax(-1) * weights).sum().backward()
+        return logits.detach(), [p.grad.clone() for p in policy.model.parameters()]
+
+    shared, shared_grads = run(None)  # 3 prompt passes for 12 rows
+    alone, alone_grads = run(list(range(ids.shape[0])))  # every row on its own
+    torch.testing.assert_close(shared, alone, atol=1e-5, rtol=1e-5)
+    for a, b in zip(shared_grads, alone_grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert group_size(ids[[0, 4, 1]][:, :plen], mask[[0, 4, 1]][:, :plen]) == 1  # no repeated prompt: no sharing

@@ -76,6 +76,12 @@ def load_pretrained(path: str | Path, dtype: str = "float32"):
 def _load(source: str | Path, dtype: str):
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
+    # Weights may still live in the file's memory map; kernels then take other code paths than
+    # for torch-allocated memory and round differently, so a resumed run (whose base is read
+    # from disk) would drift from the uninterrupted one. A copy puts them in ordinary memory.
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.clone()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -52,9 +52,8 @@ def sample_completions(
     """
     batch = input_ids_B_P.shape[0]
     mask = attention_mask_B_P.clone()
-    # Only the last position's logits are needed: skip the LM head on the rest of the prompt.
-    out = model(input_ids=input_ids_B_P, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True, logits_to_keep=1)
-    cache, logits = out.past_key_values, out.logits[:, -1]
+    cache, logits = prefill(model, input_ids_B_P, mask)
+    logits = logits[:, -1]
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids_B_P.device)
     tokens, alive = [], []
     for step in range(params.max_new_tokens):
@@ -72,15 +71,51 @@ def sample_completions(
     return torch.stack(tokens, 1), torch.stack(alive, 1).float()
 
 
-def completion_logits(model, input_ids_B_L: torch.Tensor, attention_mask_B_L: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """Logits that predict each completion token: positions prompt_len-1 .. L-2.
+def group_size(input_ids_B_P: torch.Tensor, attention_mask_B_P: torch.Tensor) -> int:
+    """G when the rows are runs of G identical prompts (a GRPO group is G copies of one), else 1."""
+    batch = input_ids_B_P.shape[0]
+    same = (input_ids_B_P[1:] == input_ids_B_P[:-1]).all(-1) & (attention_mask_B_P[1:] == attention_mask_B_P[:-1]).all(-1)
+    starts = torch.cat([torch.ones(1, dtype=torch.bool, device=same.device), ~same]).nonzero().squeeze(-1).tolist()
+    size = batch // len(starts)
+    return size if starts == list(range(0, batch, size)) else 1
 
-    `logits_to_keep` runs the LM head on those positions only; with a large vocabulary the
-    head is a good part of the cost, and prompt positions never need it.
+
+def repeat_rows(x: torch.Tensor, times: int) -> torch.Tensor:
+    """Each row `times` times in a row. An expand, so the backward pass is a plain (deterministic) sum."""
+    return x.unsqueeze(1).expand(x.shape[0], times, *x.shape[1:]).reshape(x.shape[0] * times, *x.shape[1:])
+
+
+def prefill(model, input_ids_B_P: torch.Tensor, attention_mask_B_P: torch.Tensor):
+    """(KV cache, last-position logits [B, 1, V]) of the prompts, each distinct prompt run once.
+
+    Works with gradients too: each group's copies of the cache share one computation, and
+    the backward pass sums their gradients (the same as running every copy separately).
     """
-    keep = input_ids_B_L.shape[1] - prompt_len + 1
-    out = model(input_ids=input_ids_B_L, attention_mask=attention_mask_B_L, position_ids=positions_from_mask(attention_mask_B_L), logits_to_keep=keep)
-    return out.logits[:, :-1]
+    size = group_size(input_ids_B_P, attention_mask_B_P) if input_ids_B_P.shape[0] > 1 else 1
+    mask = attention_mask_B_P[::size]
+    # Only the last position's logits are needed: skip the LM head on the rest of the prompt.
+    out = model(input_ids=input_ids_B_P[::size], attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True, logits_to_keep=1)
+    cache, logits = out.past_key_values, out.logits
+    if size > 1:
+        for layer in cache.layers:
+            layer.keys, layer.values = repeat_rows(layer.keys, size), repeat_rows(layer.values, size)
+        logits = repeat_rows(logits, size)
+    return cache, logits
+
+
+def completion_logits(model, input_ids_B_L: torch.Tensor, attention_mask_B_L: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Logits that predict each completion token: positions prompt_len-1 .. L-2, as [B, T, V].
+
+    The prompt goes through `prefill` (once per distinct prompt), then the completions run on
+    its cache; the LM head only ever sees the positions whose logits are returned.
+    """
+    cache, first_B_1_V = prefill(model, input_ids_B_L[:, :prompt_len], attention_mask_B_L[:, :prompt_len])
+    if input_ids_B_L.shape[1] - prompt_len < 2:
+        return first_B_1_V
+    positions = positions_from_mask(attention_mask_B_L)
+    out = model(input_ids=input_ids_B_L[:, prompt_len:-1], attention_mask=attention_mask_B_L[:, :-1],
+                position_ids=positions[:, prompt_len:-1], past_key_values=cache, use_cache=True)
+    return torch.cat([first_B_1_V, out.logits], dim=1)
 
 
 def token_logprobs(logprobs_B_T_V: torch.Tensor, ids_B_T: torch.Tensor) -> torch.Tensor:
