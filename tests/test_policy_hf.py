@@ -150,3 +150,16 @@ def test_a_group_shares_one_prompt_pass_with_the_same_logits_and_gradients():
     for a, b in zip(shared_grads, alone_grads):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert group_size(ids[[0, 4, 1]][:, :plen], mask[[0, 4, 1]][:, :plen]) == 1  # no repeated prompt: no sharing
+
+
+def test_sampling_draws_tokens_with_their_probabilities_and_never_a_cut_one():
+    from copd.policy.sampling import next_tokens, sample_categorical
+
+    probs = torch.tensor([[0.0, 0.1, 0.2, 0.7, 0.0]]).expand(200_000, 5).contiguous()
+    counts = torch.bincount(sample_categorical(probs, torch.Generator().manual_seed(0)), minlength=5) / 200_000
+    torch.testing.assert_close(counts, probs[0], atol=0.005, rtol=0)
+    assert counts[0] == 0 and counts[4] == 0
+    # top_p = 0.6 keeps only the 0.7 token; temperature changes nothing about that.
+    logits = probs[:1000].log()
+    drawn = next_tokens(logits, SamplingParams(temperature=0.7, top_p=0.6), torch.Generator().manual_seed(1))
+    assert torch.equal(drawn, torch.full((1000,), 3))
