@@ -91,9 +91,9 @@ def anchor_copd(model_dir: str, variant: str, steps: int, new_tokens: int) -> di
             "rollout_tok_s": sum(t[2] for t in timed) / sum(t[0] for t in timed), "peak_rss_mib": peak_rss_mib()}
 
 
-def anchor_trl(model_dir: str, steps: int, new_tokens: int) -> dict:
+def anchor_trl(model_dir: str, steps: int, new_tokens: int, checkpointing: bool) -> dict:
     data = sampler("arith", 0).draw(steps + 1)
-    result = measure_trl(model_dir, [(s.prompt, s.answer) for _, s in data], new_tokens, steps)
+    result = measure_trl(model_dir, [(s.prompt, s.answer) for _, s in data], new_tokens, steps, checkpointing)
     return {**result, "peak_rss_mib": peak_rss_mib()}
 
 
@@ -132,7 +132,7 @@ def child(args) -> dict:
     torch.set_num_threads(args.threads)
     case = json.loads(args.single)
     if case["part"] == "trl":
-        return anchor_trl(args.model, args.steps, args.new_tokens)
+        return anchor_trl(args.model, args.steps, args.new_tokens, case["checkpointing"])
     if case["part"] == "anchor":
         return anchor_copd(args.model, case["variant"], args.steps, args.new_tokens)
     return branches_case(args.model, case["k"], case["lora"], args.new_tokens)
@@ -149,10 +149,10 @@ def anchor_part(args) -> str:
     results = [run_child({"part": "anchor", "variant": v}, args) for v in ANCHOR_VARIANTS]
     try:
         import trl  # noqa: F401
-        results.append(run_child({"part": "trl"}, args))
+        results += [run_child({"part": "trl", "checkpointing": gc}, args) for gc in (True, False)]
     except ImportError:
         print("trl is not installed: pip install trl (the TRL row is skipped)", file=sys.stderr)
-    trl_step = next((r["step"] for r in results if r["library"].startswith("trl")), None)
+    trl_step = next((r["step"] for r in results if r["library"].startswith("trl")), None)  # TRL as users get it
     rows = [[r["library"], f"{r['step']:.2f}", f"{r['generate']:.2f}" if "generate" in r else "-",
              f"{r['update']:.2f}" if "update" in r else "-", f"{r['peak_rss_mib']:,.0f}",
              f"{trl_step / r['step']:.2f}x" if trl_step else "-"] for r in results]

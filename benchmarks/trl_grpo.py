@@ -1,7 +1,8 @@
 """TRL's GRPOTrainer on the same model, prompts and batch as copd's anchor step (benchmarks/smollm2.py).
 
 TRL is an optional benchmark dependency (`pip install trl`); its defaults are kept except for
-what fixes the batch: 1 prompt x 8 rollouts x `new_tokens` new tokens per step, fp32, CPU.
+what fixes the batch (and, for a second row, gradient checkpointing, which TRL turns on by
+default): 1 prompt x 8 rollouts x `new_tokens` new tokens per step, fp32, CPU.
 Seconds per step come from a TrainerCallback (generation happens inside the step in TRL).
 """
 
@@ -18,7 +19,7 @@ def numeric_reward(completions, answer, **_):
     return [numeric(c[0]["content"] if isinstance(c, list) else c, a) for c, a in zip(completions, answer)]
 
 
-def measure_trl(model_dir: str, prompts: list[tuple[str, str]], new_tokens: int, steps: int) -> dict:
+def measure_trl(model_dir: str, prompts: list[tuple[str, str]], new_tokens: int, steps: int, checkpointing: bool = True) -> dict:
     """Mean seconds per GRPO step over `steps` steps after one warm-up step."""
     import trl
     from datasets import Dataset
@@ -43,10 +44,11 @@ def measure_trl(model_dir: str, prompts: list[tuple[str, str]], new_tokens: int,
             output_dir=out, per_device_train_batch_size=8, num_generations=8, max_completion_length=new_tokens,
             max_steps=steps + 1, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
             learning_rate=1e-6, temperature=1.0, top_p=1.0, disable_tqdm=True, shuffle_dataset=False,
+            gradient_checkpointing=checkpointing,
         )
         trainer = trl.GRPOTrainer(model=model, reward_funcs=numeric_reward, args=config, train_dataset=Dataset.from_list(rows),
                                   processing_class=tokenizer, callbacks=[timer])
         trainer.train()
     timed = timer.times[1:]
-    return {"library": f"trl {trl.__version__}", "step": sum(timed) / len(timed), "steps": len(timed),
-            "gradient_checkpointing": config.gradient_checkpointing}
+    label = f"trl {trl.__version__}" + ("" if checkpointing else ", no gradient checkpointing")
+    return {"library": label, "step": sum(timed) / len(timed), "steps": len(timed)}
