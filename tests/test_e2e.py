@@ -46,7 +46,8 @@ def records(run_dir):
 
 def test_run_directory_and_standard_checkpoints(tmp_path):
     run_dir = run_training(tiny_config(tmp_path, "run"))
-    for name in ["config.yaml", "metrics.jsonl", "eval.json", "timing.json", "final/config.json", "branches/rev/config.json"]:
+    for name in ["config.yaml", "metrics.jsonl", "eval.json", "timing.json", "final/config.json", "final/generation_config.json",
+                 "final/model.safetensors", "final/tokenizer.json", "branches/rev/config.json", "branches/rev/model.safetensors"]:
         assert (run_dir / name).exists(), name
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["cycle_0001", "cycle_0002"]
     evals = json.loads((run_dir / "eval.json").read_text())["models"]
