@@ -115,3 +115,15 @@ def test_lora_run_resumes_exactly(tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "step", original_step)
     resumed = run_training(lora_config(tmp_path, "crashed"), resume=True)
     assert records(resumed) == records(straight)
+
+
+def test_the_run_log_says_how_many_weights_each_branch_trains(tmp_path):
+    from copd.branches import build_branches, describe_branches
+
+    config = lora_config(tmp_path, "unused")
+    tokenizer = build_char_tokenizer("0123456789+=abc")
+    model = build_tiny_model(config.model.tiny, tokenizer)
+    total = sum(p.numel() for p in model.parameters())
+    # Per layer, r = 4: q, k, v, o (32 -> 32) 4 x 256; gate, up (32 -> 64) 2 x 384; down (64 -> 32) 384.
+    line = describe_branches(*build_branches(config, model, tokenizer, "cpu"))
+    assert line == f"2 branches, {2 * 2176:,} trained parameters each, of {total:,} in the model"

@@ -32,6 +32,14 @@ def build_branches(config: Config, model, tokenizer, device: str) -> Branches:
     return BRANCH_MODES[mode](config, model, tokenizer, device)
 
 
+def describe_branches(policies: dict[str, HFPolicy], base: HFPolicy) -> str:
+    """One line for the run log: how many weights each branch trains, out of the model's."""
+    own = {id(t) for policy in policies.values() for t in policy.params}  # adapters live in the base model under LoRA
+    total = sum(t.numel() for t in base.model.parameters() if id(t) not in own)
+    each = ", ".join(f"{n:,}" for n in sorted({sum(t.numel() for t in p.params) for p in policies.values()}))
+    return f"{len(policies)} branches, {each} trained parameters each, of {total:,} in the model"
+
+
 def _full_branches(config: Config, model, tokenizer, device: str) -> Branches:
     optim, prompting = config.optim, config.model.policy_options()
     if config.model.dtype != "float32":

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from copd.branches import build_branches
+from copd.branches import build_branches, describe_branches
 from copd.config import Config
 from copd.config_loader import dump_config
 from copd.errors import CopdError
@@ -104,6 +104,7 @@ def run_training(config: Config, resume: bool = False, reporter: Reporter | None
         model, tokenizer, info = prepare_base(config, capabilities, reporter)
     timing["warmup_seconds"] = round(time.perf_counter() - t0, 2)
     policies, base_policy = build_branches(config, model, tokenizer, device)
+    reporter.print(describe_branches(policies, base_policy))
     # The run folder is written only now, so a mistake found while building the base or the
     # branches (a bad lora.target_modules, say) leaves no half-made run behind.
     prepare_run_dir(config, run_dir, resume)
