@@ -75,16 +75,22 @@ def load_pretrained(path: str | Path, dtype: str = "float32"):
 
 def _load(source: str | Path, dtype: str):
     tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
-    # Weights may still live in the file's memory map; kernels then take other code paths than
-    # for torch-allocated memory and round differently, so a resumed run (whose base is read
-    # from disk) would drift from the uninterrupted one. A copy puts them in ordinary memory.
-    with torch.no_grad():
-        for param in model.parameters():
-            param.data = param.data.clone()
+    model = own_memory(AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype]))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def own_memory(model):
+    """The model with its weights copied out of the file's memory map, in ordinary memory.
+
+    Kernels take other code paths on mmapped memory and round differently, so a resumed run
+    (whose base is read from disk) would drift from the uninterrupted one.
+    """
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.clone()
+    return model
 
 
 def is_hub_id(path: str) -> bool:

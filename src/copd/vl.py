@@ -57,7 +57,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, PreTrainedTokenizerFast
 from transformers import Qwen2VLImageProcessorPil
 
-from copd.policy.sampling import sample_categorical, top_p_filter
+from copd.models import own_memory
+from copd.policy.base import SamplingParams
+from copd.policy.sampling import next_tokens
 
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|pad|>"]
@@ -159,12 +161,7 @@ def save_vl(folder: str | Path, model, tokenizer, image_processor) -> None:
 
 def load_vl(folder: str | Path):
     """(model, tokenizer, image_processor); without torchvision the PIL image processor is picked."""
-    model = AutoModelForImageTextToText.from_pretrained(folder)
-    # As in copd.models: copy weights out of the file's memory map so kernels round as they
-    # do on torch-allocated memory (a resumed run then matches an uninterrupted one).
-    with torch.no_grad():
-        for param in model.parameters():
-            param.data = param.data.clone()
+    model = own_memory(AutoModelForImageTextToText.from_pretrained(folder))
     return model, AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder)
 
 
@@ -274,13 +271,6 @@ def _prefill(model, inputs: dict):
     return out.past_key_values, out.logits, deltas
 
 
-def _pick(logits_B_V: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
-    if temperature <= 0:
-        return logits_B_V.argmax(-1)
-    probs = top_p_filter(logits_B_V.float() / temperature, top_p).softmax(-1)
-    return sample_categorical(probs, generator)
-
-
 @torch.no_grad()
 def vl_sample(model, inputs: dict, max_new_tokens: int, temperature: float, generator: torch.Generator | None,
               eos_id: int, pad_id: int, top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,9 +282,10 @@ def vl_sample(model, inputs: dict, max_new_tokens: int, temperature: float, gene
     cache, logits, deltas = _prefill(model, inputs)
     logits = logits[:, -1]
     finished = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
+    params = SamplingParams(temperature=temperature, top_p=top_p, greedy=temperature <= 0)
     tokens, alive = [], []
     for step in range(max_new_tokens):
-        token = _pick(logits, temperature, top_p, generator)
+        token = next_tokens(logits, params, generator)
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         tokens.append(token)
         alive.append(~finished)
