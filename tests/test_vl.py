@@ -8,8 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from copd.vl import (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, build_tiny_vl, encode_vl, load_vl, rope_positions, save_vl,
-                     video_patches, vl_completion_logits, vl_sample, with_completions)
+from copd.models import load_pretrained
+from copd.policy.base import SamplingParams
+from copd.policy.vl_inputs import encode_vl, rope_positions, video_patches, vl_completion_logits, vl_sample
+from copd.vl import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, VLProcessor, build_tiny_vl
 
 ARCHS = ["qwen2_vl", "qwen2_5_vl"]
 
@@ -26,8 +28,17 @@ def chat(text: str) -> str:
 @pytest.fixture(scope="module", params=ARCHS)
 def tiny(request):
     # init_std 0.3: a random model whose greedy output depends on its input (and on positions).
-    model, tokenizer, image_processor = build_tiny_vl(seed=0, arch=request.param, init_std=0.3)
-    return model.eval(), tokenizer, image_processor
+    model, processor = build_tiny_vl(seed=0, arch=request.param, init_std=0.3)
+    return model.eval(), processor.tokenizer, processor.image_processor
+
+
+def sample(model, tokenizer, inputs, max_new_tokens, temperature=0.0, generator=None, rows_per_prompt=1):
+    params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, greedy=temperature <= 0)
+    return vl_sample(model, inputs, params, generator, tokenizer.eos_token_id, tokenizer.pad_token_id, rows_per_prompt)
+
+
+def with_completions(inputs, ids, mask):
+    return torch.cat([inputs["input_ids"], ids], 1), torch.cat([inputs["attention_mask"], mask.long()], 1)
 
 
 def mixed_batch(tokenizer, image_processor):
@@ -59,8 +70,10 @@ def test_save_and_reload_round_trip(tiny, tmp_path):
     from transformers import AutoImageProcessor, Qwen2VLImageProcessorPil
 
     model, tokenizer, image_processor = tiny
-    save_vl(tmp_path, model, tokenizer, image_processor)
-    model2, tokenizer2, processor2 = load_vl(tmp_path)
+    model.save_pretrained(tmp_path)
+    VLProcessor(tokenizer, image_processor).save_pretrained(tmp_path)
+    model2, loaded = load_pretrained(tmp_path)
+    tokenizer2, processor2 = loaded.tokenizer, loaded.image_processor
     assert type(model2) is type(model) and type(processor2) is Qwen2VLImageProcessorPil
     assert type(AutoImageProcessor.from_pretrained(tmp_path)) is Qwen2VLImageProcessorPil
     assert Qwen2VLImageProcessorPil.from_pretrained(tmp_path).to_dict() == image_processor.to_dict()
@@ -115,7 +128,7 @@ def test_video_image_and_text_rows_greedy_matches_generate(tiny):
     inputs = encode_vl(texts, [[picture(1, 40, 70)], [], [picture(2)]], [[frames], [], []], tokenizer, image_processor)
     assert inputs["video_grid_thw"].tolist() == [[2, 4, 4]]
     assert (inputs["mm_token_type_ids"] == 2).sum() == 2 * 4 * 4 // 4
-    ids, _ = vl_sample(model, inputs, 8, 0.0, None, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    ids, _ = sample(model, tokenizer, inputs, 8)
     assert torch.equal(ids, generate_reference(model, tokenizer, inputs, 8))
 
 
@@ -123,11 +136,11 @@ def test_greedy_sample_matches_generate_under_left_padding(tiny):
     model, tokenizer, image_processor = tiny
     inputs = mixed_batch(tokenizer, image_processor)
     assert inputs["attention_mask"][0, 0] == 0  # the image row is padded
-    ids, mask = vl_sample(model, inputs, 12, 0.0, None, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    ids, mask = sample(model, tokenizer, inputs, 12)
     assert torch.equal(ids, generate_reference(model, tokenizer, inputs, 12))
     assert len(set(ids[0].tolist())) > 1 and mask.shape == ids.shape
     text_only = encode_vl([chat("short"), chat("a longer text-only prompt")], None, None, tokenizer, image_processor)
-    ids, _ = vl_sample(model, text_only, 8, 0.0, None, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    ids, _ = sample(model, tokenizer, text_only, 8)
     assert torch.equal(ids, generate_reference(model, tokenizer, text_only, 8))
 
 
@@ -145,7 +158,7 @@ def test_sampling_is_reproducible_and_masks_after_eos(tiny):
     model, tokenizer, image_processor = tiny
     inputs = mixed_batch(tokenizer, image_processor)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    runs = [vl_sample(model, inputs, 10, 1.0, torch.Generator().manual_seed(5), eos, pad) for _ in range(2)]
+    runs = [sample(model, tokenizer, inputs, 10, 1.0, torch.Generator().manual_seed(5)) for _ in range(2)]
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     for row, mask in zip(*runs[0]):
         hits = (row == eos).nonzero()
@@ -156,13 +169,15 @@ def test_sampling_is_reproducible_and_masks_after_eos(tiny):
 def test_completion_logits_agree_with_greedy_tokens_and_a_full_forward(tiny):
     model, tokenizer, image_processor = tiny
     inputs = mixed_batch(tokenizer, image_processor)
-    ids, mask = vl_sample(model, inputs, 10, 0.0, None, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    joined = with_completions(inputs, ids, mask)
+    ids, mask = sample(model, tokenizer, inputs, 10)
+    joined_ids, joined_mask = with_completions(inputs, ids, mask)
     prompt_len = inputs["input_ids"].shape[1]
     with torch.no_grad():
-        logits = vl_completion_logits(model, joined, prompt_len)
+        logits = vl_completion_logits(model, inputs, joined_ids, joined_mask, prompt_len)
         assert logits.shape == (*ids.shape, len(tokenizer))
         assert (logits.argmax(-1) == ids)[mask.bool()].all()
+        joined = {**inputs, "input_ids": joined_ids, "attention_mask": joined_mask,
+                  "mm_token_type_ids": torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(ids, dtype=torch.int)], 1)}
         full = single_forward(model, joined, prompt_len)[:, prompt_len - 1:-1]
     torch.testing.assert_close(full[mask.bool()], logits[mask.bool()], atol=1e-4, rtol=1e-4)
 
@@ -187,19 +202,18 @@ def test_completion_logits_accept_a_sampled_image_pad_id(tiny):
     model, tokenizer, image_processor = tiny
     inputs = mixed_batch(tokenizer, image_processor)
     ids = torch.full((2, 3), model.config.image_token_id)  # not a placeholder: no vision feature for it
-    joined = with_completions(inputs, ids, torch.ones_like(ids))
+    joined_ids, joined_mask = with_completions(inputs, ids, torch.ones_like(ids))
     with torch.no_grad():
-        logits = vl_completion_logits(model, joined, inputs["input_ids"].shape[1])
+        logits = vl_completion_logits(model, inputs, joined_ids, joined_mask, inputs["input_ids"].shape[1])
     assert logits.shape[:2] == ids.shape and torch.isfinite(logits).all()
 
 
 def test_gradients_reach_the_vision_tower(tiny):
     model, tokenizer, image_processor = tiny
     inputs = mixed_batch(tokenizer, image_processor)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    ids, mask = vl_sample(model, inputs, 6, 1.0, torch.Generator().manual_seed(0), eos, pad)
+    ids, mask = sample(model, tokenizer, inputs, 6, 1.0, torch.Generator().manual_seed(0))
     model.zero_grad()
-    logits = vl_completion_logits(model, with_completions(inputs, ids, mask), inputs["input_ids"].shape[1])
+    logits = vl_completion_logits(model, inputs, *with_completions(inputs, ids, mask), inputs["input_ids"].shape[1])
     logprobs = logits.log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     (logprobs * mask).sum().backward()
     vision = [p for name, p in model.named_parameters() if "visual" in name]

@@ -16,8 +16,11 @@ import torch
 
 from copd.config import Config
 from copd.policy.base import Policy
+from copd.errors import CopdError
+from copd.policy.factory import VISION_OPTIONS, make_policy
 from copd.policy.hf import HFPolicy
 from copd.policy.lora import LoraPolicy, SharedBase, adapter_name
+from copd.vl import VLProcessor
 from copd.warmstart import clone_model
 
 logger = logging.getLogger("copd")
@@ -48,14 +51,17 @@ def _full_branches(config: Config, model, tokenizer, device: str) -> Branches:
             "model.compute_dtype=%s with float32 weights, or lora.enabled=true, keeps them", config.model.dtype, config.model.dtype
         )
     policies = {
-        b.name: HFPolicy(b.name, clone_model(model), tokenizer, optim.lr, optim.weight_decay, device, **prompting)
+        b.name: make_policy(b.name, clone_model(model), tokenizer, optim.lr, optim.weight_decay, device, **prompting)
         for b in config.branches
     }
-    return policies, HFPolicy("base", model, tokenizer, device=device, **prompting)
+    return policies, make_policy("base", model, tokenizer, device=device, **prompting)
 
 
 def _lora_branches(config: Config, model, tokenizer, device: str) -> Branches:
-    optim, prompting, lora = config.optim, config.model.policy_options(), config.lora
+    optim, lora = config.optim, config.lora
+    if isinstance(tokenizer, VLProcessor):
+        raise CopdError("lora.enabled: LoRA branches are not available for vision-language models yet; use full branches")
+    prompting = {k: v for k, v in config.model.policy_options().items() if k not in VISION_OPTIONS}
     names = [b.name for b in config.branches]
     shared = SharedBase(model.to(device), names, lora.r, lora.alpha, lora.dropout, lora.target_modules)
     policies = {

@@ -20,14 +20,25 @@ class Section(BaseModel):
 
 
 class TinyModelConfig(Section):
-    """A small transformers model built from config with a local character tokenizer."""
+    """A small transformers model built from config with a locally made tokenizer."""
 
-    architecture: Literal["llama", "qwen2"] = Field("llama", description="transformers architecture of the tiny model")
+    architecture: Literal["llama", "qwen2", "qwen2_vl", "qwen2_5_vl"] = Field("llama", description="transformers architecture of the tiny model: llama or qwen2 (text, character tokenizer), qwen2_vl or qwen2_5_vl (vision-language, byte tokenizer with Qwen's chat template and image processor)")
     hidden_size: int = Field(128, gt=0, description="width of the residual stream")
     num_layers: int = Field(4, gt=0, description="number of decoder layers")
     num_heads: int = Field(4, gt=0, description="attention heads (key/value heads equal)")
     intermediate_size: int = Field(384, gt=0, description="MLP width")
-    max_positions: int = Field(64, gt=0, description="maximum sequence length")
+    max_positions: int = Field(64, gt=0, description="maximum sequence length (text architectures)")
+    vision_hidden_size: int = Field(32, gt=0, description="width of the vision tower (vision-language architectures)")
+    vision_layers: int = Field(1, gt=0, description="vision tower blocks (vision-language architectures)")
+
+
+class VisionConfig(Section):
+    """How a vision-language model reads images and videos (ignored by text models)."""
+
+    video_frames: int | None = Field(4, gt=0, description="frames taken from each video, uniformly spaced (null: every frame, after video_fps)")
+    video_fps: float | None = Field(None, gt=0, description="frames per second taken from video files with timing (animated images, or any file PyAV reads); a folder of frames has no timing and ignores it")
+    min_pixels: int | None = Field(None, gt=0, description="smallest image area after resizing (null: the image processor's own)")
+    max_pixels: int | None = Field(None, gt=0, description="largest image area after resizing (null: the image processor's own; a real Qwen-VL allows 12.8M, lower it on small GPUs)")
 
 
 class ModelConfig(Section):
@@ -39,10 +50,12 @@ class ModelConfig(Section):
     cache_dir: str = Field("~/.cache/copd", description="where built and warm-started base models are cached")
     chat_template: Literal["auto", "on", "off"] = Field("auto", description="wrap prompts in the tokenizer's chat template (auto: when it has one)")
     system_prompt: str | None = Field(None, description="system message placed before every prompt when the chat template is used")
+    vision: VisionConfig = Field(default_factory=VisionConfig, description="image and video reading of vision-language models")
 
     def policy_options(self) -> dict:
         """How every policy of a run formats prompts and computes, so training and evaluation agree."""
-        return {"chat_template": self.chat_template, "system_prompt": self.system_prompt, "compute_dtype": self.compute_dtype}
+        return {"chat_template": self.chat_template, "system_prompt": self.system_prompt, "compute_dtype": self.compute_dtype,
+                **self.vision.model_dump()}
 
 
 class LoraSettings(Section):

@@ -92,7 +92,7 @@ def _run_config(folders: list[Path]):
 def _load_pair(model_a: str, model_b: str):
     """Both policies, or a CopdError when a folder is missing or the vocabularies differ."""
     from copd.models import check_model_folder, load_pretrained
-    from copd.policy.hf import HFPolicy
+    from copd.policy.factory import make_policy
 
     folders = [check_model_folder(model_a), check_model_folder(model_b)]
     (ma, ta), (mb, tb) = load_pretrained(folders[0]), load_pretrained(folders[1])
@@ -101,7 +101,7 @@ def _load_pair(model_a: str, model_b: str):
     size_a, size_b = ma.get_output_embeddings().weight.shape[0], mb.get_output_embeddings().weight.shape[0]
     if size_a != size_b:
         raise CopdError(f"{folders[0]} and {folders[1]} have different output sizes ({size_a} vs {size_b} logits)")
-    return HFPolicy("A", ma, ta), HFPolicy("B", mb, tb), folders, size_a
+    return make_policy("A", ma, ta), make_policy("B", mb, tb), folders, size_a
 
 
 def _print_table(result: dict) -> None:

@@ -9,7 +9,7 @@ from copd.errors import CopdError
 from copd.evaluate import evaluate_policy
 from copd.models import load_pretrained
 from copd.policy.base import SamplingParams
-from copd.policy.hf import HFPolicy
+from copd.policy.factory import make_policy
 from copd.tasks import BUILTIN_CAPABILITIES, Capability, load_capability
 
 
@@ -64,7 +64,7 @@ def run_eval(target: str, tasks: str, samples: int, verifier: str, out: str | No
     results = {}
     for label, folder in models_of(path).items():
         model, tokenizer = load_pretrained(folder)
-        results[label] = evaluate_policy(HFPolicy(label, model, tokenizer, **prompting), caps, samples, params, seed=seed)
+        results[label] = evaluate_policy(make_policy(label, model, tokenizer, **prompting), caps, samples, params, seed=seed)
     print(f"  {'model':<16}" + "".join(f"{c.name:>14}" for c in caps) + "   (greedy accuracy / sampled pass rate)")
     for label, scores in results.items():
         cells = "".join(f"{100 * scores['greedy'][c.name]:>7.1f}/{100 * scores['sampled'][c.name]:<5.1f}%" for c in caps)

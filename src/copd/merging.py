@@ -8,6 +8,7 @@ from copd.config import Config
 from copd.core.merge import merge_state_dicts
 from copd.errors import CopdError
 from copd.models import load_pretrained
+from copd.policy.factory import make_policy
 from copd.policy.hf import HFPolicy
 
 # Methods whose options come from the config's merge section.
@@ -34,6 +35,6 @@ def merge_branches(run_dir: Path, config: Config, method: str | None = None, out
     except ValueError as err:
         raise CopdError(f"merge: {err}") from None
     base_model.load_state_dict(merged)
-    policy = HFPolicy("merged", base_model, tokenizer, **config.model.policy_options())
+    policy = make_policy("merged", base_model, tokenizer, **config.model.policy_options())
     policy.save_pretrained(out or run_dir / "final")
     return policy

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer, PreTrainedTokenizerFast
 
 from copd.config import ModelConfig, TinyModelConfig
 from copd.errors import CopdError
+from copd.vl import VLProcessor, is_vision_language
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
@@ -69,11 +70,15 @@ def check_model_folder(path: str | Path) -> Path:
 
 
 def load_pretrained(path: str | Path, dtype: str = "float32"):
-    """Load a standard transformers folder (model + tokenizer)."""
+    """Load a standard transformers folder: (model, tokenizer), or (model, VLProcessor) for Qwen2-VL / Qwen2.5-VL."""
     return _load(check_model_folder(path), dtype)
 
 
 def _load(source: str | Path, dtype: str):
+    """(model, tokenizer), or (model, VLProcessor) for a vision-language model."""
+    if is_vision_language(AutoConfig.from_pretrained(source)):
+        model = own_memory(AutoModelForImageTextToText.from_pretrained(source, dtype=DTYPES[dtype]))
+        return model, VLProcessor.from_pretrained(source)
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = own_memory(AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype]))
     if tokenizer.pad_token_id is None:

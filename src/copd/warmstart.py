@@ -14,17 +14,18 @@ import json
 import shutil
 import string
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from copd.config import Config
+from copd.config import Config, TinyModelConfig
 from copd.evaluate import pass_rates
 from copd.models import build_char_tokenizer, build_tiny_model, load_base_model, load_pretrained, save_pretrained
 from copd.policy.base import SamplingParams
-from copd.policy.hf import HFPolicy
+from copd.policy.factory import make_policy
 from copd.progress import QuietReporter, Reporter
-from copd.rollout import MixtureSampler, derived_seed
+from copd.rollout import MixtureSampler, derived_seed, prompt_of
 from copd.tasks import CHAR_ALPHABET, Capability
 
 TINY_ALPHABET = CHAR_ALPHABET + "".join(c for c in string.printable if c.isprintable())
@@ -41,8 +42,7 @@ def prepare_base(config: Config, capabilities: dict[str, Capability], reporter: 
         reporter.print(f"base model from cache {cache}")
         model, tokenizer = load_pretrained(cache, config.model.dtype)
         return model, tokenizer, json.loads((cache / "warmup.json").read_text())
-    tokenizer = build_char_tokenizer(TINY_ALPHABET)
-    model = build_tiny_model(config.model.tiny, tokenizer, seed=config.run.seed)
+    model, tokenizer = TINY_BUILDERS[config.model.tiny.architecture](config.model.tiny, config.run.seed)
     info = warm_start(model, tokenizer, config, list(capabilities.values()), reporter) if config.warmup.enabled else {}
     tmp = cache.with_name(cache.name + ".tmp")
     save_pretrained(model, tokenizer, tmp)
@@ -50,6 +50,28 @@ def prepare_base(config: Config, capabilities: dict[str, Capability], reporter: 
     shutil.rmtree(cache, ignore_errors=True)
     tmp.rename(cache)
     return model, tokenizer, info
+
+
+def _tiny_text(cfg: TinyModelConfig, seed: int):
+    tokenizer = build_char_tokenizer(TINY_ALPHABET)
+    return build_tiny_model(cfg, tokenizer, seed=seed), tokenizer
+
+
+def _tiny_vision_language(cfg: TinyModelConfig, seed: int):
+    from copd.vl import build_tiny_vl
+
+    return build_tiny_vl(seed=seed, hidden=cfg.hidden_size, layers=cfg.num_layers, heads=cfg.num_heads,
+                         vision_dim=cfg.vision_hidden_size, vision_layers=cfg.vision_layers, arch=cfg.architecture,
+                         intermediate=cfg.intermediate_size)
+
+
+# model.tiny.architecture -> (model, tokenizer or VLProcessor) built from config, nothing downloaded.
+TINY_BUILDERS: dict[str, Callable[[TinyModelConfig, int], tuple]] = {
+    "llama": _tiny_text,
+    "qwen2": _tiny_text,
+    "qwen2_vl": _tiny_vision_language,
+    "qwen2_5_vl": _tiny_vision_language,
+}
 
 
 def base_key(config: Config) -> str:
@@ -65,29 +87,17 @@ def base_key(config: Config) -> str:
         "max_new_tokens": config.sampling.max_new_tokens,
         "alphabet": TINY_ALPHABET,
     }
+    if TINY_BUILDERS[config.model.tiny.architecture] is _tiny_vision_language:
+        key["vision"] = config.model.vision.model_dump()  # frames and resolution shape what the warm start saw
     return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def supervised_loss(model, tokenizer, prompts: list[str], answers: list[str]) -> torch.Tensor:
-    """Cross-entropy on answer tokens (and EOS) only, prompt tokens masked out."""
-    rows, targets = [], []
-    for prompt, answer in zip(prompts, answers):
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append(p + a)
-        targets.append([-100] * len(p) + a)
-    width = max(map(len, rows))
-    ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
-    labels = torch.tensor([t + [-100] * (width - len(t)) for t in targets])
-    mask = (labels != -100) | (torch.arange(width)[None, :] < torch.tensor([len(r) for r in rows])[:, None])
-    logits = model(input_ids=ids.to(model.device), attention_mask=mask.long().to(model.device)).logits[:, :-1]
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1).to(model.device))
 
 
 def warm_start(model, tokenizer, config: Config, capabilities: list[Capability], reporter: Reporter) -> dict:
     """Supervised steps on balanced batches until every capability's sampled pass rate is high enough."""
     cfg, start = config.warmup, time.perf_counter()
     sampler = MixtureSampler(capabilities, derived_seed(config.run.seed, "warmup"))
+    # Formats prompts (and reads images) exactly as the branches will; its model is `model`.
+    policy = make_policy("warmup", model, tokenizer, device=str(model.device), **config.model.policy_options())
     # Trained on every capability; the stop rule looks only at those some branch trains with RL.
     trained = [c for c in capabilities if any(c.name in b.capabilities for b in config.branches)]
     checks = {c.name: c.train_sampler(derived_seed(config.run.seed, "warmup-check", c.name)).draw(cfg.check_samples) for c in trained}
@@ -98,15 +108,14 @@ def warm_start(model, tokenizer, config: Config, capabilities: list[Capability],
     while step < cfg.max_steps:
         model.train()
         batch = sampler.draw(cfg.batch_size)
-        loss = supervised_loss(model, tokenizer, [s.prompt for _, s in batch], [s.answer for _, s in batch])
+        loss = policy.supervised_loss([prompt_of(s) for _, s in batch], [s.answer for _, s in batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
         if step % cfg.check_every == 0:
-            probe = HFPolicy("warmup", model, tokenizer, device=str(model.device))
-            rates = pass_rates(probe, trained, checks, params, seed=derived_seed(config.run.seed, "check", step))
+            rates = pass_rates(policy, trained, checks, params, seed=derived_seed(config.run.seed, "check", step))
             history.append({"step": step, "loss": loss.item(), "pass_rate": rates})
             reporter.advance("warm start", " ".join(f"{k} {v:.2f}" for k, v in rates.items()))
             if min(rates.values()) >= cfg.min_pass_rate:

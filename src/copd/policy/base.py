@@ -40,10 +40,50 @@ class Prompt:
 
 
 @dataclass
+class VisionInputs:
+    """Pixel inputs of a batch's distinct prompts, made once when the batch is sampled.
+
+    Whoever scores or trains on the rollouts (the student's update, every teacher) reuses
+    these tensors, so images and video frames are decoded once per batch: all branches
+    share the base model's processor. `tensors` holds pixel_values + image_grid_thw and/or
+    pixel_values_videos + video_grid_thw, concatenated over prompts in order; prompt i owns
+    images_per_prompt[i] images and videos_per_prompt[i] videos, and rows
+    [i*rows_per_prompt, (i+1)*rows_per_prompt) of the rollouts are its samples.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    images_per_prompt: list[int]
+    videos_per_prompt: list[int]
+    rows_per_prompt: int
+
+    def select_prompts(self, keep: list[int]) -> VisionInputs:
+        """The inputs of the prompts `keep` (whole groups), in that order."""
+        tensors = {}
+        for kind, counts in (("", self.images_per_prompt), ("_videos", self.videos_per_prompt)):
+            grid_key = "image_grid_thw" if kind == "" else "video_grid_thw"
+            if grid_key not in self.tensors:
+                continue
+            grids, pixels = self.tensors[grid_key], self.tensors["pixel_values" + kind]
+            item_start = [0, *torch.tensor(counts).cumsum(0).tolist()]
+            patch_start = [0, *grids.prod(-1).cumsum(0).tolist()]
+            items = [j for i in keep for j in range(item_start[i], item_start[i + 1])]
+            if items:
+                tensors[grid_key] = grids[items]
+                tensors["pixel_values" + kind] = torch.cat([pixels[patch_start[j] : patch_start[j + 1]] for j in items])
+        return VisionInputs(
+            tensors,
+            [self.images_per_prompt[i] for i in keep],
+            [self.videos_per_prompt[i] for i in keep],
+            self.rows_per_prompt,
+        )
+
+
+@dataclass
 class Rollouts:
     """Sampled sequences: left-padded prompts followed by right-padded completions.
 
     Rows are grouped by prompt: rows [i*n, (i+1)*n) are the n samples of prompt i.
+    A vision-language policy's rollouts also carry the prompts' pixel inputs (`vision`).
     """
 
     input_ids_B_L: torch.Tensor
@@ -51,6 +91,7 @@ class Rollouts:
     prompt_len: int
     completion_mask_B_T: torch.Tensor  # float, 1 on generated tokens (EOS included)
     completions: list[str]
+    vision: VisionInputs | None = None
 
     @property
     def completion_ids_B_T(self) -> torch.Tensor:
@@ -69,7 +110,16 @@ class Rollouts:
             self.prompt_len,
             self.completion_mask_B_T[rows],
             [self.completions[i] for i in keep],
+            None if self.vision is None else self.vision.select_prompts(_whole_groups(keep, self.vision.rows_per_prompt)),
         )
+
+
+def _whole_groups(rows: list[int], n: int) -> list[int]:
+    """The prompt index of each group in `rows`, which must be whole groups of n rows in order."""
+    prompts = rows[::n]
+    if len(rows) % n or rows != [p + i for p in prompts for i in range(n)] or any(p % n for p in prompts):
+        raise ValueError(f"rollouts with pixel inputs can only keep whole groups of {n} rows, got rows {rows}")
+    return [p // n for p in prompts]
 
 
 @dataclass

@@ -105,6 +105,24 @@ class HFPolicy:
         tokens = token_logprobs(dist, rollouts.completion_ids_B_T.to(self.device))
         return Scores(tokens.cpu(), dist.cpu() if full else None)
 
+    # ---- supervised warm start ---------------------------------------------------------
+    def supervised_loss(self, prompts: list[str | Prompt], answers: list[str]) -> torch.Tensor:
+        """Cross-entropy on answer tokens (and EOS) only, prompt tokens masked out."""
+        tokenizer, device = self.tokenizer, self.device
+        rows, targets = [], []
+        for prompt, answer in zip(prompts, answers):
+            p = tokenizer(self.format_prompt(prompt), add_special_tokens=False)["input_ids"]
+            a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            rows.append(p + a)
+            targets.append([-100] * len(p) + a)
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+        labels = torch.tensor([t + [-100] * (width - len(t)) for t in targets])
+        mask = (labels != -100) | (torch.arange(width)[None, :] < torch.tensor([len(r) for r in rows])[:, None])
+        with self._compute():
+            logits = self.model(input_ids=ids.to(device), attention_mask=mask.long().to(device)).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1).to(device))
+
     # ---- training ---------------------------------------------------------------------
     def update(self, rl: list[RLPart], opd: list[OPDPart], spec: LossSpec) -> UpdateResult:
         """`spec.epochs` optimizer steps on all parts together; old log-probs from the first pass."""

@@ -1,0 +1,232 @@
+"""Vision-language inputs (Qwen2-VL, Qwen2.5-VL): encoding, M-RoPE positions, KV-cache sampling, scoring.
+
+Everything here works without torchvision (the Qwen Processor and video processor classes
+need it): images go through the PIL image processor, videos are patchified from the same
+processor's per-frame output, and the chat template lives on the tokenizer.
+
+How positions work, and what a manual decode loop has to pass
+-------------------------------------------------------------
+Qwen2-VL uses M-RoPE: `position_ids` has shape [3, B, L] (temporal, height, width). Text
+tokens carry the same index in all three rows; the tokens of an image or video carry its
+grid coordinates, offset by the text position where it starts; the text after a vision
+block resumes at (start + max(grid_h, grid_w) / merge_size), so a row's largest position
+is smaller than its token count. `model.model.get_rope_index(input_ids, mm_token_type_ids,
+image_grid_thw, video_grid_thw, attention_mask)` returns (positions [3, B, L], rope_deltas
+[B, 1]) where rope_deltas = max position + 1 - number of real tokens (0 for a text-only
+row). It skips masked (left-padding) tokens, so it is correct under left padding; padded
+slots get position 0. mm_token_type_ids (0 text, 1 image, 2 video) is what marks the
+vision blocks; rows without images and batches without any grid work too.
+
+- Prefill: pass `position_ids=get_rope_index(...)[0]` together with pixel_values,
+  image_grid_thw, pixel_values_videos, video_grid_thw and the attention mask.
+- Decode step: the new token's position, the same in all three rows, is
+  (number of real tokens before it) + rope_deltas, i.e.
+  `(attention_mask.cumsum(-1) - 1)[:, -1:] + rope_deltas`, expanded to [3, B, 1]. Pixel
+  inputs are not passed again (their keys and values are in the cache).
+- No `cache_position`: this model's forward in transformers 5.23 has no such argument; the
+  cache knows its length and the causal mask comes from attention_mask.
+
+With position_ids=None the model computes positions itself, but statefully. The prefill
+calls get_rope_index (and raises if grids are given without mm_token_type_ids) and stores
+rope_deltas on `model.model.rope_deltas`; a later cached step adds that stored delta to
+`attention_mask.cumsum(-1) - 1` taken over the whole mask, i.e. positions for every slot
+rather than the one new token, which fails with a shape error in 5.23. Without an
+attention mask the step uses arange(past, past + 1) + delta, right only without padding.
+A text-only batch with no grids gets plain arange positions that count the left padding.
+`model.generate` avoids all this by building [4, B, L] position ids itself (a text row plus
+the three M-RoPE rows). So the loop here always passes explicit positions and never reads
+`model.model.rope_deltas` (stale from whichever batch ran last).
+
+Qwen2.5-VL takes the same path: its get_rope_index has one more argument,
+second_per_grid_ts (seconds per temporal grid step of a video), which defaults to 1.
+
+Scoring (`vl_completion_logits`) runs the prompt with its pixel inputs once, then the
+completion tokens on that cache, with the same positions as sampling. A single forward
+over prompt + completion fails whenever a sampled completion contains the image or video
+pad id (a tiny random model samples it): the model takes every such id for a placeholder
+and checks their count against the vision features.
+
+As in copd.policy.sampling, a prompt's G rows share one prefill: the prompt inputs hold
+each distinct prompt once with its pixels, and the prefill's cache, last logits and
+rope_deltas are repeated `rows_per_prompt` times (rows are grouped by prompt).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from copd.policy.base import SamplingParams
+from copd.policy.sampling import next_tokens, repeat_rows
+
+PIXEL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
+
+
+def video_patches(frames: list, image_processor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(patches [t*h*w, C*tp*p*p], grid [t, h, w]) of one video, in the video processor's layout.
+
+    The image processor fills each patch's temporal slots with copies of one frame; here the
+    frames are processed alone and consecutive groups of temporal_patch_size frames fill
+    those slots instead (the last frame is repeated to complete a group, as the video
+    processor does). All frames must have the same size.
+    """
+    tp, p = image_processor.temporal_patch_size, image_processor.patch_size
+    frames = list(frames) + [frames[-1]] * (-len(frames) % tp)
+    out = image_processor(images=frames, return_tensors="pt")
+    grids = out["image_grid_thw"]
+    if not (grids == grids[0]).all():
+        raise ValueError("all frames of a video must have the same size")
+    n = int(grids[0, 1] * grids[0, 2])
+    channels = out["pixel_values"].shape[-1] // (tp * p * p)
+    # [frame, patch, C, tp, p, p]: keep one temporal copy per frame, then regroup frames into slots.
+    single = out["pixel_values"].view(len(frames), n, channels, tp, p, p)[:, :, :, 0]
+    grouped = single.view(len(frames) // tp, tp, n, channels, p, p).permute(0, 2, 3, 1, 4, 5)
+    grid = torch.tensor([len(frames) // tp, int(grids[0, 1]), int(grids[0, 2])])
+    return grouped.reshape(-1, channels * tp * p * p), grid
+
+
+def _expand_pads(ids: list[int], pad_id: int, counts: list[int]) -> list[int]:
+    """Replace the k-th `pad_id` in ids with counts[k] copies of it."""
+    if ids.count(pad_id) != len(counts):
+        raise ValueError(f"text has {ids.count(pad_id)} placeholders for {len(counts)} images/videos")
+    out, k = [], 0
+    for token in ids:
+        if token == pad_id:
+            out.extend([pad_id] * counts[k])
+            k += 1
+        else:
+            out.append(token)
+    return out
+
+
+def _pixels(images, videos, image_processor) -> dict:
+    """Pixel tensors and grids of all images (then all videos), in row order."""
+    feats = {}
+    flat_images = [im for row in images for im in row]
+    if flat_images:
+        out = image_processor(images=flat_images, return_tensors="pt")
+        feats["pixel_values"], feats["image_grid_thw"] = out["pixel_values"], out["image_grid_thw"]
+    flat_videos = [video for row in videos for video in row]
+    if flat_videos:
+        parts = [video_patches(video, image_processor) for video in flat_videos]
+        feats["pixel_values_videos"] = torch.cat([patches for patches, _ in parts])
+        feats["video_grid_thw"] = torch.stack([grid for _, grid in parts])
+    return feats
+
+
+def encode_vl(texts: list[str], images: list[list] | None, videos: list[list[list]] | None, tokenizer,
+              image_processor) -> dict[str, torch.Tensor]:
+    """Left-padded model inputs for texts that hold one placeholder block per image and video.
+
+    images[i] / videos[i] are row i's images and videos (a video is a list of PIL frames), in
+    the order their placeholders appear. Returns input_ids, attention_mask, mm_token_type_ids
+    (0 text, 1 image, 2 video; M-RoPE needs it) and, when present, pixel_values +
+    image_grid_thw and pixel_values_videos + video_grid_thw.
+    """
+    images = images or [[] for _ in texts]
+    videos = videos or [[] for _ in texts]
+    feats = _pixels(images, videos, image_processor)
+    per_token = image_processor.merge_size ** 2
+    image_counts = iter((feats.get("image_grid_thw", torch.zeros(0, 3)).prod(-1) // per_token).tolist())
+    video_counts = iter((feats.get("video_grid_thw", torch.zeros(0, 3)).prod(-1) // per_token).tolist())
+    image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    video_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    rows = []
+    for text, row_images, row_videos in zip(texts, images, videos, strict=True):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = _expand_pads(ids, image_id, [next(image_counts) for _ in row_images])
+        rows.append(_expand_pads(ids, video_id, [next(video_counts) for _ in row_videos]))
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, width - len(row):] = 1
+    types = (input_ids == image_id).int() + 2 * (input_ids == video_id).int()
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": types, **feats}
+
+
+def rope_positions(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M-RoPE position ids [3, B, L], rope_deltas [B, 1]) of left-padded prompts (see module doc)."""
+    return model.model.get_rope_index(
+        inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"),
+        video_grid_thw=inputs.get("video_grid_thw"), attention_mask=inputs["attention_mask"])
+
+
+def decode_positions(attention_mask_B_L: torch.Tensor, rope_deltas_B_1: torch.Tensor, start: int) -> torch.Tensor:
+    """M-RoPE positions [3, B, L - start] of text tokens at slots start.. of the mask."""
+    text_B_L = (attention_mask_B_L.long().cumsum(-1) - 1).clamp(min=0)[:, start:] + rope_deltas_B_1
+    return text_B_L.unsqueeze(0).expand(3, -1, -1)
+
+
+def _prefill(model, prompts: dict, rows_per_prompt: int = 1):
+    """(cache, logits [B, 1, V] at the last prompt slot, rope_deltas [B, 1]) for B = prompts x rows_per_prompt.
+
+    Each distinct prompt runs once with its pixels; the expansion to its rows is an expand,
+    so gradients of the copies add up (the same as running every copy).
+    """
+    positions, deltas = rope_positions(model, prompts)
+    pixels = {k: prompts[k] for k in PIXEL_KEYS if prompts.get(k) is not None}
+    out = model(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"], position_ids=positions,
+                use_cache=True, logits_to_keep=1, **pixels)
+    cache, logits = out.past_key_values, out.logits
+    if rows_per_prompt > 1:
+        for layer in cache.layers:
+            layer.keys, layer.values = repeat_rows(layer.keys, rows_per_prompt), repeat_rows(layer.values, rows_per_prompt)
+        logits, deltas = repeat_rows(logits, rows_per_prompt), repeat_rows(deltas, rows_per_prompt)
+    return cache, logits, deltas
+
+
+@torch.no_grad()
+def vl_sample(model, prompts: dict, params: SamplingParams, generator: torch.Generator | None, eos_id: int, pad_id: int,
+              rows_per_prompt: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(completion_ids [B, T], completion_mask [B, T]): rows_per_prompt samples of each prompt, with a KV cache.
+
+    The mask is 1 on generated tokens up to and including EOS; finished rows are padded with pad_id.
+    """
+    mask = repeat_rows(prompts["attention_mask"], rows_per_prompt)
+    cache, logits, deltas = _prefill(model, prompts, rows_per_prompt)
+    logits = logits[:, -1]
+    finished = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
+    tokens, alive = [], []
+    for step in range(params.max_new_tokens):
+        token = next_tokens(logits, params, generator)
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        tokens.append(token)
+        alive.append(~finished)
+        finished = finished | (token == eos_id)
+        if bool(finished.all()) or step == params.max_new_tokens - 1:
+            break
+        # A finished row's pad token is masked out, so it never shifts that row's positions.
+        mask = torch.cat([mask, (~finished | (token == eos_id)).long()[:, None]], dim=1)
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=decode_positions(mask, deltas, -1),
+                    past_key_values=cache, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1]
+    return torch.stack(tokens, 1), torch.stack(alive, 1).float()
+
+
+def vl_completion_logits(model, prompts: dict, input_ids_B_L: torch.Tensor, attention_mask_B_L: torch.Tensor,
+                         prompt_len: int, rows_per_prompt: int = 1) -> torch.Tensor:
+    """Logits [B, T, V] predicting each completion token (slots prompt_len .. L-1); differentiable.
+
+    `prompts` are the distinct prompts with their pixels (so gradients reach the vision
+    tower); then the completion tokens but the last run on the expanded cache with the
+    positions sampling used. Completion tokens are text for M-RoPE, even a sampled image
+    pad id (it has no vision feature).
+    """
+    cache, first_B_1_V, deltas = _prefill(model, prompts, rows_per_prompt)
+    if input_ids_B_L.shape[1] - prompt_len < 2:
+        return first_B_1_V
+    mask = attention_mask_B_L[:, :-1]
+    out = model(input_ids=input_ids_B_L[:, prompt_len:-1], attention_mask=mask,
+                position_ids=decode_positions(mask, deltas, prompt_len), past_key_values=cache, use_cache=True)
+    return torch.cat([first_B_1_V, out.logits], dim=1)
+
+
+def prompt_inputs(input_ids_B_L: torch.Tensor, attention_mask_B_L: torch.Tensor, prompt_len: int, pixels: dict,
+                  rows_per_prompt: int, image_id: int, video_id: int) -> dict:
+    """The distinct prompts of grouped rows, with their pixels and token types (0 text, 1 image, 2 video)."""
+    ids = input_ids_B_L[::rows_per_prompt, :prompt_len]
+    types = (ids == image_id).int() + 2 * (ids == video_id).int()
+    return {"input_ids": ids, "attention_mask": attention_mask_B_L[::rows_per_prompt, :prompt_len],
+            "mm_token_type_ids": types, **pixels}
