@@ -132,3 +132,24 @@ def test_a_text_policy_refuses_media():
                          tokenizer, video_frames=4)
     with pytest.raises(CopdError, match="reads text only"):
         policy.format_prompt(Prompt("x", images=("a.png",)))
+
+
+def test_lora_branches_on_a_vision_language_base(media, tmp_path):
+    from copd.policy.factory import make_lora_policy
+    from copd.policy.lora import SharedBase, adapter_name
+    from copd.policy.vl import VLLoraPolicy
+
+    model, processor = build_tiny_vl(seed=0, init_std=0.3)
+    shared = SharedBase(model, ["a", "b"], 4, 8.0, 0.0, "all-linear")
+    a, b = (make_lora_policy(n, shared, processor, adapter_name(n), 1e-2, video_frames=4) for n in "ab")
+    assert isinstance(a, VLLoraPolicy) and any("visual" in n for n, p in shared.model.named_parameters() if p.requires_grad)
+    rollouts = a.generate(prompts_of(media), 2, SamplingParams(max_new_tokens=4), seed=0)
+    before_b = b.score(rollouts).token_logprobs_B_T
+    advantages = torch.ones_like(rollouts.completion_mask_B_T) * rollouts.completion_mask_B_T
+    assert not a.update([RLPart(rollouts, advantages)], [], LossSpec()).skipped
+    torch.testing.assert_close(b.score(rollouts).token_logprobs_B_T, before_b)  # b's adapter is untouched
+    assert not torch.allclose(a.score(rollouts).token_logprobs_B_T, before_b)
+    a.save_pretrained(tmp_path)
+    loaded, loaded_processor = load_pretrained(tmp_path)
+    again = make_policy("again", loaded, loaded_processor, video_frames=4)
+    torch.testing.assert_close(again.score(rollouts).token_logprobs_B_T, a.score(rollouts).token_logprobs_B_T, atol=1e-5, rtol=1e-5)

@@ -16,11 +16,9 @@ import torch
 
 from copd.config import Config
 from copd.policy.base import Policy
-from copd.errors import CopdError
-from copd.policy.factory import VISION_OPTIONS, make_policy
+from copd.policy.factory import make_lora_policy, make_policy
 from copd.policy.hf import HFPolicy
-from copd.policy.lora import LoraPolicy, SharedBase, adapter_name
-from copd.vl import VLProcessor
+from copd.policy.lora import SharedBase, adapter_name
 from copd.warmstart import clone_model
 
 logger = logging.getLogger("copd")
@@ -58,17 +56,14 @@ def _full_branches(config: Config, model, tokenizer, device: str) -> Branches:
 
 
 def _lora_branches(config: Config, model, tokenizer, device: str) -> Branches:
-    optim, lora = config.optim, config.lora
-    if isinstance(tokenizer, VLProcessor):
-        raise CopdError("lora.enabled: LoRA branches are not available for vision-language models yet; use full branches")
-    prompting = {k: v for k, v in config.model.policy_options().items() if k not in VISION_OPTIONS}
+    optim, prompting, lora = config.optim, config.model.policy_options(), config.lora
     names = [b.name for b in config.branches]
     shared = SharedBase(model.to(device), names, lora.r, lora.alpha, lora.dropout, lora.target_modules)
     policies = {
-        name: LoraPolicy(name, shared, tokenizer, adapter_name(name), optim.lr, optim.weight_decay, device, **prompting)
+        name: make_lora_policy(name, shared, tokenizer, adapter_name(name), optim.lr, optim.weight_decay, device, **prompting)
         for name in names
     }
-    return policies, LoraPolicy("base", shared, tokenizer, None, device=device, **prompting)
+    return policies, make_lora_policy("base", shared, tokenizer, None, device=device, **prompting)
 
 
 BRANCH_MODES: dict[str, Callable[[Config, object, object, str], Branches]] = {

@@ -17,8 +17,9 @@ from copd.errors import CopdError
 EPILOG = "Config overrides use dotted keys with YAML values, e.g. schedule.cycles=4 branches.0.beta=0.05"
 
 
-def demo_config_path() -> Path:
-    return Path(str(resources.files("copd") / "configs" / "demo.yaml"))
+def demo_config_path(multimodal: bool = False) -> Path:
+    name = "demo_multimodal.yaml" if multimodal else "demo.yaml"
+    return Path(str(resources.files("copd") / "configs" / name))
 
 
 def _quiet_libraries() -> None:
@@ -62,7 +63,7 @@ def cmd_train(args) -> int:
 
 def cmd_demo(args) -> int:
     out = args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    args.config = str(demo_config_path())
+    args.config = str(demo_config_path(args.multimodal))
     args.overrides = [*args.overrides, f"run.out={out}"]
     args.resume = None
     return cmd_train(args)
@@ -138,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the embedded demo end to end (tiny model, CPU, a few minutes)", epilog=EPILOG)
     demo.add_argument("--out", help="run directory (default: runs/demo-TIMESTAMP)")
     demo.add_argument("--quiet", action="store_true", help="no progress display")
+    demo.add_argument("--multimodal", action="store_true",
+                      help="a tiny Qwen2-VL with text, image and video branches (hub and spokes) instead of the text demo")
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     demo.set_defaults(func=cmd_demo)
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from copd.policy.hf import HFPolicy
-from copd.policy.vl import VLPolicy
+from copd.policy.lora import LoraPolicy
+from copd.policy.vl import VLLoraPolicy, VLPolicy
 from copd.vl import VLProcessor
 
 # Options (ModelConfig.policy_options) that only a vision-language policy reads.
@@ -12,7 +13,17 @@ VISION_OPTIONS = ("video_frames", "video_fps", "min_pixels", "max_pixels")
 
 def make_policy(name: str, model, processing, *args, **kwargs) -> HFPolicy:
     """A VLPolicy when `processing` is a VLProcessor, else an HFPolicy with a tokenizer."""
-    vision = {k: kwargs.pop(k) for k in VISION_OPTIONS if k in kwargs}
+    return _pick(processing, VLPolicy, HFPolicy, kwargs)(name, model, processing, *args, **kwargs)
+
+
+def make_lora_policy(name: str, shared, processing, *args, **kwargs) -> LoraPolicy:
+    """A LoRA branch (or the base view) of a SharedBase, text or vision-language like make_policy."""
+    return _pick(processing, VLLoraPolicy, LoraPolicy, kwargs)(name, shared, processing, *args, **kwargs)
+
+
+def _pick(processing, vision_cls, text_cls, kwargs: dict):
     if isinstance(processing, VLProcessor):
-        return VLPolicy(name, model, processing, *args, **vision, **kwargs)
-    return HFPolicy(name, model, processing, *args, **kwargs)
+        return vision_cls
+    for key in VISION_OPTIONS:  # a text model has no images to read
+        kwargs.pop(key, None)
+    return text_cls

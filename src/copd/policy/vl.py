@@ -14,22 +14,26 @@ import torch
 
 from copd.policy.base import Prompt, Rollouts, SamplingParams, VisionInputs
 from copd.policy.hf import HFPolicy
+from copd.policy.lora import LoraPolicy
 from copd.policy.sampling import repeat_rows
 from copd.policy.vl_inputs import PIXEL_KEYS, prompt_inputs, vl_completion_logits, vl_sample
 from copd.vl import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 
 
-class VLPolicy(HFPolicy):
-    """One branch on a vision-language model; `tokenizer` is its copd.vl.VLProcessor."""
+class VisionLanguageInputs:
+    """What a policy on a vision-language model does differently; mixed into HFPolicy and LoraPolicy.
 
-    def __init__(self, name: str, model, processor, *args, video_frames: int | None = 4, video_fps: float | None = None,
-                 min_pixels: int | None = None, max_pixels: int | None = None, **kwargs):
-        super().__init__(name, model, processor, *args, **kwargs)
+    `self.tokenizer` is the model's copd.vl.VLProcessor.
+    """
+
+    def init_vision(self, video_frames: int | None = 4, video_fps: float | None = None, min_pixels: int | None = None,
+                    max_pixels: int | None = None) -> None:
         self.video_frames, self.video_fps = video_frames, video_fps
         if min_pixels or max_pixels:  # the resolution this run reads images at; saved with the processor
-            size = processor.image_processor.size
-            processor.image_processor.size = {"shortest_edge": min_pixels or size["shortest_edge"],
-                                              "longest_edge": max_pixels or size["longest_edge"]}
+            image_processor = self.tokenizer.image_processor
+            size = image_processor.size
+            image_processor.size = {"shortest_edge": min_pixels or size["shortest_edge"],
+                                    "longest_edge": max_pixels or size["longest_edge"]}
 
     # ---- prompts --------------------------------------------------------------------
     def format_prompt(self, prompt: str | Prompt) -> str:
@@ -112,3 +116,25 @@ class VLPolicy(HFPolicy):
             logits = vl_completion_logits(self.model, inputs, ids, mask, inputs["input_ids"].shape[1])
         logprobs = logits.float().log_softmax(-1).gather(-1, answer_ids.unsqueeze(-1)).squeeze(-1)
         return -(logprobs * answer_mask).sum() / answer_mask.sum()
+
+
+def _split_vision_options(kwargs: dict) -> dict:
+    return {k: kwargs.pop(k) for k in ("video_frames", "video_fps", "min_pixels", "max_pixels") if k in kwargs}
+
+
+class VLPolicy(VisionLanguageInputs, HFPolicy):
+    """One branch on a vision-language model, all weights trained (a full copy per branch)."""
+
+    def __init__(self, name: str, model, processor, *args, **kwargs):
+        vision = _split_vision_options(kwargs)
+        HFPolicy.__init__(self, name, model, processor, *args, **kwargs)
+        self.init_vision(**vision)
+
+
+class VLLoraPolicy(VisionLanguageInputs, LoraPolicy):
+    """One LoRA branch on a shared frozen vision-language base (adapters in the vision tower too)."""
+
+    def __init__(self, name: str, shared, processor, *args, **kwargs):
+        vision = _split_vision_options(kwargs)
+        LoraPolicy.__init__(self, name, shared, processor, *args, **kwargs)
+        self.init_vision(**vision)

@@ -148,7 +148,8 @@ def encode_vl(texts: list[str], images: list[list] | None, videos: list[list[lis
 
 def rope_positions(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(M-RoPE position ids [3, B, L], rope_deltas [B, 1]) of left-padded prompts (see module doc)."""
-    return model.model.get_rope_index(
+    plain = model.get_base_model() if hasattr(model, "get_base_model") else model  # under PEFT adapters
+    return plain.model.get_rope_index(
         inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"),
         video_grid_thw=inputs.get("video_grid_thw"), attention_mask=inputs["attention_mask"])
 
