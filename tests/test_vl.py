@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from transformers.utils import is_torchvision_available
 from PIL import Image
 
 from copd.models import load_pretrained
@@ -67,16 +68,17 @@ def test_tokenizer_chat_template_and_config_ids(tiny):
 
 
 def test_save_and_reload_round_trip(tiny, tmp_path):
-    from transformers import AutoImageProcessor, Qwen2VLImageProcessorPil
+    from transformers import AutoImageProcessor
 
     model, tokenizer, image_processor = tiny
     model.save_pretrained(tmp_path)
     VLProcessor(tokenizer, image_processor).save_pretrained(tmp_path)
     model2, loaded = load_pretrained(tmp_path)
     tokenizer2, processor2 = loaded.tokenizer, loaded.image_processor
-    assert type(model2) is type(model) and type(processor2) is Qwen2VLImageProcessorPil
-    assert type(AutoImageProcessor.from_pretrained(tmp_path)) is Qwen2VLImageProcessorPil
-    assert Qwen2VLImageProcessorPil.from_pretrained(tmp_path).to_dict() == image_processor.to_dict()
+    standard = type(image_processor)  # the torchvision class when torchvision imports, else the PIL one
+    assert type(model2) is type(model) and type(processor2) is standard
+    assert type(AutoImageProcessor.from_pretrained(tmp_path)) is standard
+    assert standard.from_pretrained(tmp_path).to_dict() == image_processor.to_dict()
     assert tokenizer2.get_vocab() == tokenizer.get_vocab() and tokenizer2.chat_template == tokenizer.chat_template
     assert (tokenizer2.eos_token, tokenizer2.pad_token) == (tokenizer.eos_token, tokenizer.pad_token)
     inputs = mixed_batch(tokenizer, image_processor)
@@ -220,3 +222,17 @@ def test_gradients_reach_the_vision_tower(tiny):
     assert vision and all(p.grad is not None for p in vision)
     assert sum(float(p.grad.abs().sum()) for p in vision) > 0
     model.zero_grad()
+
+
+@pytest.mark.skipif(not is_torchvision_available(), reason="the standard video processor needs torchvision")
+def test_standard_video_processor_matches_the_manual_route(tiny):
+    model, tokenizer, image_processor = tiny
+    processor = build_tiny_vl(seed=0)[1]
+    assert processor.video_processor is not None
+    texts = [chat(f"{VIDEO_PLACEHOLDER}where?"), chat(f"{IMAGE_PLACEHOLDER}{VIDEO_PLACEHOLDER}x")]
+    images, videos = [[], [picture(1)]], [[[picture(4), picture(5), picture(6)]], [[picture(7), picture(8)]]]
+    standard = encode_vl(texts, images, videos, tokenizer, image_processor, processor.video_processor)
+    manual = encode_vl(texts, images, videos, tokenizer, image_processor)
+    assert standard.keys() == manual.keys()
+    for key in standard:
+        torch.testing.assert_close(standard[key].float(), manual[key].float(), atol=1e-5, rtol=0)

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedTokenizerFast
-from transformers import Qwen2VLImageProcessorPil
+from transformers.utils import is_torchvision_available
+from transformers import Qwen2VLImageProcessor, Qwen2VLImageProcessorPil
 
 from copd.policy.vl_inputs import IMAGE_PAD, VIDEO_PAD, encode_vl
 
@@ -104,9 +105,23 @@ def build_tiny_vl(seed: int = 0, hidden: int = 64, layers: int = 2, heads: int =
     model = model_cls(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14,
+    image_processor_cls = Qwen2VLImageProcessor if is_torchvision_available() else Qwen2VLImageProcessorPil
+    image_processor = image_processor_cls(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14,
                                                merge_size=2, temporal_patch_size=2)
-    return model, VLProcessor(tokenizer, image_processor)
+    return model, VLProcessor(tokenizer, image_processor, _video_processor(image_processor))
+
+
+def _video_processor(image_processor):
+    """With torchvision: transformers' video processor at the image processor's resolution (its own
+    defaults would upscale small frames), so a fresh build matches a reloaded folder."""
+    if not is_torchvision_available():
+        return None
+    from transformers import Qwen2VLVideoProcessor
+
+    return Qwen2VLVideoProcessor(
+        min_pixels=image_processor.size["shortest_edge"], max_pixels=image_processor.size["longest_edge"],
+        patch_size=image_processor.patch_size, temporal_patch_size=image_processor.temporal_patch_size,
+        merge_size=image_processor.merge_size, do_sample_frames=False)
 
 
 # model_type values of the vision-language architectures copd drives (their M-RoPE and inputs).
@@ -119,11 +134,17 @@ def is_vision_language(config) -> bool:
 
 
 class VLProcessor:
-    """A vision-language model's tokenizer and image processor, used where a policy holds a tokenizer."""
+    """A vision-language model's tokenizer, image processor and (with torchvision) video processor.
 
-    def __init__(self, tokenizer, image_processor):
+    Used where a policy holds a tokenizer. With torchvision installed, transformers' own
+    image and video processors are used; without it, the PIL image processor, and videos
+    are patchified from its per-frame output (copd.policy.vl_inputs.video_patches).
+    """
+
+    def __init__(self, tokenizer, image_processor, video_processor=None):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
+        self.video_processor = video_processor
 
     # what a policy reads of a tokenizer
     eos_token_id = property(lambda self: self.tokenizer.eos_token_id)
@@ -154,7 +175,7 @@ class VLProcessor:
 
     def encode(self, texts: list[str], images: list[list], videos: list[list[list]]) -> dict:
         """Model inputs of texts with placeholder blocks and their PIL images / video frames."""
-        return encode_vl(texts, images, videos, self.tokenizer, self.image_processor)
+        return encode_vl(texts, images, videos, self.tokenizer, self.image_processor, self.video_processor)
 
     def save_pretrained(self, folder: str | Path) -> None:
         self.tokenizer.save_pretrained(folder)
@@ -162,8 +183,13 @@ class VLProcessor:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> VLProcessor:
-        """Without torchvision, AutoImageProcessor picks the PIL image processor."""
+        """AutoImageProcessor picks the torchvision image processor when torchvision imports, else the PIL one."""
         tokenizer = AutoTokenizer.from_pretrained(folder)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        return cls(tokenizer, AutoImageProcessor.from_pretrained(folder))
+        video_processor = None
+        if is_torchvision_available():
+            from transformers import AutoVideoProcessor
+
+            video_processor = AutoVideoProcessor.from_pretrained(folder)
+        return cls(tokenizer, AutoImageProcessor.from_pretrained(folder), video_processor)

@@ -30,10 +30,11 @@ class VisionLanguageInputs:
                     max_pixels: int | None = None) -> None:
         self.video_frames, self.video_fps = video_frames, video_fps
         if min_pixels or max_pixels:  # the resolution this run reads images at; saved with the processor
-            image_processor = self.tokenizer.image_processor
-            size = image_processor.size
-            image_processor.size = {"shortest_edge": min_pixels or size["shortest_edge"],
-                                    "longest_edge": max_pixels or size["longest_edge"]}
+            for processor in (self.tokenizer.image_processor, self.tokenizer.video_processor):
+                if processor is not None:
+                    size = processor.size
+                    processor.size = {"shortest_edge": min_pixels or size["shortest_edge"],
+                                      "longest_edge": max_pixels or size["longest_edge"]}
 
     # ---- prompts --------------------------------------------------------------------
     def format_prompt(self, prompt: str | Prompt) -> str:

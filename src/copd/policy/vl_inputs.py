@@ -99,15 +99,23 @@ def _expand_pads(ids: list[int], pad_id: int, counts: list[int]) -> list[int]:
     return out
 
 
-def _pixels(images, videos, image_processor) -> dict:
-    """Pixel tensors and grids of all images (then all videos), in row order."""
+def _pixels(images, videos, image_processor, video_processor=None) -> dict:
+    """Pixel tensors and grids of all images (then all videos), in row order.
+
+    Videos go through transformers' video processor when there is one (it needs
+    torchvision), keeping every given frame; otherwise through `video_patches`, which gives
+    the same layout from the image processor.
+    """
     feats = {}
     flat_images = [im for row in images for im in row]
     if flat_images:
         out = image_processor(images=flat_images, return_tensors="pt")
         feats["pixel_values"], feats["image_grid_thw"] = out["pixel_values"], out["image_grid_thw"]
     flat_videos = [video for row in videos for video in row]
-    if flat_videos:
+    if flat_videos and video_processor is not None:
+        out = video_processor(videos=flat_videos, return_tensors="pt", do_sample_frames=False, cap_pixels_per_frame=False)
+        feats["pixel_values_videos"], feats["video_grid_thw"] = out["pixel_values_videos"], out["video_grid_thw"]
+    elif flat_videos:
         parts = [video_patches(video, image_processor) for video in flat_videos]
         feats["pixel_values_videos"] = torch.cat([patches for patches, _ in parts])
         feats["video_grid_thw"] = torch.stack([grid for _, grid in parts])
@@ -115,7 +123,7 @@ def _pixels(images, videos, image_processor) -> dict:
 
 
 def encode_vl(texts: list[str], images: list[list] | None, videos: list[list[list]] | None, tokenizer,
-              image_processor) -> dict[str, torch.Tensor]:
+              image_processor, video_processor=None) -> dict[str, torch.Tensor]:
     """Left-padded model inputs for texts that hold one placeholder block per image and video.
 
     images[i] / videos[i] are row i's images and videos (a video is a list of PIL frames), in
@@ -125,7 +133,7 @@ def encode_vl(texts: list[str], images: list[list] | None, videos: list[list[lis
     """
     images = images or [[] for _ in texts]
     videos = videos or [[] for _ in texts]
-    feats = _pixels(images, videos, image_processor)
+    feats = _pixels(images, videos, image_processor, video_processor)
     per_token = image_processor.merge_size ** 2
     image_counts = iter((feats.get("image_grid_thw", torch.zeros(0, 3)).prod(-1) // per_token).tolist())
     video_counts = iter((feats.get("video_grid_thw", torch.zeros(0, 3)).prod(-1) // per_token).tolist())
