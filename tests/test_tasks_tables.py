@@ -5,6 +5,7 @@ import re
 import sys
 
 import pytest
+from PIL import Image
 
 datasets = pytest.importorskip("datasets")
 pa = pytest.importorskip("pyarrow")
@@ -77,19 +78,30 @@ def test_json_list_or_lines(tmp_path, layout):
     assert {s.answer for s in _all(cap)} == {str(i) for i in range(20)}
 
 
+def _picture(path, frames=1):
+    # Media files are checked when a capability loads, so they must exist and be readable.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images = [Image.new("RGB", (8, 8), (40 * i, 0, 0)) for i in range(frames)]
+    images[0].save(path, save_all=frames > 1, append_images=images[1:])
+    return path
+
+
 def test_system_images_videos_mapping(tmp_path):
+    _picture(tmp_path / "d/img/a.png")
+    _picture(tmp_path / "d/v/1.gif", frames=3)
+    absolute = _picture(tmp_path / "abs/2/frame1.png").parent  # a folder of frames
+    url = "https://example.com/3.mp4"  # URLs are kept as given and not checked
     rows = [
         {"question": "a", "answer": "1", "sys": "be brief", "img": "img/a.png", "vid": None},
-        {"question": "b", "answer": "2", "sys": None, "img": None, "vid": ["v/1.mp4", "/abs/2.mp4"]},
+        {"question": "b", "answer": "2", "sys": None, "img": None, "vid": ["v/1.gif", str(absolute), url]},
     ]
-    (tmp_path / "d").mkdir()
     path = _parquet(tmp_path / "d" / "mm.parquet", rows)
     spec = _spec(path=str(path), test_path=str(path), system_field="sys")
     cap = load_capability({**spec, "images_field": "img", "videos_field": "vid"})
     a, b = cap.test_set()
     assert a == Sample("a", "1", {}, system="be brief", images=(str(tmp_path / "d/img/a.png"),))
     assert b.system is None and b.images == ()
-    assert b.videos == (str(tmp_path / "d/v/1.mp4"), "/abs/2.mp4")
+    assert b.videos == (str(tmp_path / "d/v/1.gif"), str(absolute), url)
 
 
 def test_fields_selects_verifier_keywords(tmp_path):
@@ -133,6 +145,8 @@ def test_parquet_folder_dataset_with_ratio_split(tmp_path):
 
 def test_ratio_split_keeps_image_questions_apart(tmp_path):
     rows = [{"question": "What is shown?", "answer": "x", "img": f"{i}.png"} for i in range(10)]
+    for i in range(10):
+        _picture(tmp_path / f"{i}.png")
     path = _parquet(tmp_path / "mm.parquet", rows)
     cap = load_capability(_spec(path=str(path), images_field="img", test_ratio=0.2))
     assert len(cap.test_set()) == 2 and len(cap.source.train) == 8

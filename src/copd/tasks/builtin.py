@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from copd.errors import CopdError
-from copd.tasks.core import Capability, Sample, did_you_mean
+from copd.tasks.core import Capability, Sample, merge_options
 from copd.tasks.sources import ProceduralSource
 from copd.tasks.verifiers import exact
 
@@ -82,18 +82,7 @@ _KINDS: dict[str, _Kind] = {
 
 def _options(kind: _Kind, given: dict[str, Any]) -> dict[str, Any]:
     """Merge user options over the defaults, rejecting unknown keys and wrong types."""
-    defaults = {**COMMON_DEFAULTS, **kind.defaults}
-    for key, value in given.items():
-        if key not in defaults:
-            raise CopdError(
-                f"unknown option {key!r}{did_you_mean(key, defaults)}; "
-                f"options: {', '.join(sorted(defaults))}"
-            )
-        want = type(defaults[key])
-        # bool is an int subclass, but `digits: true` is surely a mistake.
-        if not isinstance(value, want) or isinstance(value, bool):
-            raise CopdError(f"option {key!r} must be of type {want.__name__}, got {value!r}")
-    opts = {**defaults, **given}
+    opts = merge_options({**COMMON_DEFAULTS, **kind.defaults}, given)
     if opts["test_size"] < 1:
         raise CopdError(f"option 'test_size' must be >= 1, got {opts['test_size']}")
     kind.check(opts)
@@ -118,3 +107,8 @@ BUILTIN_CAPABILITIES: dict[str, Callable[..., Capability]] = {
 from copd.tasks.language import LANGUAGE_CAPABILITIES  # noqa: E402
 
 BUILTIN_CAPABILITIES.update(LANGUAGE_CAPABILITIES)
+
+# Image and video tasks for vision-language models.
+from copd.tasks.visual import VISUAL_CAPABILITIES  # noqa: E402
+
+BUILTIN_CAPABILITIES.update(VISUAL_CAPABILITIES)

@@ -82,6 +82,21 @@ def did_you_mean(name: object, choices: Iterable[str]) -> str:
     return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
 
 
+def merge_options(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """A built-in's options: `given` over `defaults`, rejecting unknown keys and wrong types."""
+    for key, value in given.items():
+        if key not in defaults:
+            raise CopdError(
+                f"unknown option {key!r}{did_you_mean(key, defaults)}; "
+                f"options: {', '.join(sorted(defaults))}"
+            )
+        want = type(defaults[key])
+        # bool is an int subclass, but `digits: true` is surely a mistake.
+        if not isinstance(value, want) or isinstance(value, bool):
+            raise CopdError(f"option {key!r} must be of type {want.__name__}, got {value!r}")
+    return {**defaults, **given}
+
+
 def check_state(state: dict[str, Any], expected: dict[str, Any]) -> None:
     """Refuse to resume a sampler from a state written for different data or seed."""
     for key, value in expected.items():

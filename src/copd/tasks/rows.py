@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from copd.errors import CopdError
+from copd.media import check_image, check_video
 from copd.tasks.core import Sample
 
 # Sample.fields are passed as keywords next to these positional arguments of the verifier,
@@ -75,8 +76,8 @@ class FieldMap:
             answer,
             self._fields(row),
             system=self._system(row, where),
-            images=self._media(row, self.images, where, base),
-            videos=self._media(row, self.videos, where, base),
+            images=self._media(row, self.images, where, base, check_image),
+            videos=self._media(row, self.videos, where, base, check_video),
         )
 
     def _fields(self, row: Mapping[str, Any]) -> dict[str, Any]:
@@ -97,8 +98,13 @@ class FieldMap:
 
     @staticmethod
     def _media(
-        row: Mapping[str, Any], column: str | None, where: str, base: Path | None
+        row: Mapping[str, Any],
+        column: str | None,
+        where: str,
+        base: Path | None,
+        check: Callable[[str], None],
     ) -> tuple[str, ...]:
+        """Resolved media paths, each checked now so a missing file fails before training."""
         if column is None or row[column] is None or row[column] == "":
             return ()
         value = row[column]
@@ -108,7 +114,15 @@ class FieldMap:
                 f'{where}: field "{column}" must be a path or a list of paths, '
                 f"got {short_repr(value)}"
             )
-        return tuple(resolve_media(p, base) for p in items)
+        paths = tuple(resolve_media(p, base) for p in items)
+        for path in paths:
+            if "://" in path:
+                continue  # fetched by whoever reads it; checking would need the network
+            try:
+                check(path)
+            except CopdError as exc:
+                raise CopdError(f'{where}: field "{column}": {exc}') from None
+        return paths
 
 
 def resolve_media(path: str, base: Path | None) -> str:

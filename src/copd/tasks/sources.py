@@ -6,12 +6,13 @@ import hashlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
 
 from copd.errors import CopdError
 from copd.tasks.core import Sample, check_state
 
-# A prompt is in the test split iff sha1(prompt) % TEST_MODULUS == 0 (about 10%).
+# A sample is in the test split iff sha1(split_key(sample)) % TEST_MODULUS == 0 (about 10%).
 TEST_MODULUS = 10
 # Fixed seed of the procedural test generator, so the test split is the same for every run.
 TEST_SEED = "copd-test"
@@ -22,9 +23,24 @@ MAX_MISSES = 10_000
 Generate = Callable[[random.Random], Sample]
 
 
-def is_test_prompt(prompt: str) -> bool:
-    """Stable across processes and Python versions (unlike hash()), so splits never drift."""
-    digest = hashlib.sha1(prompt.encode("utf-8")).hexdigest()
+def split_key(sample: Sample) -> str:
+    """What decides a procedural sample's split: its prompt, plus its media file names.
+
+    Image questions share one wording, so the media tell them apart; file names rather than
+    paths keep the split independent of where the media folder lives. A text-only sample's
+    key is its prompt, so text splits are the same as when only prompts counted.
+    """
+    media = [f"\nimage {PurePosixPath(p).name}" for p in sample.images]
+    media += [f"\nvideo {PurePosixPath(p).name}" for p in sample.videos]
+    return sample.prompt + "".join(media)
+
+
+def is_test_prompt(key: str) -> bool:
+    """Whether a split key (see split_key) is in the test split.
+
+    Stable across processes and Python versions (unlike hash()), so splits never drift.
+    """
+    digest = hashlib.sha1(key.encode("utf-8")).hexdigest()
     return int(digest, 16) % TEST_MODULUS == 0
 
 
@@ -35,7 +51,7 @@ def _rng(seed: object, counter: int) -> random.Random:
 
 
 class ProceduralSampler:
-    """Training samples from generate(rng(seed, counter)), skipping test-split prompts."""
+    """Training samples from generate(rng(seed, counter)), skipping test-split samples."""
 
     def __init__(self, name: str, generate: Generate, seed: int) -> None:
         self._name, self._generate, self._seed = name, generate, seed
@@ -47,7 +63,7 @@ class ProceduralSampler:
         while len(out) < n:
             sample = self._generate(_rng(self._seed, self._counter))
             self._counter += 1
-            if not is_test_prompt(sample.prompt):
+            if not is_test_prompt(split_key(sample)):
                 out.append(sample)
                 misses = 0
                 continue
@@ -69,7 +85,7 @@ class ProceduralSampler:
 
 @dataclass
 class ProceduralSource:
-    """Endless generator; the test split is the first `test_size` distinct test prompts."""
+    """Endless generator; the test split is the first `test_size` distinct test split keys."""
 
     name: str
     generate: Generate
@@ -91,8 +107,9 @@ class ProceduralSource:
         while len(found) < self.test_size and misses < MAX_MISSES:
             sample = self.generate(_rng(TEST_SEED, counter))
             counter += 1
-            if is_test_prompt(sample.prompt) and sample.prompt not in found:
-                found[sample.prompt] = sample
+            key = split_key(sample)
+            if is_test_prompt(key) and key not in found:
+                found[key] = sample
                 misses = 0
             else:
                 misses += 1
