@@ -18,13 +18,13 @@ from copd.vl import VLProcessor
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def write_config(tmp_path: Path, **extra) -> Path:
+def write_config(tmp_path: Path, architecture: str = "qwen2_vl") -> Path:
     data = tmp_path / "data"
     if not data.exists():
         shutil.copytree(EXAMPLES / "data" / "multimodal", data)
     text = f"""
 model:
-  tiny: {{architecture: qwen2_vl, hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64, vision_hidden_size: 16}}
+  tiny: {{architecture: {architecture}, hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64, vision_hidden_size: 16}}
   cache_dir: {tmp_path / 'cache'}
   vision: {{video_frames: 4}}
 warmup: {{enabled: false}}
@@ -49,8 +49,9 @@ run: {{out: {tmp_path / 'run'}, seed: 0}}
     return path
 
 
-def test_three_modalities_train_merge_and_evaluate(tmp_path):
-    path = write_config(tmp_path)
+@pytest.mark.parametrize("architecture", ["qwen2_vl", "qwen2_5_vl"])
+def test_three_modalities_train_merge_and_evaluate(tmp_path, architecture):
+    path = write_config(tmp_path, architecture)
     run_dir = run_training(load_config(path), base_dir=path.parent)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     edges = {r["edge"] for r in records if r.get("edge")}
@@ -60,7 +61,7 @@ def test_three_modalities_train_merge_and_evaluate(tmp_path):
     assert set(scores) == {"base", "branch:text", "branch:image", "branch:video", "merged"}
     assert set(scores["merged"]["greedy"]) == {"sort", "shapes", "motion"}
     model, processor = load_pretrained(run_dir / "final")
-    assert type(model).__name__ == "Qwen2VLForConditionalGeneration" and isinstance(processor, VLProcessor)
+    assert model.config.model_type == architecture and isinstance(processor, VLProcessor)
     assert (run_dir / "final" / "preprocessor_config.json").is_file()
     assert write_report(run_dir).is_file()
 
@@ -80,3 +81,34 @@ def test_an_unreadable_video_fails_before_anything_is_written(tmp_path):
     with pytest.raises(CopdError, match=r"motion\.jsonl:3: .*002"):
         run_training(load_config(path), base_dir=path.parent)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_crashed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+    from copd.train import Trainer
+
+    straight_dir, crashed_dir = tmp_path / "straight", tmp_path / "crashed"
+    straight_dir.mkdir()
+    crashed_dir.mkdir()
+    straight = run_training(load_config(write_config(straight_dir)), base_dir=straight_dir)
+    crashed_path = write_config(crashed_dir)
+    original_step, calls = Trainer.step, {"n": 0}
+
+    def crash_in_cycle_two(self, phase):
+        calls["n"] += 1
+        if calls["n"] == 3:  # cycle 1 has 2 steps
+            raise KeyboardInterrupt
+        return original_step(self, phase)
+
+    monkeypatch.setattr(Trainer, "step", crash_in_cycle_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(load_config(crashed_path), base_dir=crashed_dir)
+    monkeypatch.setattr(Trainer, "step", original_step)
+    resumed = run_training(load_config(crashed_path), resume=True, base_dir=crashed_dir)
+    assert training_records(resumed) == training_records(straight)
+    assert json.loads((resumed / "eval.json").read_text()) == json.loads((straight / "eval.json").read_text())
+
+
+def training_records(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without wall-clock fields."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]

@@ -153,3 +153,19 @@ def test_lora_branches_on_a_vision_language_base(media, tmp_path):
     loaded, loaded_processor = load_pretrained(tmp_path)
     again = make_policy("again", loaded, loaded_processor, video_frames=4)
     torch.testing.assert_close(again.score(rollouts).token_logprobs_B_T, a.score(rollouts).token_logprobs_B_T, atol=1e-5, rtol=1e-5)
+
+
+def test_a_qwen3_vl_folder_is_refused_in_one_line(tmp_path):
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from copd.errors import CopdError
+    from copd.vl import build_vl_tokenizer
+
+    tokenizer = build_vl_tokenizer()
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3]})
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, deepstack_visual_indexes=[0])
+    Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text, vision_config=vision)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(CopdError, match="Qwen3-VL is not supported yet"):
+        load_pretrained(tmp_path)

@@ -16,7 +16,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.utils import is_torchvision_available
-from transformers import Qwen2VLImageProcessor, Qwen2VLImageProcessorPil
+from transformers import Qwen2VLImageProcessorPil
 
 from copd.policy.vl_inputs import IMAGE_PAD, VIDEO_PAD, encode_vl
 
@@ -105,7 +105,9 @@ def build_tiny_vl(seed: int = 0, hidden: int = 64, layers: int = 2, heads: int =
     model = model_cls(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    image_processor_cls = Qwen2VLImageProcessor if is_torchvision_available() else Qwen2VLImageProcessorPil
+    image_processor_cls = Qwen2VLImageProcessorPil
+    if is_torchvision_available():  # importing the torchvision class without torchvision only warns and falls back
+        from transformers import Qwen2VLImageProcessor as image_processor_cls
     image_processor = image_processor_cls(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14,
                                                merge_size=2, temporal_patch_size=2)
     return model, VLProcessor(tokenizer, image_processor, _video_processor(image_processor))
