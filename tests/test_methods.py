@@ -3,7 +3,6 @@
 import json
 
 import pytest
-from transformers import AutoModelForCausalLM
 
 from copd.config_loader import validate_config
 from copd.methods import METHODS
@@ -129,7 +128,6 @@ def test_overlap_trigger_moves_unused_explore_steps_into_consolidation(tmp_path)
     policies = {"add": FakePolicy("add", log, 0.5, [0.0, 0.0, 0.0, 1.0, 2.0]), "rev": FakePolicy("rev", log, 0.5, [2.0, 1.0, 0.0, 0.0, 0.0])}
     Trainer(config, tmp_path, policies, load_capabilities(config)).run()
     rows = records(tmp_path)
-    phases = [r["phase"] for r in rows if r["type"] == "branch" and r["branch"] == "add"]
     cycles = [[r["phase"] for r in rows if r["type"] == "branch" and r["branch"] == "add" and r["cycle"] == c] for c in (1, 2)]
     probes = [(r["cycle"], r["overlap_topk"]) for r in rows if r.get("probe")]
     # Cycle 1: top-4 overlap 0.75 < 0.9 after the first step, so the 3 unused explore steps go to consolidation.

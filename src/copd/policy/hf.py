@@ -80,6 +80,9 @@ class HFPolicy:
             comp_ids, comp_mask = sample_completions(
                 self.model, ids, mask, params, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, generator
             )
+        return self._rollouts(ids, mask, comp_ids, comp_mask)
+
+    def _rollouts(self, ids, mask, comp_ids, comp_mask, vision=None) -> Rollouts:
         # Rows that finished are padded after EOS, so skipping special tokens leaves the answer text.
         texts = self.tokenizer.batch_decode(comp_ids, skip_special_tokens=True)
         return Rollouts(
@@ -88,6 +91,7 @@ class HFPolicy:
             prompt_len=ids.shape[1],
             completion_mask_B_T=comp_mask,
             completions=texts,
+            vision=vision,
         )
 
     def _dist(self, rollouts: Rollouts) -> torch.Tensor:

@@ -62,11 +62,20 @@ def sample_completions(
 
     The mask is 1 on generated tokens up to and including EOS; finished rows are padded.
     """
-    batch = input_ids_B_P.shape[0]
-    mask = attention_mask_B_P.clone()
-    cache, logits = prefill(model, input_ids_B_P, mask)
-    logits = logits[:, -1]
-    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids_B_P.device)
+    cache, logits = prefill(model, input_ids_B_P, attention_mask_B_P)
+    return decode(model, cache, logits[:, -1], attention_mask_B_P, params, eos_id, pad_id, generator,
+                  lambda mask: positions_from_mask(mask)[:, -1:])
+
+
+def decode(model, cache, logits_B_V: torch.Tensor, attention_mask_B_P: torch.Tensor, params: SamplingParams, eos_id: int,
+           pad_id: int, generator: torch.Generator | None, new_position) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token-by-token loop after a prefill: (completion_ids_B_T, completion_mask_B_T).
+
+    `new_position(mask)` gives the position ids of the token just appended to `mask` (plain
+    for text, M-RoPE for vision-language models).
+    """
+    mask, logits = attention_mask_B_P, logits_B_V
+    finished = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
     tokens, alive = [], []
     for step in range(params.max_new_tokens):
         token = next_tokens(logits, params, generator)
@@ -76,9 +85,10 @@ def sample_completions(
         finished = finished | (token == eos_id)
         if bool(finished.all()) or step == params.max_new_tokens - 1:
             break
+        # A finished row's pad token is masked out, so it never shifts that row's positions.
         mask = torch.cat([mask, (~finished | (token == eos_id)).long()[:, None]], dim=1)
-        position = positions_from_mask(mask)[:, -1:]
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=new_position(mask), past_key_values=cache,
+                    use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1]
     return torch.stack(tokens, 1), torch.stack(alive, 1).float()
 

@@ -83,16 +83,8 @@ class VisionLanguageInputs:
         with self._compute():
             comp_ids, comp_mask = vl_sample(self.model, inputs, params, generator, self.tokenizer.eos_token_id,
                                             self.tokenizer.pad_token_id, rows_per_prompt=n)
-        texts = self.tokenizer.batch_decode(comp_ids, skip_special_tokens=True)
         ids, mask = repeat_rows(inputs["input_ids"], n), repeat_rows(inputs["attention_mask"], n)
-        return Rollouts(
-            input_ids_B_L=torch.cat([ids, comp_ids], 1),
-            attention_mask_B_L=torch.cat([mask, comp_mask.long()], 1),
-            prompt_len=ids.shape[1],
-            completion_mask_B_T=comp_mask,
-            completions=texts,
-            vision=vision,
-        )
+        return self._rollouts(ids, mask, comp_ids, comp_mask, vision)
 
     def _dist(self, rollouts: Rollouts) -> torch.Tensor:
         prompts = self._prompt_inputs(rollouts)

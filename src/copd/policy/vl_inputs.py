@@ -56,7 +56,7 @@ from __future__ import annotations
 import torch
 
 from copd.policy.base import SamplingParams
-from copd.policy.sampling import next_tokens, repeat_rows
+from copd.policy.sampling import decode, repeat_rows
 
 PIXEL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
@@ -195,23 +195,8 @@ def vl_sample(model, prompts: dict, params: SamplingParams, generator: torch.Gen
     """
     mask = repeat_rows(prompts["attention_mask"], rows_per_prompt)
     cache, logits, deltas = _prefill(model, prompts, rows_per_prompt)
-    logits = logits[:, -1]
-    finished = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
-    tokens, alive = [], []
-    for step in range(params.max_new_tokens):
-        token = next_tokens(logits, params, generator)
-        token = torch.where(finished, torch.full_like(token, pad_id), token)
-        tokens.append(token)
-        alive.append(~finished)
-        finished = finished | (token == eos_id)
-        if bool(finished.all()) or step == params.max_new_tokens - 1:
-            break
-        # A finished row's pad token is masked out, so it never shifts that row's positions.
-        mask = torch.cat([mask, (~finished | (token == eos_id)).long()[:, None]], dim=1)
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=decode_positions(mask, deltas, -1),
-                    past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
-    return torch.stack(tokens, 1), torch.stack(alive, 1).float()
+    return decode(model, cache, logits[:, -1], mask, params, eos_id, pad_id, generator,
+                  lambda grown: decode_positions(grown, deltas, -1))
 
 
 def vl_completion_logits(model, prompts: dict, input_ids_B_L: torch.Tensor, attention_mask_B_L: torch.Tensor,
