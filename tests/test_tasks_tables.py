@@ -90,10 +90,9 @@ def test_system_images_videos_mapping(tmp_path):
     _picture(tmp_path / "d/img/a.png")
     _picture(tmp_path / "d/v/1.gif", frames=3)
     absolute = _picture(tmp_path / "abs/2/frame1.png").parent  # a folder of frames
-    url = "https://example.com/3.mp4"  # URLs are kept as given and not checked
     rows = [
         {"question": "a", "answer": "1", "sys": "be brief", "img": "img/a.png", "vid": None},
-        {"question": "b", "answer": "2", "sys": None, "img": None, "vid": ["v/1.gif", str(absolute), url]},
+        {"question": "b", "answer": "2", "sys": None, "img": None, "vid": ["v/1.gif", str(absolute)]},
     ]
     path = _parquet(tmp_path / "d" / "mm.parquet", rows)
     spec = _spec(path=str(path), test_path=str(path), system_field="sys")
@@ -101,7 +100,11 @@ def test_system_images_videos_mapping(tmp_path):
     a, b = cap.test_set()
     assert a == Sample("a", "1", {}, system="be brief", images=(str(tmp_path / "d/img/a.png"),))
     assert b.system is None and b.images == ()
-    assert b.videos == (str(tmp_path / "d/v/1.gif"), str(absolute), url)
+    assert b.videos == (str(tmp_path / "d/v/1.gif"), str(absolute))
+    rows[1]["vid"] = ["v/1.gif", "https://example.com/3.mp4"]
+    _parquet(path, rows)
+    with pytest.raises(CopdError, match=r'row 2: field "vid": https://example.com/3.mp4 is a URL; .* give its path'):
+        load_capability({**spec, "images_field": "img", "videos_field": "vid"})
 
 
 def test_fields_selects_verifier_keywords(tmp_path):

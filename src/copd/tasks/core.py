@@ -17,7 +17,7 @@ Verifier = Callable[..., float]
 class Sample:
     """One prompt with its reference answer; `fields` go to the verifier as keywords.
 
-    `system` is a per-sample system prompt, `images` and `videos` are paths (or URLs) of
+    `system` is a per-sample system prompt, `images` and `videos` are local paths of
     media attached to the prompt; text tasks leave them at their defaults.
     """
 

@@ -116,8 +116,9 @@ class FieldMap:
             )
         paths = tuple(resolve_media(p, base) for p in items)
         for path in paths:
-            if "://" in path:
-                continue  # fetched by whoever reads it; checking would need the network
+            if "://" in path:  # nothing downloads media; a URL would fail only once training reads it
+                raise CopdError(f'{where}: field "{column}": {path} is a URL; copd reads local files, so download it '
+                                "and give its path")
             try:
                 check(path)
             except CopdError as exc:
@@ -126,7 +127,7 @@ class FieldMap:
 
 
 def resolve_media(path: str, base: Path | None) -> str:
-    """A relative media path joined to `base`; URLs and absolute paths are kept as given."""
+    """A relative media path joined to `base`; absolute paths (and URLs, refused later) are kept as given."""
     if "://" in path or base is None:
         return path
     p = Path(path).expanduser()
