@@ -156,3 +156,15 @@ def test_experts_are_probed_for_overlap_without_changing_training(tmp_path):
     assert [r["edge"] for r in probed if r.get("probe")] == ["add<-rev", "rev<-add"] * 3
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in probed if not r.get("probe")]
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in plain]
+
+
+def test_every_method_derives_from_a_hub_and_spoke_config():
+    raw = json.loads(json.dumps(BASE))
+    raw["capabilities"].append({"name": "count", "builtin": "count"})
+    raw["branches"].append({"name": "c", "capabilities": ["count"]})
+    raw["topology"] = {"kind": "hub", "hub": "s"}
+    hub = validate_config(raw)
+    for name in ("copd", "experts", "mixed", "static_opd", "mopd"):
+        assert plan_of(METHODS[name].transform(hub))  # a valid config whose plan builds
+    mixed = METHODS["mixed"].transform(hub)
+    assert [b.name for b in mixed.branches] == ["mixed"] and not any(p.edges for p in plan_of(mixed))

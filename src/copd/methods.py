@@ -60,7 +60,9 @@ def _mixed(config: Config) -> Config:
     caps = sorted({c for b in _experts(config) for c in b.capabilities})
     k = len(_experts(config))
     schedule = {**config.schedule.model_dump(), "plan": "experts", "cycles": config.schedule.cycles * k}
-    return _copy(config, branches=[{"name": "mixed", "capabilities": caps}], schedule=schedule, merge={**config.merge.model_dump(), "branches": None})
+    # One policy has no edges; a mesh of one branch is valid whatever the CoPD topology was (a hub names a branch gone here).
+    return _copy(config, branches=[{"name": "mixed", "capabilities": caps}], schedule=schedule, merge={**config.merge.model_dump(), "branches": None},
+                 topology={"kind": "mesh", "hub": None})
 
 
 def _static_opd(config: Config) -> Config:
