@@ -202,10 +202,8 @@ def test_unreadable_video_names_file_and_row(tmp_path):
     assert f'data.json: row 2: field "clip": cannot read video {tmp_path / "bad.gif"}: ' in message
 
 
-def test_urls_are_not_checked(tmp_path):
+def test_urls_are_refused_when_the_data_loads(tmp_path):
     rows = [{"prompt": f"p{i}", "answer": "a", "image": f"https://example.com/{i}.png"} for i in range(4)]
     path = _jsonl(tmp_path / "web.jsonl", rows)
-    cap = load_capability({"name": "t", "path": str(path), "images_field": "image", "test_ratio": 0.5})
-    assert {s.images for s in cap.test_set()} | {s.images for s in cap.source.train} == {
-        (f"https://example.com/{i}.png",) for i in range(4)
-    }
+    with pytest.raises(CopdError, match=r"web\.jsonl:1: field \"image\": https://example.com/0.png is a URL"):
+        load_capability({"name": "t", "path": str(path), "images_field": "image", "test_ratio": 0.5})
