@@ -112,3 +112,11 @@ def training_records(run_dir: Path) -> list[dict]:
     """metrics.jsonl without wall-clock fields."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def test_a_text_model_with_image_data_fails_before_anything_is_written(tmp_path):
+    path = write_config(tmp_path)
+    path.write_text(path.read_text().replace("architecture: qwen2_vl,", "architecture: llama,"))
+    with pytest.raises(CopdError, match="capability 'shapes' has images or videos, but the base model reads text only"):
+        run_training(load_config(path), base_dir=path.parent)
+    assert not (tmp_path / "run").exists()

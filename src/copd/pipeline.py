@@ -23,6 +23,7 @@ from copd.policy.base import SamplingParams
 from copd.progress import QuietReporter, Reporter
 from copd.tasks import Capability, load_capability
 from copd.train import Trainer
+from copd.vl import VLProcessor
 from copd.warmstart import prepare_base
 
 
@@ -47,6 +48,16 @@ def resolve_device(name: str) -> str:
     if name == "cuda" and not torch.cuda.is_available():
         raise CopdError("run.device is cuda but torch sees no CUDA device; use run.device=cpu or auto")
     return name
+
+
+def check_modalities(capabilities: dict[str, Capability], tokenizer) -> None:
+    """A text model cannot read a capability's images or videos: say so before the run folder is written."""
+    if isinstance(tokenizer, VLProcessor):
+        return
+    for cap in capabilities.values():
+        if any(s.images or s.videos for s in cap.test_set(8)):
+            raise CopdError(f"capability {cap.name!r} has images or videos, but the base model reads text only; use a "
+                            "vision-language model (model.tiny.architecture: qwen2_vl, or a Qwen2-VL / Qwen2.5-VL model.path)")
 
 
 def load_capabilities(config: Config, base_dir: Path | None = None) -> dict[str, Capability]:
@@ -103,6 +114,7 @@ def run_training(config: Config, resume: bool = False, reporter: Reporter | None
     else:
         model, tokenizer, info = prepare_base(config, capabilities, reporter)
     timing["warmup_seconds"] = round(time.perf_counter() - t0, 2)
+    check_modalities(capabilities, tokenizer)
     policies, base_policy = build_branches(config, model, tokenizer, device)
     reporter.print(describe_branches(policies, base_policy))
     # The run folder is written only now, so a mistake found while building the base or the
