@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from copd.policy.hf import HFPolicy
 from copd.policy.lora import LoraPolicy
-from copd.policy.vl import VLLoraPolicy, VLPolicy
+from copd.policy.vl import VISION_OPTIONS, VLLoraPolicy, VLPolicy
 from copd.vl import VLProcessor
-
-# Options (ModelConfig.policy_options) that only a vision-language policy reads.
-VISION_OPTIONS = ("video_frames", "video_fps", "min_pixels", "max_pixels")
 
 
 def make_policy(name: str, model, processing, *args, **kwargs) -> HFPolicy:

@@ -97,7 +97,7 @@ class VisionLanguageInputs:
     # ---- supervised warm start --------------------------------------------------------
     def supervised_loss(self, prompts: list[Prompt], answers: list[str]) -> torch.Tensor:
         """Mean cross-entropy of the answer tokens (and EOS) after each prompt, pixels included."""
-        inputs, vision = self.encode_prompts(prompts, 1)
+        inputs, _ = self.encode_prompts(prompts, 1)
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         rows = [self.tokenizer.tokenizer(a, add_special_tokens=False)["input_ids"] + [eos] for a in answers]
         width = max(map(len, rows))
@@ -111,8 +111,12 @@ class VisionLanguageInputs:
         return -(logprobs * answer_mask).sum() / answer_mask.sum()
 
 
+# Options (ModelConfig.policy_options) that only a vision-language policy reads: init_vision's arguments.
+VISION_OPTIONS = ("video_frames", "video_fps", "min_pixels", "max_pixels")
+
+
 def _split_vision_options(kwargs: dict) -> dict:
-    return {k: kwargs.pop(k) for k in ("video_frames", "video_fps", "min_pixels", "max_pixels") if k in kwargs}
+    return {k: kwargs.pop(k) for k in VISION_OPTIONS if k in kwargs}
 
 
 class VLPolicy(VisionLanguageInputs, HFPolicy):

@@ -137,8 +137,7 @@ def encode_vl(texts: list[str], images: list[list] | None, videos: list[list[lis
     per_token = image_processor.merge_size ** 2
     image_counts = iter((feats.get("image_grid_thw", torch.zeros(0, 3)).prod(-1) // per_token).tolist())
     video_counts = iter((feats.get("video_grid_thw", torch.zeros(0, 3)).prod(-1) // per_token).tolist())
-    image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    video_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    image_id, video_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD), tokenizer.convert_tokens_to_ids(VIDEO_PAD)
     rows = []
     for text, row_images, row_videos in zip(texts, images, videos, strict=True):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -150,8 +149,13 @@ def encode_vl(texts: list[str], images: list[list] | None, videos: list[list[lis
     for i, row in enumerate(rows):
         input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
         attention_mask[i, width - len(row):] = 1
-    types = (input_ids == image_id).int() + 2 * (input_ids == video_id).int()
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": types, **feats}
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "mm_token_type_ids": token_types(input_ids, image_id, video_id), **feats}
+
+
+def token_types(input_ids: torch.Tensor, image_id: int, video_id: int) -> torch.Tensor:
+    """mm_token_type_ids: 0 text, 1 image, 2 video (what marks the vision blocks for M-RoPE)."""
+    return (input_ids == image_id).int() + 2 * (input_ids == video_id).int()
 
 
 def rope_positions(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,6 +225,5 @@ def prompt_inputs(input_ids_B_L: torch.Tensor, attention_mask_B_L: torch.Tensor,
                   rows_per_prompt: int, image_id: int, video_id: int) -> dict:
     """The distinct prompts of grouped rows, with their pixels and token types (0 text, 1 image, 2 video)."""
     ids = input_ids_B_L[::rows_per_prompt, :prompt_len]
-    types = (ids == image_id).int() + 2 * (ids == video_id).int()
     return {"input_ids": ids, "attention_mask": attention_mask_B_L[::rows_per_prompt, :prompt_len],
-            "mm_token_type_ids": types, **pixels}
+            "mm_token_type_ids": token_types(ids, image_id, video_id), **pixels}
