@@ -8,7 +8,7 @@ are kept once; a tokenizer differing from the first checkpoint's is skipped). Ea
 greedily on every capability of the first run's config. For an ordered pair (student S, teacher T)
 the target capability is the one where T's greedy accuracy most exceeds S's (pairs where T is
 better nowhere are dropped). Per pair: top-k overlap and symmetric KL of T on S's rollouts of that
-capability (copd.diagnose.diagnose_models), then a copy of S runs --steps OPD-only updates from T
+capability (copd.evaluation.diagnose.diagnose_models), then a copy of S runs --steps OPD-only updates from T
 on that capability's prompts (the run's beta of its first branch, estimator, batch sizes, lr);
 gain = greedy accuracy after - before. Reports Pearson and Spearman correlation of overlap vs gain.
 """
@@ -26,15 +26,15 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
-from copd.config_loader import load_config
-from copd.diagnose import diagnose_models
-from copd.evaluate import evaluate_policy
-from copd.models import load_pretrained
-from copd.pipeline import load_capabilities
-from copd.policy.base import OPDPart, SamplingParams
-from copd.policy.hf import HFPolicy
-from copd.rollout import MixtureSampler, collect_opd_rollouts, derived_seed
-from copd.train import loss_spec
+from copd.config.loader import load_config
+from copd.evaluation.diagnose import diagnose_models
+from copd.evaluation.evaluate import evaluate_policy
+from copd.models.sources import load_pretrained
+from copd.driver.pipeline import load_capabilities
+from copd.backends.roles import OPDPart, SamplingParams
+from copd.backends.local.hf import HFPolicy
+from copd.driver.rollout import MixtureSampler, collect_opd_rollouts, derived_seed
+from copd.driver.trainer import loss_spec
 
 QUICK = {"steps": 5, "samples": 16, "eval_samples": 64, "max_pairs": 4}
 

@@ -9,7 +9,7 @@ anchor    One GRPO step at 1 prompt x 8 rollouts x 32 new tokens (word problems,
           copd full fine-tuning in fp32 and with bf16 autocast, copd LoRA, and TRL's GRPOTrainer
           (fp32, its defaults otherwise; needs `pip install trl`). One warm-up step, then the
           mean of --steps steps.
-branches  The branches of a run built by copd.branches.build_branches (what `copd train` uses),
+branches  The branches of a run built by copd.backends.local.branches.build_branches (what `copd train` uses),
           fp32 weights. One round = every branch's RL step (2 prompts x 4 rollouts x 32 tokens)
           and every edge's OPD step (the student samples 2 prompts x 2 on the teacher's data,
           the teacher scores, the student updates). Timed on the second round. Peak RSS is
@@ -28,13 +28,13 @@ from pathlib import Path
 
 import torch
 
-from copd.branches import build_branches
-from copd.config_loader import validate_config
-from copd.models import load_pretrained
-from copd.policy.base import LossSpec, OPDPart, SamplingParams
-from copd.rollout import MixtureSampler, collect_opd_rollouts, collect_rl
+from copd.backends.local.branches import build_branches
+from copd.config.loader import validate_config
+from copd.models.sources import load_pretrained
+from copd.backends.roles import LossSpec, OPDPart, SamplingParams
+from copd.driver.rollout import MixtureSampler, collect_opd_rollouts, collect_rl
 from copd.schedule.topology import build_edges
-from copd.tasks import load_capability
+from copd.capabilities import load_capability
 from speed import cpu_model, table
 from trl_grpo import measure_trl
 

@@ -9,7 +9,7 @@ Two models, both built from config (nothing is downloaded, weights are random):
   100m  a ~110M-parameter Llama (hidden 768, 12 layers, 12 heads, MLP 2048, vocab 32000, tied
         embeddings). Text goes through the char tokenizer; sampled ids beyond its 99 tokens decode
         to nothing, which is fine since only time is measured.
-Everything runs through copd.policy.hf.HFPolicy (KV-cache sampling, real AdamW steps). Each model
+Everything runs through copd.backends.local.hf.HFPolicy (KV-cache sampling, real AdamW steps). Each model
 is measured in its own subprocess (`--single MODEL`, one JSON line back) so that its peak RSS
 (ru_maxrss) is its own. One warm-up iteration, then the mean over the repeats.
 """
@@ -29,13 +29,13 @@ from pathlib import Path
 
 import torch
 
-from copd.config_loader import load_config
-from copd.models import build_char_tokenizer, build_tiny_model
-from copd.policy.base import LossSpec, OPDPart, RLPart, SamplingParams
-from copd.policy.hf import HFPolicy
-from copd.rollout import MixtureSampler
-from copd.tasks import load_capability
-from copd.warmstart import TINY_ALPHABET
+from copd.config.loader import load_config
+from copd.models.sources import build_char_tokenizer, build_tiny_model
+from copd.backends.roles import LossSpec, OPDPart, RLPart, SamplingParams
+from copd.backends.local.hf import HFPolicy
+from copd.driver.rollout import MixtureSampler
+from copd.capabilities import load_capability
+from copd.driver.warmstart import TINY_ALPHABET
 
 DEMO_YAML = Path(__file__).resolve().parents[1] / "examples" / "demo.yaml"
 MIB = 2**20

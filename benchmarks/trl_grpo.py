@@ -11,7 +11,7 @@ from __future__ import annotations
 import tempfile
 import time
 
-from copd.tasks.verifiers import numeric
+from copd.capabilities.verifiers import numeric
 
 
 def numeric_reward(completions, answer, **_):

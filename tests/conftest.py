@@ -2,7 +2,7 @@
 
 import pytest
 
-from copd.tasks import visual
+from copd.capabilities import visual
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -1,0 +1,144 @@
+"""Batched autoregressive sampling with a KV cache, and log-probabilities of completions.
+
+A lean loop instead of `generate()`: one prefill, then one cached forward per new token,
+with temperature, top-p and an explicit torch.Generator so rollouts are reproducible from
+a seed (which is what makes resumed runs match uninterrupted ones).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from copd.backends.roles import SamplingParams
+
+
+def positions_from_mask(attention_mask_B_L: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on the first real token of each left-padded row."""
+    return (attention_mask_B_L.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def top_p_filter(logits_B_V: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability mass reaches top_p (nucleus)."""
+    if top_p >= 1.0:
+        return logits_B_V
+    sorted_logits, order = logits_B_V.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    # A token is dropped when the mass before it already reaches top_p; the top token always stays.
+    drop_sorted = probs.cumsum(-1) - probs >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits_B_V.masked_fill(drop, float("-inf"))
+
+
+def next_tokens(logits_B_V: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+    if params.greedy:
+        return logits_B_V.argmax(-1)
+    logits = top_p_filter(logits_B_V.float() / params.temperature, params.top_p)
+    return sample_categorical(logits.softmax(-1), generator)
+
+
+def sample_categorical(probs_B_V: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One index per row, drawn with probability probs (inverse CDF: one uniform per row).
+
+    torch.multinomial spends an exponential draw on every vocabulary entry; with a 50k
+    vocabulary that was a tenth of a whole rollout on CPU. Token j is picked iff
+    cdf[j-1] <= u < cdf[j], so a token with zero mass (cut by top-p) is never picked.
+    """
+    cdf_B_V = probs_B_V.cumsum(-1)
+    u_B_1 = torch.rand(probs_B_V.shape[0], 1, generator=generator, device=probs_B_V.device) * cdf_B_V[:, -1:]
+    return torch.searchsorted(cdf_B_V, u_B_1, right=True).squeeze(-1).clamp(max=probs_B_V.shape[-1] - 1)
+
+
+@torch.no_grad()
+def sample_completions(
+    model,
+    input_ids_B_P: torch.Tensor,
+    attention_mask_B_P: torch.Tensor,
+    params: SamplingParams,
+    eos_id: int,
+    pad_id: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample up to max_new_tokens per row; returns (completion_ids_B_T, completion_mask_B_T).
+
+    The mask is 1 on generated tokens up to and including EOS; finished rows are padded.
+    """
+    cache, logits = prefill(model, input_ids_B_P, attention_mask_B_P)
+    return decode(model, cache, logits[:, -1], attention_mask_B_P, params, eos_id, pad_id, generator,
+                  lambda mask: positions_from_mask(mask)[:, -1:])
+
+
+def decode(model, cache, logits_B_V: torch.Tensor, attention_mask_B_P: torch.Tensor, params: SamplingParams, eos_id: int,
+           pad_id: int, generator: torch.Generator | None, new_position) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token-by-token loop after a prefill: (completion_ids_B_T, completion_mask_B_T).
+
+    `new_position(mask)` gives the position ids of the token just appended to `mask` (plain
+    for text, M-RoPE for vision-language models).
+    """
+    mask, logits = attention_mask_B_P, logits_B_V
+    finished = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
+    tokens, alive = [], []
+    for step in range(params.max_new_tokens):
+        token = next_tokens(logits, params, generator)
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        tokens.append(token)
+        alive.append(~finished)
+        finished = finished | (token == eos_id)
+        if bool(finished.all()) or step == params.max_new_tokens - 1:
+            break
+        # A finished row's pad token is masked out, so it never shifts that row's positions.
+        mask = torch.cat([mask, (~finished | (token == eos_id)).long()[:, None]], dim=1)
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=new_position(mask), past_key_values=cache,
+                    use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1]
+    return torch.stack(tokens, 1), torch.stack(alive, 1).float()
+
+
+def group_size(input_ids_B_P: torch.Tensor, attention_mask_B_P: torch.Tensor) -> int:
+    """G when the rows are runs of G identical prompts (a GRPO group is G copies of one), else 1."""
+    batch = input_ids_B_P.shape[0]
+    same = (input_ids_B_P[1:] == input_ids_B_P[:-1]).all(-1) & (attention_mask_B_P[1:] == attention_mask_B_P[:-1]).all(-1)
+    starts = torch.cat([torch.ones(1, dtype=torch.bool, device=same.device), ~same]).nonzero().squeeze(-1).tolist()
+    size = batch // len(starts)
+    return size if starts == list(range(0, batch, size)) else 1
+
+
+def repeat_rows(x: torch.Tensor, times: int) -> torch.Tensor:
+    """Each row `times` times in a row. An expand, so the backward pass is a plain (deterministic) sum."""
+    return x.unsqueeze(1).expand(x.shape[0], times, *x.shape[1:]).reshape(x.shape[0] * times, *x.shape[1:])
+
+
+def prefill(model, input_ids_B_P: torch.Tensor, attention_mask_B_P: torch.Tensor):
+    """(KV cache, last-position logits [B, 1, V]) of the prompts, each distinct prompt run once.
+
+    Works with gradients too: each group's copies of the cache share one computation, and
+    the backward pass sums their gradients (the same as running every copy separately).
+    """
+    size = group_size(input_ids_B_P, attention_mask_B_P) if input_ids_B_P.shape[0] > 1 else 1
+    mask = attention_mask_B_P[::size]
+    # Only the last position's logits are needed: skip the LM head on the rest of the prompt.
+    out = model(input_ids=input_ids_B_P[::size], attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True, logits_to_keep=1)
+    cache, logits = out.past_key_values, out.logits
+    if size > 1:
+        for layer in cache.layers:
+            layer.keys, layer.values = repeat_rows(layer.keys, size), repeat_rows(layer.values, size)
+        logits = repeat_rows(logits, size)
+    return cache, logits
+
+
+def completion_logits(model, input_ids_B_L: torch.Tensor, attention_mask_B_L: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Logits that predict each completion token: positions prompt_len-1 .. L-2, as [B, T, V].
+
+    The prompt goes through `prefill` (once per distinct prompt), then the completions run on
+    its cache; the LM head only ever sees the positions whose logits are returned.
+    """
+    cache, first_B_1_V = prefill(model, input_ids_B_L[:, :prompt_len], attention_mask_B_L[:, :prompt_len])
+    if input_ids_B_L.shape[1] - prompt_len < 2:
+        return first_B_1_V
+    positions = positions_from_mask(attention_mask_B_L)
+    out = model(input_ids=input_ids_B_L[:, prompt_len:-1], attention_mask=attention_mask_B_L[:, :-1],
+                position_ids=positions[:, prompt_len:-1], past_key_values=cache, use_cache=True)
+    return torch.cat([first_B_1_V, out.logits], dim=1)
+
+
+def token_logprobs(logprobs_B_T_V: torch.Tensor, ids_B_T: torch.Tensor) -> torch.Tensor:
+    return logprobs_B_T_V.gather(-1, ids_B_T.unsqueeze(-1)).squeeze(-1)

@@ -1,0 +1,138 @@
+"""A Policy backed by a vision-language model (Qwen2-VL, Qwen2.5-VL): prompts with images and videos.
+
+The same branch as HFPolicy (optimizer, update, checkpoints, the clipped objective); what
+changes is how prompts become model inputs. A prompt's images and video frames are read
+and turned into pixel tensors once, when its batch is sampled; the rollouts carry those
+tensors (`Rollouts.vision`), so this branch's update and every teacher that scores the
+rollouts use them without decoding anything again. Text-only prompts go through the same
+model with no pixels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from copd.backends.roles import Prompt, Rollouts, SamplingParams, VisionInputs
+from copd.backends.local.hf import HFPolicy
+from copd.backends.local.lora import LoraPolicy
+from copd.backends.local.sampling import repeat_rows
+from copd.backends.local.vl_decoding import vl_completion_logits, vl_sample
+from copd.multimodal.inputs import PIXEL_KEYS, prompt_inputs
+from copd.multimodal.processor import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+
+
+class VisionLanguageInputs:
+    """What a policy on a vision-language model does differently; mixed into HFPolicy and LoraPolicy.
+
+    `self.tokenizer` is the model's copd.multimodal.processor.VLProcessor.
+    """
+
+    def init_vision(self, video_frames: int | None = 4, video_fps: float | None = None, min_pixels: int | None = None,
+                    max_pixels: int | None = None) -> None:
+        self.video_frames, self.video_fps = video_frames, video_fps
+        if min_pixels or max_pixels:  # the resolution this run reads images at; saved with the processor
+            for processor in (self.tokenizer.image_processor, self.tokenizer.video_processor):
+                if processor is not None:
+                    size = processor.size
+                    processor.size = {"shortest_edge": min_pixels or size["shortest_edge"],
+                                      "longest_edge": max_pixels or size["longest_edge"]}
+
+    # ---- prompts --------------------------------------------------------------------
+    def format_prompt(self, prompt: str | Prompt) -> str:
+        """The text the model sees, with one placeholder block per image, then per video, before the text."""
+        prompt = Prompt(prompt) if isinstance(prompt, str) else prompt
+        if not self.use_chat:
+            return IMAGE_PLACEHOLDER * len(prompt.images) + VIDEO_PLACEHOLDER * len(prompt.videos) + prompt.text
+        content = [{"type": "image"}] * len(prompt.images) + [{"type": "video"}] * len(prompt.videos)
+        content.append({"type": "text", "text": prompt.text})
+        system_text = prompt.system or self.system_prompt
+        system = [{"role": "system", "content": system_text}] if system_text else []
+        turns = [*system, {"role": "user", "content": content}]
+        return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+
+    def encode_prompts(self, prompts: list[str | Prompt], rows_per_prompt: int) -> tuple[dict, VisionInputs]:
+        """(inputs of the distinct prompts on this device, their pixel inputs): media read and decoded here, once."""
+        from copd.multimodal.media import load_image, load_video
+
+        prompts = [Prompt(p) if isinstance(p, str) else p for p in prompts]
+        images = [[load_image(path) for path in p.images] for p in prompts]
+        videos = [[load_video(path, self.video_frames, self.video_fps) for path in p.videos] for p in prompts]
+        encoded = self.tokenizer.encode([self.format_prompt(p) for p in prompts], images, videos)
+        vision = VisionInputs(
+            {k: encoded[k] for k in PIXEL_KEYS if k in encoded},
+            [len(p.images) for p in prompts],
+            [len(p.videos) for p in prompts],
+            rows_per_prompt,
+        )
+        return {k: v.to(self.device) for k, v in encoded.items()}, vision
+
+    def _prompt_inputs(self, rollouts: Rollouts) -> dict:
+        vision = rollouts.vision
+        if vision is None:
+            raise ValueError(f"policy {self.name!r}: rollouts without pixel inputs did not come from a vision-language policy")
+        pixels = {k: v.to(self.device) for k, v in vision.tensors.items()}
+        return prompt_inputs(rollouts.input_ids_B_L.to(self.device), rollouts.attention_mask_B_L.to(self.device),
+                             rollouts.prompt_len, pixels, vision.rows_per_prompt, self.tokenizer.image_token_id,
+                             self.tokenizer.video_token_id)
+
+    # ---- sampling and scoring -------------------------------------------------------
+    def generate(self, prompts: list[str | Prompt], n: int, params: SamplingParams, seed: int) -> Rollouts:
+        self.activate()
+        inputs, vision = self.encode_prompts(prompts, n)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.model.eval()
+        with self._compute():
+            comp_ids, comp_mask = vl_sample(self.model, inputs, params, generator, self.tokenizer.eos_token_id,
+                                            self.tokenizer.pad_token_id, rows_per_prompt=n)
+        ids, mask = repeat_rows(inputs["input_ids"], n), repeat_rows(inputs["attention_mask"], n)
+        return self._rollouts(ids, mask, comp_ids, comp_mask, vision)
+
+    def _dist(self, rollouts: Rollouts) -> torch.Tensor:
+        prompts = self._prompt_inputs(rollouts)
+        with self._compute():
+            logits = vl_completion_logits(self.model, prompts, rollouts.input_ids_B_L.to(self.device),
+                                          rollouts.attention_mask_B_L.to(self.device), rollouts.prompt_len,
+                                          rollouts.vision.rows_per_prompt)
+        return logits.float().log_softmax(-1)
+
+    # ---- supervised warm start --------------------------------------------------------
+    def supervised_loss(self, prompts: list[Prompt], answers: list[str]) -> torch.Tensor:
+        """Mean cross-entropy of the answer tokens (and EOS) after each prompt, pixels included."""
+        inputs, _ = self.encode_prompts(prompts, 1)
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        rows = [self.tokenizer.tokenizer(a, add_special_tokens=False)["input_ids"] + [eos] for a in answers]
+        width = max(map(len, rows))
+        answer_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
+        answer_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device)
+        ids = torch.cat([inputs["input_ids"], answer_ids], 1)
+        mask = torch.cat([inputs["attention_mask"], answer_mask], 1)
+        with self._compute():
+            logits = vl_completion_logits(self.model, inputs, ids, mask, inputs["input_ids"].shape[1])
+        logprobs = logits.float().log_softmax(-1).gather(-1, answer_ids.unsqueeze(-1)).squeeze(-1)
+        return -(logprobs * answer_mask).sum() / answer_mask.sum()
+
+
+# Options (ModelConfig.policy_options) that only a vision-language policy reads: init_vision's arguments.
+VISION_OPTIONS = ("video_frames", "video_fps", "min_pixels", "max_pixels")
+
+
+def _split_vision_options(kwargs: dict) -> dict:
+    return {k: kwargs.pop(k) for k in VISION_OPTIONS if k in kwargs}
+
+
+class VLPolicy(VisionLanguageInputs, HFPolicy):
+    """One branch on a vision-language model, all weights trained (a full copy per branch)."""
+
+    def __init__(self, name: str, model, processor, *args, **kwargs):
+        vision = _split_vision_options(kwargs)
+        HFPolicy.__init__(self, name, model, processor, *args, **kwargs)
+        self.init_vision(**vision)
+
+
+class VLLoraPolicy(VisionLanguageInputs, LoraPolicy):
+    """One LoRA branch on a shared frozen vision-language base (adapters in the vision tower too)."""
+
+    def __init__(self, name: str, shared, processor, *args, **kwargs):
+        vision = _split_vision_options(kwargs)
+        LoraPolicy.__init__(self, name, shared, processor, *args, **kwargs)
+        self.init_vision(**vision)

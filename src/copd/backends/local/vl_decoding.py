@@ -1,0 +1,64 @@
+"""KV-cache sampling and completion scoring of vision-language models, on copd.multimodal.inputs' positions.
+
+Scoring (`vl_completion_logits`) runs the prompt with its pixel inputs once, then the
+completion tokens on that cache, with the same positions as sampling (see
+copd.multimodal.inputs for how M-RoPE positions work under left padding). A prompt's G
+rows share one prefill, as in copd.backends.local.sampling.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from copd.backends.local.sampling import decode, repeat_rows
+from copd.backends.roles import SamplingParams
+from copd.multimodal.inputs import PIXEL_KEYS, decode_positions, rope_positions
+
+
+def _prefill(model, prompts: dict, rows_per_prompt: int = 1):
+    """(cache, logits [B, 1, V] at the last prompt slot, rope_deltas [B, 1]) for B = prompts x rows_per_prompt.
+
+    Each distinct prompt runs once with its pixels; the expansion to its rows is an expand,
+    so gradients of the copies add up (the same as running every copy).
+    """
+    positions, deltas = rope_positions(model, prompts)
+    pixels = {k: prompts[k] for k in PIXEL_KEYS if prompts.get(k) is not None}
+    out = model(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"], position_ids=positions,
+                use_cache=True, logits_to_keep=1, **pixels)
+    cache, logits = out.past_key_values, out.logits
+    if rows_per_prompt > 1:
+        for layer in cache.layers:
+            layer.keys, layer.values = repeat_rows(layer.keys, rows_per_prompt), repeat_rows(layer.values, rows_per_prompt)
+        logits, deltas = repeat_rows(logits, rows_per_prompt), repeat_rows(deltas, rows_per_prompt)
+    return cache, logits, deltas
+
+
+@torch.no_grad()
+def vl_sample(model, prompts: dict, params: SamplingParams, generator: torch.Generator | None, eos_id: int, pad_id: int,
+              rows_per_prompt: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(completion_ids [B, T], completion_mask [B, T]): rows_per_prompt samples of each prompt, with a KV cache.
+
+    The mask is 1 on generated tokens up to and including EOS; finished rows are padded with pad_id.
+    """
+    mask = repeat_rows(prompts["attention_mask"], rows_per_prompt)
+    cache, logits, deltas = _prefill(model, prompts, rows_per_prompt)
+    return decode(model, cache, logits[:, -1], mask, params, eos_id, pad_id, generator,
+                  lambda grown: decode_positions(grown, deltas, -1))
+
+
+def vl_completion_logits(model, prompts: dict, input_ids_B_L: torch.Tensor, attention_mask_B_L: torch.Tensor,
+                         prompt_len: int, rows_per_prompt: int = 1) -> torch.Tensor:
+    """Logits [B, T, V] predicting each completion token (slots prompt_len .. L-1); differentiable.
+
+    `prompts` are the distinct prompts with their pixels (so gradients reach the vision
+    tower); then the completion tokens but the last run on the expanded cache with the
+    positions sampling used. Completion tokens are text for M-RoPE, even a sampled image
+    pad id (it has no vision feature).
+    """
+    cache, first_B_1_V, deltas = _prefill(model, prompts, rows_per_prompt)
+    if input_ids_B_L.shape[1] - prompt_len < 2:
+        return first_B_1_V
+    mask = attention_mask_B_L[:, :-1]
+    out = model(input_ids=input_ids_B_L[:, prompt_len:-1], attention_mask=mask,
+                position_ids=decode_positions(mask, deltas, prompt_len), past_key_values=cache, use_cache=True)
+    return torch.cat([first_B_1_V, out.logits], dim=1)

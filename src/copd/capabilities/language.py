@@ -1,0 +1,69 @@
+"""Built-in capabilities in natural language for pretrained LLMs, with numeric answers.
+
+Procedural, seedable and exactly verifiable like the character tasks, but phrased as a
+person would ask them, so an instruct model (SmolLM2, Qwen) can be trained and measured on
+them: arithmetic word problems and unit conversions.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+from copd.capabilities.core import Capability, Sample
+from copd.capabilities.sources import ProceduralSource
+from copd.capabilities.verifiers import numeric
+
+ANSWER_HINT = " Answer with the number only."
+
+NAMES = ["Tom", "Ana", "Li", "Sara", "Omar", "Kim", "Ben", "Eva"]
+ITEMS = ["apples", "books", "coins", "stickers", "pencils", "cards", "shells", "stamps"]
+
+
+def _word_problem(rng: random.Random, o: dict[str, Any]) -> Sample:
+    """Add, subtract or multiply small numbers inside a one-sentence story."""
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    a, b = rng.randint(2, o["max_value"]), rng.randint(2, o["max_value"])
+    kind = rng.choice(o["ops"].split(","))
+    if kind == "add":
+        text, value = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?", a + b
+    elif kind == "sub":
+        a, b = max(a, b), min(a, b)
+        text, value = f"{name} has {a} {item} and gives away {b}. How many {item} are left?", a - b
+    else:
+        a, b = a % 12 + 2, b % 12 + 2
+        text, value = f"{name} buys {a} boxes with {b} {item} in each box. How many {item} is that in total?", a * b
+    return Sample(text + ANSWER_HINT, str(value))
+
+
+# (from unit, to unit, factor): value_in_to = value_in_from * factor
+CONVERSIONS = [
+    ("meters", "centimeters", 100), ("kilometers", "meters", 1000), ("hours", "minutes", 60),
+    ("minutes", "seconds", 60), ("kilograms", "grams", 1000), ("liters", "milliliters", 1000),
+    ("days", "hours", 24), ("weeks", "days", 7), ("dollars", "cents", 100), ("feet", "inches", 12),
+]
+
+
+def _unit_conversion(rng: random.Random, o: dict[str, Any]) -> Sample:
+    """Convert a whole or half quantity between two units whose factor is an integer."""
+    src, dst, factor = rng.choice(CONVERSIONS)
+    amount = rng.randint(1, o["max_value"]) + (rng.choice([0, 0.5]) if o["halves"] else 0)
+    value = amount * factor
+    shown = int(amount) if amount == int(amount) else amount
+    return Sample(f"How many {dst} are in {shown} {src}?" + ANSWER_HINT, str(int(value) if value == int(value) else value))
+
+
+def _factory(name: str, generate: Callable[[random.Random, dict[str, Any]], Sample], defaults: dict[str, Any]):
+    def make(**options: Any) -> Capability:
+        opts = {**defaults, **options}
+        return Capability(name, numeric, ProceduralSource(name, lambda rng: generate(rng, opts), opts["test_size"]))
+
+    make.__name__ = f"make_{name}"
+    return make
+
+
+LANGUAGE_CAPABILITIES = {
+    "word_problems": _factory("word_problems", _word_problem, {"max_value": 50, "ops": "add,sub,mul", "test_size": 200}),
+    "unit_conversion": _factory("unit_conversion", _unit_conversion, {"max_value": 100, "halves": True, "test_size": 200}),
+}

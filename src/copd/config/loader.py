@@ -1,0 +1,148 @@
+"""Load a Config from YAML plus `key.sub=value` overrides, with one-line errors.
+
+Errors name the file, the YAML line when known, the dotted key, and for a mistyped key
+the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from copd.config.schema import Config
+from copd.errors import CopdError
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CopdError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise CopdError(f"{path}{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(raw, dict):
+        raise CopdError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides or []:
+        apply_override(raw, item)
+    return validate_config(raw, source=str(path), lines=_key_lines(text))
+
+
+def validate_config(raw: dict[str, Any], source: str = "<config>", lines: dict | None = None) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise CopdError(_describe(err, source, lines or {})) from None
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply `a.b.c=value` to the nested dict; list items are addressed by index (branches.0.beta)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise CopdError(f"override {item!r} must look like key.sub=value")
+    parts = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        node = _child(node, part, parts[: i + 1])
+    last = parts[-1]
+    if not isinstance(node, (dict, list)):
+        raise CopdError(f"override key {key!r}: {'.'.join(parts[:-1])} is not a section")
+    parsed = yaml.safe_load(value) if value != "" else None
+    if isinstance(node, list):
+        node[_index(node, last, parts)] = parsed
+    else:
+        node[last] = parsed
+
+
+def _child(node: Any, part: str, trail: list[str]) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, trail)]
+    if not isinstance(node, dict):
+        raise CopdError(f"override key {'.'.join(trail)!r}: {'.'.join(trail[:-1])} is not a section")
+    return node.setdefault(part, {})
+
+
+def _index(node: list, part: str, trail: list[str]) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise CopdError(f"override key {'.'.join(trail)!r}: expected an index below {len(node)}")
+    return int(part)
+
+
+def _describe(err: ValidationError, source: str, lines: dict) -> str:
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    dotted = ".".join(str(p) for p in loc) or "(top level)"
+    line = lines.get(loc) or lines.get(loc[:-1])
+    where = f"{source}:{line}" if line else source
+    if first["type"] == "extra_forbidden":
+        valid = _fields_at(loc[:-1])
+        near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), near[0]])!r}?" if near else f"; valid keys: {', '.join(valid)}"
+        return f"{where}: unknown key {dotted!r}{hint}"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "missing":
+        return f"{where}: missing required key {dotted!r}"
+    given = first.get("input")
+    shown = "" if isinstance(given, (dict, list)) or given is None else f" (got {given!r})"
+    return f"{where}: {dotted}: {message}{shown}"
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """The valid field names of the config section at `loc` (list indices are skipped)."""
+    model: type[BaseModel] = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            break
+        inner = _model_type(field.annotation)
+        if inner is None:
+            break
+        model = inner
+    return list(model.model_fields)
+
+
+def _model_type(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_type(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _key_lines(text: str) -> dict[tuple, int]:
+    """Map each key path (with list indices) of a YAML document to its 1-based line."""
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return {}
+    found: dict[tuple, int] = {}
+
+    def walk(node: Any, path: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                here = (*path, key_node.value)
+                found[here] = key_node.start_mark.line + 1
+                walk(value_node, here)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                found[(*path, i)] = item.start_mark.line + 1
+                walk(item, (*path, i))
+
+    if root is not None:
+        walk(root, ())
+    return found
+
+
+def dump_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_yaml_dict(), sort_keys=False))

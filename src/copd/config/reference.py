@@ -1,0 +1,71 @@
+"""The README's config reference, generated from the config models (the single source of truth).
+
+`python -m copd.config.reference README.md` rewrites the part between the markers; a test fails when
+the README is out of date.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Literal, get_args, get_origin
+from pathlib import Path
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from copd.config.schema import Config
+from copd.config.loader import _model_type
+
+BEGIN = "<!-- config-reference:begin -->"
+END = "<!-- config-reference:end -->"
+
+
+def _default(field) -> str:
+    if field.default_factory is not None:
+        value = field.default_factory()
+        return "" if isinstance(value, BaseModel) else f"`{value}`"
+    return "required" if field.default is PydanticUndefined else f"`{field.default}`"
+
+
+def _type_name(annotation) -> str:
+    if get_origin(annotation) is Literal:
+        return " / ".join(map(str, get_args(annotation)))
+    text = getattr(annotation, "__name__", None) or str(annotation)
+    return text.replace("typing.", "").replace("Literal", "one of ")
+
+
+def _row(*cells: str) -> str:
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+
+def config_reference() -> str:
+    lines = []
+    for section, field in Config.model_fields.items():
+        model = _model_type(field.annotation)
+        kind = "list of" if "list" in str(field.annotation) else "section"
+        lines += [f"**`{section}`** ({kind} {model.__name__})" + (f": {model.__doc__.strip()}" if model.__doc__ else ""), ""]
+        lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
+        for name, sub in model.model_fields.items():
+            inner = _model_type(sub.annotation)
+            if inner is not None:
+                for leaf, leaf_field in inner.model_fields.items():
+                    lines.append(_row(f"`{section}.{name}.{leaf}`", _type_name(leaf_field.annotation), _default(leaf_field), leaf_field.description or ""))
+                continue
+            lines.append(_row(f"`{section}.{name}`", _type_name(sub.annotation), _default(sub), sub.description or ""))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def update_readme(path: Path) -> bool:
+    """Rewrite the reference between the markers; True when the file changed."""
+    text = path.read_text()
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    new = f"{head}{BEGIN}\n{config_reference()}\n{END}{tail}"
+    if new != text:
+        path.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":
+    print("updated" if update_readme(Path(sys.argv[1] if len(sys.argv) > 1 else "README.md")) else "up to date")

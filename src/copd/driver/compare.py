@@ -1,0 +1,130 @@
+"""`copd compare`: train every method on the same capabilities and base, over several seeds.
+
+Each (training run, seed) gets its own run directory under the comparison folder; a run
+that already has eval.json is reused, so an interrupted comparison continues where it
+stopped. Scores come from each run's eval.json, compute from its metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from copd.config.schema import Config
+from copd.errors import CopdError
+from copd.schedule.methods import METHODS
+from copd.driver.pipeline import run_training
+from copd.reporting.progress import QuietReporter, Reporter
+from copd.reporting.run_report import load_metrics
+
+
+def parse_methods(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise CopdError(f"--methods: unknown {unknown or 'none given'}; valid: {', '.join(METHODS)}")
+    return names
+
+
+def run_dir_of(out: Path, run: str, seed: int) -> Path:
+    return out / "runs" / f"{run}-seed{seed}"
+
+
+def train_all(base: Config, methods: list[str], seeds: list[int], out: Path, reporter: Reporter, base_dir: Path | None) -> None:
+    """Train each distinct (run, seed) once; finished runs (with eval.json) are reused."""
+    for seed in seeds:
+        for run in dict.fromkeys(METHODS[m].run for m in methods):
+            run_dir = run_dir_of(out, run, seed)
+            if (run_dir / "eval.json").is_file():
+                continue
+            config = next(METHODS[m] for m in methods if METHODS[m].run == run).transform(base)
+            raw = config.to_yaml_dict()
+            raw["run"].update(seed=seed, out=str(run_dir))
+            reporter.print(f"[compare] {run} seed {seed} -> {run_dir}")
+            run_training(Config.model_validate(raw), resume=(run_dir / "config.yaml").is_file(), reporter=reporter, base_dir=base_dir)
+
+
+def compute_of(run_dir: Path) -> dict[str, float]:
+    """Optimizer updates and trained completion tokens (RL and OPD rollouts) of one run."""
+    rows = [r for r in load_metrics(run_dir / "metrics.jsonl") if r.get("type") == "branch" and "loss" in r]
+    return {
+        "updates": sum(1 for r in rows if not r.get("skipped")),
+        "tokens": sum(r.get("tokens", 0.0) for r in rows),
+    }
+
+
+def collect(base: Config, methods: list[str], seeds: list[int], out: Path) -> dict:
+    """compare.json's content: per row and seed, per-capability greedy accuracy and overall."""
+    capabilities = sorted({c for b in base.branches if not b.distill_from for c in b.capabilities})
+    rows: dict[str, dict] = {"base": {"run": METHODS[methods[0]].run, "seeds": {}}}
+    compute: dict[str, dict] = {}
+    for name in methods:
+        method = METHODS[name]
+        config = method.transform(base)
+        for seed in seeds:
+            run_dir = run_dir_of(out, method.run, seed)
+            models = json.loads((run_dir / "eval.json").read_text())["models"]
+            compute[f"{method.run}-seed{seed}"] = compute_of(run_dir)
+            rows["base"]["seeds"].setdefault(str(seed), _scores(models["base"], capabilities))
+            for label, model in method.outputs(config).items():
+                rows.setdefault(label, {"run": method.run, "method": name, "seeds": {}})
+                rows[label]["seeds"][str(seed)] = _scores(models[model], capabilities)
+    for row in rows.values():
+        row["mean"], row["std"] = _mean_std(row["seeds"], [*capabilities, "overall"])
+    return {"capabilities": capabilities, "seeds": seeds, "rows": rows, "compute": compute, "metric": "greedy accuracy"}
+
+
+def _scores(model_eval: dict, capabilities: list[str]) -> dict[str, float]:
+    scores = {c: model_eval["greedy"][c] for c in capabilities}
+    scores["overall"] = sum(scores.values()) / len(scores)
+    return scores
+
+
+def _mean_std(per_seed: dict, keys: list[str]) -> tuple[dict, dict]:
+    values = {k: [s[k] for s in per_seed.values()] for k in keys}
+    mean = {k: statistics.fmean(v) for k, v in values.items()}
+    std = {k: statistics.stdev(v) if len(v) > 1 else 0.0 for k, v in values.items()}
+    return mean, std
+
+
+def orderings(result: dict) -> list[tuple[str, bool, str]]:
+    """METHOD.md's orderings, checked on mean overall accuracy: (claim, held, numbers)."""
+    overall = {label: row["mean"]["overall"] for label, row in result["rows"].items()}
+    spread = {label: row.get("std", {}).get("overall", 0.0) for label, row in result["rows"].items()}
+    groups = {
+        "CoPD": [l for l in overall if l == "CoPD"],
+        "static OPD / MOPD": [l for l in overall if l.startswith("static OPD") or l == "MOPD"],
+        "mixed RLVR": [l for l in overall if l == "mixed RLVR"],
+        "experts merged": [l for l in overall if l == "experts merged"],
+        "CoPD one-way": [l for l in overall if l == "CoPD one-way"],
+        "CoPD overlap trigger": [l for l in overall if l == "CoPD overlap trigger"],
+        "base": ["base"],
+    }
+    best = {g: max(labels, key=overall.get) for g, labels in groups.items() if labels}
+    claims = [("CoPD", "static OPD / MOPD"), ("static OPD / MOPD", "mixed RLVR"), ("mixed RLVR", "base"),
+              ("CoPD", "mixed RLVR"), ("CoPD", "experts merged"), ("CoPD", "CoPD one-way"), ("CoPD", "base"),
+              ("CoPD overlap trigger", "CoPD")]
+    found = []
+    for high, low in claims:
+        if high in best and low in best:
+            a, b = best[high], best[low]
+            numbers = f"{100 * overall[a]:.1f} vs {100 * overall[b]:.1f}"
+            if abs(overall[a] - overall[b]) < max(spread[a], spread[b]):
+                numbers += f"; the gap is within one std over seeds ({100 * max(spread[a], spread[b]):.1f})"
+            found.append((f"{high} > {low}", overall[a] > overall[b], numbers))
+    return found
+
+
+def run_compare(base: Config, methods: list[str], seeds: int, out: Path, reporter: Reporter | None = None, base_dir: Path | None = None) -> Path:
+    from copd.reporting.compare_report import write_compare_report
+
+    if seeds < 1:
+        raise CopdError("--seeds must be at least 1")
+    out.mkdir(parents=True, exist_ok=True)
+    seed_list = [base.run.seed + i for i in range(seeds)]
+    train_all(base, methods, seed_list, out, reporter or QuietReporter(), base_dir)
+    result = collect(base, methods, seed_list, out)
+    result["orderings"] = [{"claim": c, "held": h, "numbers": n} for c, h, n in orderings(result)]
+    (out / "compare.json").write_text(json.dumps(result, indent=1))
+    return write_compare_report(out, result)

@@ -1,0 +1,147 @@
+"""A whole run: prepare the base, train the plan, save branches, merge, evaluate, report.
+
+This is what `copd train` and `copd demo` call. Everything lands in the run directory
+(DESIGN.md, "The run directory").
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from copd.backends.local.branches import build_branches, describe_branches
+from copd.config.schema import Config
+from copd.config.loader import dump_config
+from copd.errors import CopdError
+from copd.evaluation.evaluate import evaluate_policy
+from copd.driver.merging import merge_branches
+from copd.models.sources import check_model_source, load_pretrained
+from copd.backends.roles import SamplingParams
+from copd.reporting.progress import QuietReporter, Reporter
+from copd.capabilities import Capability, load_capability
+from copd.capabilities.loader import capability_spec
+from copd.driver.trainer import Trainer
+from copd.multimodal.processor import VLProcessor
+from copd.driver.warmstart import prepare_base
+
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CopdError("run.device is cuda but torch sees no CUDA device; use run.device=cpu or auto")
+    return name
+
+
+def check_modalities(capabilities: dict[str, Capability], tokenizer) -> None:
+    """A text model cannot read a capability's images or videos: say so before the run folder is written."""
+    if isinstance(tokenizer, VLProcessor):
+        return
+    for cap in capabilities.values():
+        if any(s.images or s.videos for s in cap.test_set(8)):
+            raise CopdError(f"capability {cap.name!r} has images or videos, but the base model reads text only; use a "
+                            "vision-language model (model.tiny.architecture: qwen2_vl, or a Qwen2-VL / Qwen2.5-VL model.path)")
+
+
+def load_capabilities(config: Config, base_dir: Path | None = None) -> dict[str, Capability]:
+    return {c.name: load_capability(capability_spec(c), base_dir) for c in config.capabilities}
+
+
+def check_run_dir(config: Config, run_dir: Path, resume: bool) -> None:
+    """Refuse to mix runs: a new run needs an empty folder; --resume needs the same config."""
+    saved = run_dir / "config.yaml"
+    if resume:
+        if not saved.is_file():
+            raise CopdError(f"--resume {run_dir}: no config.yaml there, so it holds no run to resume")
+        _check_same_run(config, saved)
+        return
+    if saved.is_file():
+        raise CopdError(f"run directory {run_dir} already holds a run; resume it with --resume {run_dir} or choose another run.out")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise CopdError(f"run directory {run_dir} is not empty; choose another run.out")
+
+
+def prepare_run_dir(config: Config, run_dir: Path, resume: bool) -> None:
+    """check_run_dir, then (for a new run) create the folder with its config.yaml."""
+    check_run_dir(config, run_dir, resume)
+    if not resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(config, run_dir / "config.yaml")
+
+
+def _check_same_run(config: Config, saved: Path) -> None:
+    old = yaml.safe_load(saved.read_text())
+    new = config.to_yaml_dict()
+    old["run"].pop("out", None)
+    new["run"].pop("out", None)
+    for section in new:
+        if old.get(section) != new[section]:
+            raise CopdError(f"{saved}: the run there was made with a different config (section {section!r} differs); resume with the same config")
+
+
+def run_training(config: Config, resume: bool = False, reporter: Reporter | None = None, base_dir: Path | None = None) -> Path:
+    """Run the config end to end; returns the run directory."""
+    reporter = reporter or QuietReporter()
+    run_dir = Path(config.run.out).expanduser()
+    # Data, device and model-path errors surface before anything is written.
+    capabilities = load_capabilities(config, base_dir)
+    device = resolve_device(config.run.device)
+    base_folder = run_dir / "base"
+    reuse_base = resume and (base_folder / "config.json").is_file()
+    if not reuse_base:
+        check_model_source(config.model)
+    check_run_dir(config, run_dir, resume)
+    timing, t0 = {}, time.perf_counter()
+    if reuse_base:
+        model, tokenizer = load_pretrained(base_folder, config.model.dtype)
+    else:
+        model, tokenizer, info = prepare_base(config, capabilities, reporter)
+    timing["warmup_seconds"] = round(time.perf_counter() - t0, 2)
+    check_modalities(capabilities, tokenizer)
+    policies, base_policy = build_branches(config, model, tokenizer, device)
+    reporter.print(describe_branches(policies, base_policy))
+    # The run folder is written only now, so a mistake found while building the base or the
+    # branches (a bad lora.target_modules, say) leaves no half-made run behind.
+    prepare_run_dir(config, run_dir, resume)
+    if not reuse_base:
+        base_policy.save_pretrained(base_folder)
+        (run_dir / "warmup.json").write_text(json.dumps(info, indent=1))
+    t1 = time.perf_counter()
+    Trainer(config, run_dir, policies, capabilities, reporter).run(resume=resume)
+    timing["train_seconds"] = round(time.perf_counter() - t1, 2)
+    for name, policy in policies.items():
+        policy.save_pretrained(run_dir / "branches" / name)
+    merged = merge_branches(run_dir, config)
+    t2 = time.perf_counter()
+    evaluate_run(config, run_dir, capabilities, {"base": base_policy, **{f"branch:{n}": p for n, p in policies.items()}, "merged": merged}, reporter)
+    timing["eval_seconds"] = round(time.perf_counter() - t2, 2)
+    timing["total_seconds"] = round(time.perf_counter() - t0, 2)
+    (run_dir / "timing.json").write_text(json.dumps(timing, indent=1))
+    return run_dir
+
+
+def evaluate_run(config: Config, run_dir: Path, capabilities: dict[str, Capability], policies: dict, reporter: Reporter) -> dict:
+    """eval.json: every model (base, branches, merged) on every capability's test split."""
+    params = SamplingParams.from_config(config.sampling)
+    caps = list(capabilities.values())
+    reporter.start("evaluating", len(policies))
+    models = {}
+    for label, policy in policies.items():
+        models[label] = evaluate_policy(policy, caps, config.eval.samples, params, config.eval.batch_size, seed=config.run.seed)
+        reporter.advance("evaluating", label)
+    reporter.stop()
+    result = {
+        "decoding": {"greedy": "argmax decoding", "sampled": f"one sample at temperature {params.temperature}, top_p {params.top_p}"},
+        "samples": config.eval.samples,
+        # A small option space can hold fewer test prompts than asked for: say how many were used.
+        "test_sizes": {c.name: len(c.test_set(config.eval.samples)) for c in caps},
+        "models": models,
+    }
+    (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
+    return result

@@ -1,0 +1,105 @@
+"""The data side of one step: draw prompts, sample rollouts, verify, compute advantages.
+
+Each branch's RL data and each edge's teacher prompts have their own seeded samplers,
+and every generation seed is derived from (run seed, who, step), so a step's data never
+depends on the order in which branches are visited, and a resumed run replays exactly.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from copd.core.advantages import group_advantages, zero_signal_groups
+from copd.backends.roles import Policy, Prompt, RLPart, Rollouts, SamplingParams
+from copd.capabilities import Capability, Sample
+
+
+def derived_seed(*parts: object) -> int:
+    """A stable 31-bit seed from any labels (Python's hash() is salted per process)."""
+    return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
+
+
+class MixtureSampler:
+    """Draws prompts balanced over several capabilities (one capability is the usual case)."""
+
+    def __init__(self, capabilities: list[Capability], seed: int):
+        self.capabilities = capabilities
+        self.samplers = [c.train_sampler(derived_seed(seed, c.name)) for c in capabilities]
+        self.turn = 0
+
+    def draw(self, n: int) -> list[tuple[Capability, Sample]]:
+        """n samples, round-robin over capabilities so every batch is balanced."""
+        counts = [0] * len(self.capabilities)
+        for i in range(n):
+            counts[(self.turn + i) % len(counts)] += 1
+        self.turn = (self.turn + n) % len(counts)
+        drawn = []
+        for cap, sampler, count in zip(self.capabilities, self.samplers, counts):
+            drawn.extend((cap, s) for s in sampler.draw(count))
+        return drawn
+
+    def state_dict(self) -> dict:
+        return {"turn": self.turn, "samplers": [s.state_dict() for s in self.samplers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.turn = state["turn"]
+        for sampler, s in zip(self.samplers, state["samplers"]):
+            sampler.load_state_dict(s)
+
+
+@dataclass
+class RLBatch:
+    part: RLPart | None  # None when every group was filtered out
+    rewards: list[float]
+    filtered_groups: int
+    by_capability: dict[str, float]
+
+
+def collect_rl(
+    policy: Policy,
+    sampler: MixtureSampler,
+    prompts: int,
+    group_size: int,
+    params: SamplingParams,
+    seed: int,
+    advantage: str = "grpo",
+    filter_zero_signal: bool = False,
+) -> RLBatch:
+    """x ~ D_k; G rollouts per prompt; verifier rewards; group advantages (METHOD.md, GRPO)."""
+    drawn = sampler.draw(prompts)
+    rollouts = policy.generate([Prompt.of(s) for _, s in drawn], group_size, params, seed)
+    rewards = [cap.score(rollouts.completions[i], s) for i, (cap, s) in enumerate(_repeat(drawn, group_size))]
+    rewards_N_G = torch.tensor(rewards, dtype=torch.float32).view(len(drawn), group_size)
+    adv_N_G = group_advantages(rewards_N_G, advantage)
+    keep_N = ~zero_signal_groups(rewards_N_G) if filter_zero_signal else torch.ones(len(drawn), dtype=torch.bool)
+    per_cap = _mean_by_capability(drawn, rewards_N_G)
+    filtered = int((~keep_N).sum())
+    if not bool(keep_N.any()):
+        return RLBatch(None, rewards, filtered, per_cap)
+    rows = keep_N.repeat_interleave(group_size).nonzero().squeeze(-1)
+    kept = rollouts if filtered == 0 else rollouts.select(rows)
+    # Every token of a rollout shares its sequence's advantage.
+    adv_B_T = adv_N_G.reshape(-1)[rows][:, None] * kept.completion_mask_B_T
+    return RLBatch(RLPart(kept, adv_B_T), rewards, filtered, per_cap)
+
+
+def collect_opd_rollouts(
+    student: Policy, teacher_sampler: MixtureSampler, prompts: int, samples: int, params: SamplingParams, seed: int
+) -> Rollouts:
+    """x' ~ D_teacher; the STUDENT samples (on-policy states for the teacher to score)."""
+    drawn = teacher_sampler.draw(prompts)
+    return student.generate([Prompt.of(s) for _, s in drawn], samples, params, seed)
+
+
+def _repeat(drawn: list, n: int) -> list:
+    return [item for item in drawn for _ in range(n)]
+
+
+def _mean_by_capability(drawn: list[tuple[Capability, Sample]], rewards_N_G: torch.Tensor) -> dict[str, float]:
+    sums: dict[str, list[float]] = {}
+    for (cap, _), row in zip(drawn, rewards_N_G):
+        sums.setdefault(cap.name, []).append(float(row.mean()))
+    return {name: sum(v) / len(v) for name, v in sums.items()}

@@ -1,0 +1,231 @@
+"""The driver: runs a plan of phases over policies, logs every step, checkpoints every cycle.
+
+It never branches on the method: a phase says which branches do RLVR and which OPD edges
+are active, and one step is always (1) sample every branch's RL and OPD rollouts,
+(2) let the teachers score the students' rollouts, (3) update every branch. Because all
+scoring happens before any update, teachers are the branches as they were at the start
+of the step (Algorithm 1, Phase II) and the branch order never matters.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from copd.driver.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from copd.config.schema import Config
+from copd.errors import CopdError
+from copd.backends.roles import LossSpec, OPDPart, Policy, SamplingParams
+from copd.backends.local.objective import edge_diagnostics
+from copd.reporting.progress import QuietReporter, Reporter
+from copd.driver.rollout import MixtureSampler, collect_opd_rollouts, collect_rl, derived_seed
+from copd.schedule.plan import TOPOLOGY_PLANS, Phase, Roles, build_plan, with_overlap_trigger, with_probes
+from copd.schedule.topology import build_edges
+from copd.capabilities import Capability
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON record per line, appended and flushed as training goes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.lines = sum(1 for _ in path.open()) if path.exists() else 0
+
+    def truncate(self, lines: int) -> None:
+        """Drop records written after the checkpoint being resumed, so they are not duplicated."""
+        kept = self.path.read_text().splitlines(keepends=True)[:lines] if self.path.exists() else []
+        self.path.write_text("".join(kept))
+        self.lines = len(kept)
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.lines += 1
+
+
+def loss_spec(config: Config) -> LossSpec:
+    return LossSpec(
+        aggregation=config.rl.loss_aggregation,
+        eps_low=config.rl.eps_low,
+        eps_high=config.rl.eps_high,
+        opd_estimator=config.opd.estimator,
+        overlap_k=config.opd.overlap_k,
+        epochs=config.rl.epochs,
+        grad_clip=config.optim.grad_clip,
+    )
+
+
+class Trainer:
+    def __init__(self, config: Config, run_dir: Path, policies: dict[str, Policy], capabilities: dict[str, Capability], reporter: Reporter | None = None):
+        self.config, self.run_dir, self.policies = config, run_dir, policies
+        self.reporter = reporter or QuietReporter()
+        names = [b.name for b in config.branches]
+        self.plan = plan_of(config)
+        self.edges = sorted({e for phase in self.plan for e in phase.edges}, key=lambda e: e.label)
+        seed = config.run.seed
+        caps_of = {b.name: [capabilities[c] for c in b.capabilities] for b in config.branches}
+        self.rl_samplers = {b: MixtureSampler(caps_of[b], derived_seed(seed, "rl", b)) for b in names}
+        self.opd_samplers = {e.label: MixtureSampler(caps_of[e.teacher], derived_seed(seed, "opd", e.label)) for e in self.edges}
+        probed = {e for phase in self.plan for e in phase.probe_edges}
+        self.opd_samplers.update({f"probe:{e.label}": MixtureSampler(caps_of[e.teacher], derived_seed(seed, "probe", e.label)) for e in probed})
+        self.beta = {b.name: b.beta for b in config.branches}
+        self.spec = loss_spec(config)
+        self.sampling = SamplingParams.from_config(config.sampling)
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        self.state = {"next_phase": 0, "global_step": 0, "nan_in_row": dict.fromkeys(names, 0), "nan_skipped": dict.fromkeys(names, 0)}
+
+    # ---- running the plan --------------------------------------------------------------
+    def run(self, resume: bool = False) -> None:
+        if resume:
+            self._restore()
+        total = sum(p.steps for p in self.plan)
+        done = sum(p.steps for p in self.plan[: self.state["next_phase"]])
+        self.reporter.start("training", total)
+        for _ in range(done):
+            self.reporter.advance("resumed")
+        for index in range(self.state["next_phase"], len(self.plan)):
+            phase = self.plan[index]
+            for branch, source in phase.forks:  # e.g. static OPD: the student starts as a copy of an expert
+                self.policies[branch].set_weights(self.policies[source].get_weights())
+            limit = phase.steps + (self.state.pop("carry", 0) if phase.absorbs_carry else 0)
+            for done in range(1, limit + 1):
+                self.step(phase)
+                # A trigger needs no probe after the phase's last step; a diagnostic probe does.
+                probing = phase.probe_edges and (done < limit or phase.stop_below is None)
+                overlap = self._probe(phase) if probing else None
+                if overlap is not None and phase.stop_below is not None and overlap < phase.stop_below:
+                    self.state["carry"] = limit - done  # the next phase runs these steps
+                    break
+            self.state["next_phase"] = index + 1
+            if index + 1 == len(self.plan) or self.plan[index + 1].cycle != phase.cycle:
+                self._checkpoint(phase.cycle)
+        self.reporter.stop()
+
+    def step(self, phase: Phase) -> None:
+        """One step of Algorithm 1 for every branch of the phase."""
+        self.state["global_step"] += 1
+        step, seed, cfg = self.state["global_step"], self.config.run.seed, self.config
+        timer = {b: 0.0 for b in self._active(phase)}
+        rl = {}
+        for b in phase.rl_branches:
+            t0 = time.perf_counter()
+            rl[b] = collect_rl(self.policies[b], self.rl_samplers[b], cfg.rl.prompts_per_step, cfg.rl.rollouts_per_prompt,
+                               self.sampling, derived_seed(seed, "rl", b, step), cfg.rl.advantage, cfg.rl.filter_zero_signal)
+            timer[b] += time.perf_counter() - t0
+        opd_parts: dict[str, list[OPDPart]] = {b: [] for b in timer}
+        for edge in phase.edges:
+            t0 = time.perf_counter()
+            rollouts = collect_opd_rollouts(self.policies[edge.student], self.opd_samplers[edge.label], cfg.opd.prompts_per_step,
+                                            cfg.opd.rollouts_per_prompt, self.sampling, derived_seed(seed, "opd", edge.label, step))
+            # Scored before any branch updates this step: the teacher is a snapshot.
+            teacher = self.policies[edge.teacher].score(rollouts, full=True)
+            opd_parts[edge.student].append(OPDPart(rollouts, teacher, self.beta[edge.student], edge.label))
+            timer[edge.student] += time.perf_counter() - t0
+        shown = []
+        for b in timer:
+            t0 = time.perf_counter()
+            batch = rl.get(b)
+            parts = [batch.part] if batch is not None and batch.part is not None else []
+            # A canonical order of a student's edges, so listing branches differently cannot
+            # change the floating-point sum of its losses.
+            opd = sorted(opd_parts[b], key=lambda part: part.edge)
+            result = self.policies[b].update(parts, opd, self.spec) if parts or opd else None
+            timer[b] += time.perf_counter() - t0
+            shown.append(self._record(phase, b, batch, result, timer[b]))
+        self.reporter.advance(f"cycle {phase.cycle}/{self.config.schedule.cycles} {phase.name}", "  ".join(shown))
+
+    def _probe(self, phase: Phase) -> float:
+        """Mean top-k overlap over the phase's probe edges on the students' own rollouts (logged)."""
+        step, cfg, values = self.state["global_step"], self.config, []
+        for edge in phase.probe_edges:
+            rollouts = collect_opd_rollouts(self.policies[edge.student], self.opd_samplers[f"probe:{edge.label}"], cfg.schedule.probe_prompts,
+                                            1, self.sampling, derived_seed(cfg.run.seed, "probe", edge.label, step))
+            student, teacher = self.policies[edge.student].score(rollouts), self.policies[edge.teacher].score(rollouts)
+            # The same diagnostics as an OPD step's, on a part that is measured but never trained on.
+            part = OPDPart(rollouts, teacher, 0.0, edge.label)
+            found = edge_diagnostics(student.dist_logprobs_B_T_V, student.token_logprobs_B_T, part, cfg.opd.overlap_k)
+            self.metrics.write({"step": step, "cycle": phase.cycle, "phase": phase.name, "type": "edge", "probe": True, "edge": edge.label,
+                                "student": edge.student, "teacher": edge.teacher, **found})
+            values.append(found["overlap_topk"])
+        return sum(values) / len(values)
+
+    def _active(self, phase: Phase) -> list[str]:
+        students = [e.student for e in phase.edges]
+        return [b.name for b in self.config.branches if b.name in phase.rl_branches or b.name in students]
+
+    # ---- logging and failure handling -------------------------------------------------------
+    def _record(self, phase: Phase, branch: str, batch, result, seconds: float) -> str:
+        """Write the branch's (and its edges') records; return a short summary for the progress bar."""
+        step = self.state["global_step"]
+        base = {"step": step, "cycle": phase.cycle, "phase": phase.name}
+        record = {**base, "type": "branch", "branch": branch, "seconds": round(seconds, 4)}
+        if batch is not None:
+            record.update(reward=sum(batch.rewards) / len(batch.rewards), filtered_groups=batch.filtered_groups,
+                          **{f"reward/{k}": v for k, v in batch.by_capability.items()})
+        if result is not None:
+            record.update(result.metrics, skipped=result.skipped)
+            for label, edge in result.edge_metrics.items():
+                student, teacher = label.split("<-")
+                self.metrics.write({**base, "type": "edge", "edge": label, "student": student, "teacher": teacher, **edge})
+        self.metrics.write(record)
+        if result is not None:  # after writing, so the step that stops the run is on record too
+            self._count_nan(branch, result.skipped)
+        overlaps = [e["overlap_topk"] for e in result.edge_metrics.values()] if result else []
+        shown = f"{branch} r={record['reward']:.2f}" if "reward" in record else branch
+        return shown + (f" ov={sum(overlaps) / len(overlaps):.2f}" if overlaps else "")
+
+    def _count_nan(self, branch: str, skipped: bool) -> None:
+        self.state["nan_in_row"][branch] = self.state["nan_in_row"][branch] + 1 if skipped else 0
+        self.state["nan_skipped"][branch] += int(skipped)
+        limit = self.config.optim.max_nan_in_row
+        if self.state["nan_in_row"][branch] >= limit:
+            last = latest_checkpoint(self.run_dir)
+            kept = f"the last checkpoint {last} is intact" if last else "no checkpoint was written yet"
+            raise CopdError(
+                f"branch {branch!r}: {limit} non-finite losses in a row (step {self.state['global_step']}); "
+                f"stopping, {kept}; lower optim.lr and resume with --resume"
+            )
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def _checkpoint(self, cycle: int) -> None:
+        state = {
+            **self.state,
+            "cycle": cycle,
+            "metrics_lines": self.metrics.lines,
+            "rl_samplers": {b: s.state_dict() for b, s in self.rl_samplers.items()},
+            "opd_samplers": {e: s.state_dict() for e, s in self.opd_samplers.items()},
+        }
+        save_checkpoint(self.run_dir, cycle, self.policies, state, self.config.run.keep_checkpoints)
+
+    def _restore(self) -> None:
+        folder = latest_checkpoint(self.run_dir)
+        if folder is None:  # killed before the first cycle ended: start over from the base
+            self.metrics.truncate(0)  # and drop the records of the lost steps, or they would repeat
+            return
+        state = load_checkpoint(folder, self.policies)
+        for b, s in state.pop("rl_samplers").items():
+            self.rl_samplers[b].load_state_dict(s)
+        for e, s in state.pop("opd_samplers").items():
+            self.opd_samplers[e].load_state_dict(s)
+        self.metrics.truncate(state.pop("metrics_lines"))
+        state.pop("cycle")
+        self.state = state
+        self.reporter.print(f"resumed from {folder}")
+
+
+
+def plan_of(config: Config) -> list[Phase]:
+    """The config's plan: topology edges among the experts for CoPD, named teachers otherwise."""
+    names = [b.name for b in config.branches]
+    roles = Roles({b.name: tuple(b.distill_from) for b in config.branches if b.distill_from},
+                  {b.name: b.fork_of for b in config.branches if b.fork_of})
+    experts = list(roles.experts(names))
+    s = config.schedule
+    try:
+        topology = build_edges(config.topology.kind, experts, config.topology.hub) if len(experts) > 1 else []
+        plan = build_plan(s.plan, names, topology if s.plan in TOPOLOGY_PLANS else [], s.cycles, s.rl_steps, s.opd_steps, roles)
+        plan = with_overlap_trigger(plan, s.overlap_threshold) if s.trigger == "overlap" else plan
+        return with_probes(plan, topology) if s.probe else plan
+    except ValueError as err:
+        raise CopdError(f"config: {err}") from None

@@ -1,0 +1,125 @@
+"""The base model: load a folder, or build a tiny model and warm-start it with supervision.
+
+RL needs a non-zero SAMPLED pass rate at the rollout temperature on every capability (a
+greedy pass rate can be high while sampling still never succeeds), so the warm start is
+checked by sampling at that temperature and stops as soon as every capability reaches
+`warmup.min_pass_rate`. Built bases are cached by a hash of what determines them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import string
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from copd.config.schema import Config, TinyModelConfig
+from copd.evaluation.evaluate import pass_rates
+from copd.models.sources import build_char_tokenizer, build_tiny_model, load_base_model, load_pretrained, save_pretrained
+from copd.backends.roles import Prompt, SamplingParams
+from copd.backends.local.factory import make_policy
+from copd.reporting.progress import QuietReporter, Reporter
+from copd.driver.rollout import MixtureSampler, derived_seed
+from copd.capabilities import CHAR_ALPHABET, Capability
+
+TINY_ALPHABET = CHAR_ALPHABET + "".join(c for c in string.printable if c.isprintable())
+
+
+def prepare_base(config: Config, capabilities: dict[str, Capability], reporter: Reporter | None = None):
+    """(model, tokenizer, warmup_info) for the run's base policy pi_0."""
+    reporter = reporter or QuietReporter()
+    if config.model.path or config.model.gguf_file:
+        model, tokenizer = load_base_model(config.model)
+        return model, tokenizer, {}
+    cache = Path(config.model.cache_dir).expanduser() / f"base-{base_key(config)}"
+    if (cache / "config.json").is_file():
+        reporter.print(f"base model from cache {cache}")
+        model, tokenizer = load_pretrained(cache, config.model.dtype)
+        return model, tokenizer, json.loads((cache / "warmup.json").read_text())
+    model, tokenizer = TINY_BUILDERS[config.model.tiny.architecture](config.model.tiny, config.run.seed)
+    info = warm_start(model, tokenizer, config, list(capabilities.values()), reporter) if config.warmup.enabled else {}
+    tmp = cache.with_name(cache.name + ".tmp")
+    save_pretrained(model, tokenizer, tmp)
+    (tmp / "warmup.json").write_text(json.dumps(info, indent=1))
+    shutil.rmtree(cache, ignore_errors=True)
+    tmp.rename(cache)
+    return model, tokenizer, info
+
+
+def _tiny_text(cfg: TinyModelConfig, seed: int):
+    tokenizer = build_char_tokenizer(TINY_ALPHABET)
+    return build_tiny_model(cfg, tokenizer, seed=seed), tokenizer
+
+
+def _tiny_vision_language(cfg: TinyModelConfig, seed: int):
+    from copd.multimodal.processor import build_tiny_vl
+
+    return build_tiny_vl(seed=seed, hidden=cfg.hidden_size, layers=cfg.num_layers, heads=cfg.num_heads,
+                         vision_dim=cfg.vision_hidden_size, vision_layers=cfg.vision_layers, arch=cfg.architecture,
+                         intermediate=cfg.intermediate_size)
+
+
+# model.tiny.architecture -> (model, tokenizer or VLProcessor) built from config, nothing downloaded.
+TINY_BUILDERS: dict[str, Callable[[TinyModelConfig, int], tuple]] = {
+    "llama": _tiny_text,
+    "qwen2": _tiny_text,
+    "qwen2_vl": _tiny_vision_language,
+    "qwen2_5_vl": _tiny_vision_language,
+}
+
+
+def base_key(config: Config) -> str:
+    """Everything that determines the built base: architecture, warm start, data, seed, temperature."""
+    key = {
+        "tiny": config.model.tiny.model_dump(),
+        "warmup": config.warmup.model_dump(),
+        "capabilities": [c.model_dump() for c in config.capabilities],
+        # The stop rule looks at the capabilities some branch trains, so they shape the base too.
+        "trained": sorted({c for b in config.branches for c in b.capabilities}),
+        "seed": config.run.seed,
+        "temperature": config.sampling.temperature,
+        "max_new_tokens": config.sampling.max_new_tokens,
+        "alphabet": TINY_ALPHABET,
+    }
+    if TINY_BUILDERS[config.model.tiny.architecture] is _tiny_vision_language:
+        key["vision"] = config.model.vision.model_dump()  # frames and resolution shape what the warm start saw
+    return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def warm_start(model, tokenizer, config: Config, capabilities: list[Capability], reporter: Reporter) -> dict:
+    """Supervised steps on balanced batches until every capability's sampled pass rate is high enough."""
+    cfg, start = config.warmup, time.perf_counter()
+    sampler = MixtureSampler(capabilities, derived_seed(config.run.seed, "warmup"))
+    # Formats prompts (and reads images) exactly as the branches will; its model is `model`.
+    policy = make_policy("warmup", model, tokenizer, device=str(model.device), **config.model.policy_options())
+    # Trained on every capability; the stop rule looks only at those some branch trains with RL.
+    trained = [c for c in capabilities if any(c.name in b.capabilities for b in config.branches)]
+    checks = {c.name: c.train_sampler(derived_seed(config.run.seed, "warmup-check", c.name)).draw(cfg.check_samples) for c in trained}
+    params = SamplingParams.from_config(config.sampling)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    history, step = [], 0
+    reporter.start("warm start", cfg.max_steps)
+    while step < cfg.max_steps:
+        model.train()
+        batch = sampler.draw(cfg.batch_size)
+        loss = policy.supervised_loss([Prompt.of(s) for _, s in batch], [s.answer for _, s in batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        if step % cfg.check_every == 0:
+            rates = pass_rates(policy, trained, checks, params, seed=derived_seed(config.run.seed, "check", step))
+            history.append({"step": step, "loss": loss.item(), "pass_rate": rates})
+            reporter.advance("warm start", " ".join(f"{k} {v:.2f}" for k, v in rates.items()))
+            if min(rates.values()) >= cfg.min_pass_rate:
+                break
+        else:
+            reporter.advance("warm start", f"loss {loss.item():.3f}")
+    reporter.stop()
+    return {"steps": step, "seconds": round(time.perf_counter() - start, 2), "history": history}

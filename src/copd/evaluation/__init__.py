@@ -1,0 +1,1 @@
+"""Scoring models on capabilities (pass rates, greedy and sampled accuracy) and merge-readiness diagnostics."""

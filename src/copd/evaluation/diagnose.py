@@ -1,0 +1,163 @@
+"""`copd diagnose`: how close two models are on the states one of them visits (METHOD.md, "Diagnostics").
+
+Model A is the student: it samples its own completions to the test prompts, both models
+score those rollouts, and the top-k overlap, symmetric KL and mean delta are read off on
+A's completion tokens. High overlap means the two are close enough to merge or distil.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from copd.core.overlap import mean_delta, symmetric_kl, topk_overlap
+from copd.errors import CopdError
+from copd.backends.roles import Policy, SamplingParams
+from copd.capabilities import Capability
+
+BATCH_SIZE = 64
+MERGE_THRESHOLD = 0.90  # METHOD.md: under CoPD O_k stays above 0.90 throughout training
+DEFAULT_MAX_NEW_TOKENS = 16
+METRICS = ("overlap", "sym_kl", "mean_delta")
+
+
+def _batch_sums(policy_a: Policy, policy_b: Policy, prompts: list[str], params: SamplingParams, k: int, seed: int) -> dict:
+    """Token-weighted sums of the three metrics on one batch of A's own rollouts."""
+    rollouts = policy_a.generate(prompts, 1, params, seed)
+    score_a, score_b = policy_a.score(rollouts, full=True), policy_b.score(rollouts, full=True)
+    mask = rollouts.completion_mask_B_T.cpu()
+    tokens = int(mask.sum().item())
+    values = {
+        "overlap": topk_overlap(score_a.dist_logprobs_B_T_V, score_b.dist_logprobs_B_T_V, mask, k),
+        "sym_kl": symmetric_kl(score_a.dist_logprobs_B_T_V, score_b.dist_logprobs_B_T_V, mask),
+        "mean_delta": mean_delta(score_b.token_logprobs_B_T, score_a.token_logprobs_B_T, mask),
+    }
+    return {"tokens": tokens, **{name: float(v) * tokens for name, v in values.items()}}
+
+
+def _means(sums: dict) -> dict:
+    tokens = sums["tokens"]
+    return {"tokens": tokens, **{m: sums[m] / tokens if tokens else 0.0 for m in METRICS}}
+
+
+def diagnose_models(
+    policy_a: Policy,
+    policy_b: Policy,
+    capabilities: list[Capability],
+    samples: int,
+    params: SamplingParams,
+    k: int,
+    seed: int,
+) -> dict:
+    """Overlap of B with A on A's rollouts of each capability's first `samples` test prompts.
+
+    Per capability and overall (token-weighted): top-k overlap O_k (A student, B teacher),
+    symmetric KL, mean delta = log p_B - log p_A at A's sampled tokens, and the token count.
+    """
+    per_cap: dict[str, dict] = {}
+    total = {"tokens": 0, **{m: 0.0 for m in METRICS}}
+    for cap in capabilities:
+        prompts = [s.prompt for s in cap.test_set(samples)]
+        sums = {"tokens": 0, **{m: 0.0 for m in METRICS}}
+        for start in range(0, len(prompts), BATCH_SIZE):
+            batch = _batch_sums(policy_a, policy_b, prompts[start : start + BATCH_SIZE], params, k, seed + start)
+            sums = {key: sums[key] + batch[key] for key in sums}
+        per_cap[cap.name] = _means(sums)
+        total = {key: total[key] + sums[key] for key in total}
+    return {"k": k, "per_capability": per_cap, "overall": _means(total)}
+
+
+def verdict(result: dict, threshold: float = MERGE_THRESHOLD) -> str:
+    """One line: is the overall top-k overlap above the merge-readiness threshold?"""
+    k, overlap = result["k"], result["overall"]["overlap"]
+    if overlap >= threshold:
+        return f"overall top-{k} overlap {overlap:.2f} >= {threshold:.2f}: close enough to merge or distil"
+    return (
+        f"overall top-{k} overlap {overlap:.2f} < {threshold:.2f}: far apart; distillation gains are likely "
+        "smaller (METHOD.md: gain correlates with overlap)"
+    )
+
+
+def _run_config(folders: list[Path]):
+    """The config of the copd run directory holding the first folder that is inside one."""
+    from copd.config.loader import load_config
+
+    for folder in folders:
+        for parent in (folder.resolve().parent, folder.resolve().parent.parent):
+            if (parent / "config.yaml").is_file():
+                return load_config(parent / "config.yaml")
+    return None
+
+
+def _load_pair(model_a: str, model_b: str):
+    """Both policies, or a CopdError when a folder is missing or the vocabularies differ."""
+    from copd.models.sources import check_model_folder, load_pretrained
+    from copd.backends.local.factory import make_policy
+
+    folders = [check_model_folder(model_a), check_model_folder(model_b)]
+    (ma, ta), (mb, tb) = load_pretrained(folders[0]), load_pretrained(folders[1])
+    if ta.get_vocab() != tb.get_vocab():
+        raise CopdError(f"{folders[0]} and {folders[1]} have different tokenizers; diagnose needs one shared vocabulary")
+    size_a, size_b = ma.get_output_embeddings().weight.shape[0], mb.get_output_embeddings().weight.shape[0]
+    if size_a != size_b:
+        raise CopdError(f"{folders[0]} and {folders[1]} have different output sizes ({size_a} vs {size_b} logits)")
+    return make_policy("A", ma, ta), make_policy("B", mb, tb), folders, size_a
+
+
+def _print_table(result: dict) -> None:
+    k = result["k"]
+    print(f"  {'capability':<16}{'tokens':>8}{f'top-{k} overlap':>16}{'sym KL':>10}{'mean delta':>12}")
+    rows = {**result["per_capability"], "overall": result["overall"]}
+    for name, r in rows.items():
+        print(f"  {name:<16}{r['tokens']:>8}{r['overlap']:>16.3f}{r['sym_kl']:>10.3f}{r['mean_delta']:>12.3f}")
+
+
+def run_diagnose(model_a: str, model_b: str, tasks: str, samples: int, k: int, seed: int, out: str | None) -> dict:
+    """Load two model folders, diagnose B against A's rollouts, print a table and a verdict."""
+    from copd.evaluation.commands import resolve_tasks
+
+    if samples < 1:
+        raise CopdError(f"--samples must be >= 1, got {samples}")
+    policy_a, policy_b, folders, vocab = _load_pair(model_a, model_b)
+    if not 1 <= k <= vocab:
+        raise CopdError(f"--k must be between 1 and the vocabulary size {vocab}, got {k}")
+    run_config = _run_config(folders)
+    caps = resolve_tasks(tasks, "exact", run_config)
+    s = run_config.sampling if run_config else None
+    params = SamplingParams.from_config(s) if s else SamplingParams(1.0, 1.0, DEFAULT_MAX_NEW_TOKENS)
+    result = diagnose_models(policy_a, policy_b, caps, samples, params, k, seed)
+    print(f"diagnose: B={folders[1]} on the rollouts of A={folders[0]} (up to {samples} test prompts per capability)")
+    _print_table(result)
+    result["verdict"] = verdict(result)
+    print(f"verdict: {result['verdict']}")
+    if out:
+        meta = {"model_a": str(folders[0]), "model_b": str(folders[1]), "samples": samples, "seed": seed}
+        meta["sampling"] = {"temperature": params.temperature, "top_p": params.top_p, "max_new_tokens": params.max_new_tokens}
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps({**meta, **result}, indent=1))
+        print(f"diagnostics: {out}")
+    return result
+
+
+def cmd_diagnose(args) -> int:
+    run_diagnose(args.model_a, args.model_b, args.tasks, args.samples, args.k, args.seed, args.out)
+    return 0
+
+
+def add_parser(sub):
+    """Register `copd diagnose` on an argparse subparsers object; returns the new parser."""
+    p = sub.add_parser(
+        "diagnose",
+        help="top-k overlap, symmetric KL and mean delta of two models on MODEL_A's own rollouts (merge readiness)",
+        description="MODEL_A samples one completion per test prompt; both models score it. Reports per capability "
+        f"and overall; an overall top-k overlap >= {MERGE_THRESHOLD:.2f} counts as close enough to merge or distil.",
+    )
+    p.add_argument("model_a", metavar="MODEL_A", help="transformers model folder of the student (its rollouts are scored)")
+    p.add_argument("model_b", metavar="MODEL_B", help="transformers model folder of the teacher (same tokenizer as MODEL_A)")
+    p.add_argument("--tasks", required=True, help="comma-separated capability names (a run's own or built-in) or JSONL files")
+    p.add_argument("--samples", type=int, default=64, help="test prompts per capability (default 64)")
+    p.add_argument("--k", type=int, default=4, help="k of the top-k overlap (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of MODEL_A's sampling (default 0)")
+    p.add_argument("--out", help="write the diagnostics as JSON here")
+    p.set_defaults(func=cmd_diagnose)
+    return p

@@ -1,0 +1,37 @@
+"""Scores of policies on capabilities' test splits: greedy accuracy and sampled pass rate."""
+
+from __future__ import annotations
+
+from copd.backends.roles import Policy, Prompt, SamplingParams
+from copd.capabilities import Capability, Sample
+
+
+def pass_rates(
+    policy: Policy,
+    capabilities: list[Capability],
+    samples: dict[str, list[Sample]],
+    params: SamplingParams,
+    seed: int = 0,
+    batch_size: int = 128,
+) -> dict[str, float]:
+    """Mean verifier reward per capability, one completion per sample."""
+    rates = {}
+    for cap in capabilities:
+        items = samples[cap.name]
+        total = 0.0
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            rollouts = policy.generate([Prompt.of(s) for s in chunk], 1, params, seed + start)
+            total += sum(cap.score(text, s) for text, s in zip(rollouts.completions, chunk))
+        rates[cap.name] = total / max(len(items), 1)
+    return rates
+
+
+def evaluate_policy(policy: Policy, capabilities: list[Capability], n: int, params: SamplingParams, batch_size: int = 128, seed: int = 0) -> dict:
+    """{"greedy": accuracy per capability, "sampled": pass rate at the rollout temperature}."""
+    tests = {c.name: c.test_set(n) for c in capabilities}
+    greedy = SamplingParams(params.temperature, params.top_p, params.max_new_tokens, greedy=True)
+    return {
+        "greedy": pass_rates(policy, capabilities, tests, greedy, seed, batch_size),
+        "sampled": pass_rates(policy, capabilities, tests, params, seed, batch_size),
+    }

@@ -1,0 +1,1 @@
+"""Where base models come from: transformers folders, hub ids, GGUF files, tiny builds, packaged checkpoints."""

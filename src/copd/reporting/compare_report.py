@@ -1,0 +1,115 @@
+"""compare.md and its plots, written from compare.json's numbers and the runs' metrics."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from copd.reporting.run_report import load_metrics
+
+ROW_ORDER = ["base", "expert", "mixed RLVR", "static OPD", "MOPD", "experts merged", "CoPD no merge", "CoPD one-way",
+             "CoPD overlap trigger", "CoPD"]
+
+
+def _rank(label: str) -> int:
+    return next((i for i, p in enumerate(ROW_ORDER) if label.startswith(p)), len(ROW_ORDER))
+
+
+def _cell(row: dict, key: str, n_seeds: int) -> str:
+    mean = 100 * row["mean"][key]
+    return f"{mean:.1f} ± {100 * row['std'][key]:.1f}" if n_seeds > 1 else f"{mean:.1f}"
+
+
+def score_table(result: dict) -> list[str]:
+    caps, n = result["capabilities"], len(result["seeds"])
+    lines = ["| method | " + " | ".join(caps) + " | overall | run |", "|---" * (len(caps) + 3) + "|"]
+    for label in sorted(result["rows"], key=lambda l: (_rank(l), l)):
+        row = result["rows"][label]
+        cells = [_cell(row, c, n) for c in caps] + [_cell(row, "overall", n)]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {row['run']} |")
+    return lines
+
+
+def compute_table(result: dict) -> list[str]:
+    per_run: dict[str, list[dict]] = defaultdict(list)
+    for key, value in result["compute"].items():
+        per_run[key.rsplit("-seed", 1)[0]].append(value)
+    lines = ["| run | optimizer updates (per seed) | trained completion tokens (mean per seed) |", "|---|---|---|"]
+    for run, values in per_run.items():
+        updates = sorted({int(v["updates"]) for v in values})
+        tokens = sum(v["tokens"] for v in values) / len(values)
+        lines.append(f"| {run} | {', '.join(map(str, updates))} | {tokens:,.0f} |")
+    return lines
+
+
+def _curves(out: Path, run_glob: str, kind: str, key: str, by: str) -> dict[str, list[tuple[int, float]]]:
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for run_dir in sorted((out / "runs").glob(run_glob)):
+        seed = run_dir.name.rsplit("-seed", 1)[1]
+        for r in load_metrics(run_dir / "metrics.jsonl"):
+            if r.get("type") == kind and key in r:
+                series[f"{run_dir.name.rsplit('-seed', 1)[0]} {r[by]} (seed {seed})"].append((r["step"], r[key]))
+    return series
+
+
+def _plot(series: dict, title: str, ylabel: str, path: Path) -> bool:
+    if not series:
+        return False
+    fig = Figure(figsize=(7, 3.6), dpi=100)
+    ax = fig.add_subplot()
+    for label, points in sorted(series.items()):
+        ax.plot([p[0] for p in points], [p[1] for p in points], label=label, linewidth=1)
+    ax.set(title=title, xlabel="step", ylabel=ylabel)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    FigureCanvasAgg(fig).print_png(str(path))
+    return True
+
+
+def write_plots(out: Path) -> list[str]:
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    made = []
+    specs = [
+        ("overlap", "copd-seed*", "edge", "overlap_topk", "edge", "Top-k overlap per edge: CoPD", "overlap"),
+        ("overlap_experts", "experts-seed*", "edge", "overlap_topk", "edge", "Top-k overlap between independent experts (probed)", "overlap"),
+        ("sym_kl", "copd-seed*", "edge", "sym_kl", "edge", "Symmetric KL per edge: CoPD", "sym KL"),
+        ("sym_kl_experts", "experts-seed*", "edge", "sym_kl", "edge", "Symmetric KL between independent experts (probed)", "sym KL"),
+        ("reward", "*-seed*", "branch", "reward", "branch", "Reward per branch, every run", "mean reward"),
+    ]
+    for name, glob, kind, key, by, title, ylabel in specs:
+        if _plot(_curves(out, glob, kind, key, by), title, ylabel, plots / f"{name}.png"):
+            made.append(name)
+    return made
+
+
+def write_compare_report(out: Path, result: dict) -> Path:
+    lines = [
+        "# CoPD comparison",
+        "",
+        f"Greedy accuracy (%) on each capability's test split, mean ± std over seeds {result['seeds']}; "
+        "overall = mean over the trained capabilities. Rows marked with the same run come from one training run.",
+        "",
+        *score_table(result),
+        "",
+        "## Orderings (METHOD.md), on mean overall accuracy",
+        "",
+        *[f"- {'held' if o['held'] else 'did NOT hold'}: {o['claim']} ({o['numbers']})" for o in result["orderings"]],
+        "",
+        "## Compute",
+        "",
+        "Every trained branch makes cycles x (S_RL + S_OPD) updates; mixed RLVR makes K times as many on its one "
+        "policy; static OPD and MOPD add cycles x S_OPD distillation updates per student after the experts. "
+        "Tokens are the completion tokens each run trained on (RL rollouts plus OPD rollouts).",
+        "",
+        *compute_table(result),
+        "",
+    ]
+    for name in write_plots(out):
+        lines += [f"![{name}](plots/{name}.png)", ""]
+    path = out / "compare.md"
+    path.write_text("\n".join(lines))
+    return path

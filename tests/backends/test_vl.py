@@ -1,0 +1,171 @@
+"""VLPolicy: prompts with image and video files, grouped prefill, pixels reused by teachers and updates."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+import copd.multimodal.media
+from copd.models.sources import load_pretrained
+from copd.backends.roles import LossSpec, OPDPart, Prompt, RLPart, SamplingParams
+from copd.backends.local.factory import make_policy
+from copd.backends.local.vl import VLPolicy
+from copd.multimodal.processor import build_tiny_vl
+import copy
+
+
+def picture(seed: int, size: int = 56) -> Image.Image:
+    rng = random.Random(seed)
+    return Image.frombytes("RGB", (size, size), bytes(rng.randrange(256) for _ in range(size * size * 3)))
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    """Two image files and one video (a folder of four frames)."""
+    folder = tmp_path_factory.mktemp("media")
+    paths = []
+    for i in range(2):
+        picture(i).save(folder / f"img{i}.png")
+        paths.append(str(folder / f"img{i}.png"))
+    (folder / "clip").mkdir()
+    for i in range(4):
+        picture(10 + i).save(folder / "clip" / f"frame{i}.png")
+    return paths, str(folder / "clip")
+
+
+@pytest.fixture()
+def pair():
+    torch.manual_seed(0)
+    model, processor = build_tiny_vl(seed=0, init_std=0.3)
+    student = make_policy("s", model, processor, lr=1e-3, video_frames=4)
+    teacher = make_policy("t", copy.deepcopy(model), processor, video_frames=4)
+    return student, teacher
+
+
+def prompts_of(media) -> list[Prompt]:
+    images, video = media
+    return [Prompt("what is it?", images=(images[0],)), Prompt("text only, longer than the others"),
+            Prompt("and this?", images=(images[1],), videos=(video,))]
+
+
+def test_make_policy_picks_the_vision_language_policy(pair):
+    student, _ = pair
+    assert isinstance(student, VLPolicy)
+    text = student.format_prompt(Prompt("hi", system="be brief", images=("a.png",), videos=("v",)))
+    assert text == ("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+                    "<|vision_start|><|video_pad|><|vision_end|>hi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_grouped_sampling_equals_sampling_every_copy(pair, media):
+    student, _ = pair
+    greedy = SamplingParams(max_new_tokens=6, greedy=True)
+    grouped = student.generate(prompts_of(media), 3, greedy, seed=0)
+    copies = student.generate([p for p in prompts_of(media) for _ in range(3)], 1, greedy, seed=0)
+    assert torch.equal(grouped.completion_ids_B_T, copies.completion_ids_B_T)
+    assert grouped.vision.rows_per_prompt == 3 and grouped.vision.images_per_prompt == [1, 0, 1]
+    assert grouped.vision.tensors["video_grid_thw"].tolist() == [[2, 4, 4]]  # 4 frames -> 2 temporal patches
+    scores_grouped, scores_copies = student.score(grouped), student.score(copies)
+    torch.testing.assert_close(scores_grouped.token_logprobs_B_T, scores_copies.token_logprobs_B_T, atol=1e-5, rtol=1e-5)
+
+
+def test_media_are_decoded_once_per_batch(pair, media, monkeypatch):
+    """Teachers score and the student trains on the rollouts' pixels; no file is read again."""
+    student, teacher = pair
+    reads = []
+    load_image, load_video = copd.multimodal.media.load_image, copd.multimodal.media.load_video
+    monkeypatch.setattr(copd.multimodal.media, "load_image", lambda p: reads.append(p) or load_image(p))
+    monkeypatch.setattr(copd.multimodal.media, "load_video", lambda p, *a: reads.append(p) or load_video(p, *a))
+    rollouts = student.generate(prompts_of(media), 4, SamplingParams(max_new_tokens=5), seed=1)
+    assert len(reads) == 2 + 1 + 4  # two images, one video and its four frames, for 12 rows
+    scores = teacher.score(rollouts)
+    advantages = torch.randn_like(rollouts.completion_mask_B_T) * rollouts.completion_mask_B_T
+    result = student.update([RLPart(rollouts, advantages)], [OPDPart(rollouts, scores, 0.1, "s<-t")], LossSpec())
+    assert len(reads) == 7 and not result.skipped and result.metrics["grad_norm"] > 0
+    assert 0 <= result.edge_metrics["s<-t"]["overlap_topk"] <= 1
+
+
+def test_select_keeps_the_pixels_of_kept_groups(pair, media):
+    student, _ = pair
+    rollouts = student.generate(prompts_of(media), 2, SamplingParams(max_new_tokens=4), seed=2)
+    kept = rollouts.select(torch.tensor([4, 5]))  # the third prompt: one image and one video
+    assert kept.vision.images_per_prompt == [1] and kept.vision.videos_per_prompt == [1]
+    pixels = rollouts.vision.tensors["pixel_values"]
+    assert torch.equal(kept.vision.tensors["pixel_values"], pixels[16:32])  # image 0 owns patches 0..15
+    torch.testing.assert_close(student.score(kept).token_logprobs_B_T, student.score(rollouts).token_logprobs_B_T[4:6])
+    with pytest.raises(ValueError, match="whole groups"):
+        rollouts.select(torch.tensor([1, 2]))
+
+
+def test_supervised_steps_teach_an_answer_about_an_image(pair, media):
+    student, _ = pair
+    prompts, answers = prompts_of(media)[:1], ["red"]
+    first = student.supervised_loss(prompts, answers).item()
+    for _ in range(20):
+        student.optimizer.zero_grad()
+        student.supervised_loss(prompts, answers).backward()
+        student.optimizer.step()
+    assert student.supervised_loss(prompts, answers).item() < first / 4
+    greedy = student.generate(prompts, 1, SamplingParams(max_new_tokens=6, greedy=True), seed=0)
+    assert greedy.completions == ["red"]
+
+
+def test_saved_branch_reloads_as_the_same_policy(pair, media, tmp_path):
+    student, _ = pair
+    student.save_pretrained(tmp_path)
+    model, processor = load_pretrained(tmp_path)
+    again = make_policy("again", model, processor, video_frames=4)
+    params = SamplingParams(max_new_tokens=5)
+    a, b = student.generate(prompts_of(media), 2, params, seed=3), again.generate(prompts_of(media), 2, params, seed=3)
+    assert torch.equal(a.input_ids_B_L, b.input_ids_B_L)
+
+
+def test_a_text_policy_refuses_media():
+    from copd.errors import CopdError
+    from copd.models.sources import build_char_tokenizer, build_tiny_model
+    from copd.config.schema import TinyModelConfig
+
+    tokenizer = build_char_tokenizer("abc")
+    policy = make_policy("text", build_tiny_model(TinyModelConfig(hidden_size=16, num_layers=1, num_heads=2), tokenizer),
+                         tokenizer, video_frames=4)
+    with pytest.raises(CopdError, match="reads text only"):
+        policy.format_prompt(Prompt("x", images=("a.png",)))
+
+
+def test_lora_branches_on_a_vision_language_base(media, tmp_path):
+    from copd.backends.local.factory import make_lora_policy
+    from copd.backends.local.lora import SharedBase, adapter_name
+    from copd.backends.local.vl import VLLoraPolicy
+
+    model, processor = build_tiny_vl(seed=0, init_std=0.3)
+    shared = SharedBase(model, ["a", "b"], 4, 8.0, 0.0, "all-linear")
+    a, b = (make_lora_policy(n, shared, processor, adapter_name(n), 1e-2, video_frames=4) for n in "ab")
+    assert isinstance(a, VLLoraPolicy) and any("visual" in n for n, p in shared.model.named_parameters() if p.requires_grad)
+    rollouts = a.generate(prompts_of(media), 2, SamplingParams(max_new_tokens=4), seed=0)
+    before_b = b.score(rollouts).token_logprobs_B_T
+    advantages = torch.ones_like(rollouts.completion_mask_B_T) * rollouts.completion_mask_B_T
+    assert not a.update([RLPart(rollouts, advantages)], [], LossSpec()).skipped
+    torch.testing.assert_close(b.score(rollouts).token_logprobs_B_T, before_b)  # b's adapter is untouched
+    assert not torch.allclose(a.score(rollouts).token_logprobs_B_T, before_b)
+    a.save_pretrained(tmp_path)
+    loaded, loaded_processor = load_pretrained(tmp_path)
+    again = make_policy("again", loaded, loaded_processor, video_frames=4)
+    torch.testing.assert_close(again.score(rollouts).token_logprobs_B_T, a.score(rollouts).token_logprobs_B_T, atol=1e-5, rtol=1e-5)
+
+
+def test_a_qwen3_vl_folder_is_refused_in_one_line(tmp_path):
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from copd.errors import CopdError
+    from copd.multimodal.processor import build_vl_tokenizer
+
+    tokenizer = build_vl_tokenizer()
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3]})
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, deepstack_visual_indexes=[0])
+    Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text, vision_config=vision)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(CopdError, match="Qwen3-VL is not supported yet"):
+        load_pretrained(tmp_path)

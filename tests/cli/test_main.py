@@ -1,0 +1,187 @@
+"""The command line in-process: user mistakes give exit code 2 and one line, nothing is written."""
+
+import json
+
+import pytest
+import yaml
+
+from copd.cli.main import main
+from copd.config.loader import validate_config
+from copd.driver.pipeline import prepare_run_dir
+
+BASE = {
+    "model": {"path": None},
+    "warmup": {"enabled": False},
+    "capabilities": [{"name": "addition", "builtin": "addition"}, {"name": "reversal", "builtin": "reversal"}],
+    "branches": [{"name": "add", "capabilities": ["addition"]}, {"name": "rev", "capabilities": ["reversal"]}],
+    "schedule": {"cycles": 1, "rl_steps": 1, "opd_steps": 1},
+}
+
+
+def write_config(tmp_path, out=None, name="cfg.yaml", **changes):
+    raw = json.loads(json.dumps(BASE))
+    raw["run"] = {"out": str(out or tmp_path / "run")}
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        if field:
+            raw[section][field] = value
+        else:
+            raw[section] = value
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def fails(capsys, argv) -> str:
+    """Run the CLI, expect a user error: exit code 2, one line on stderr, no traceback."""
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    assert err.startswith("copd: error: ") and err.endswith("\n") and err.count("\n") == 1, err
+    assert "Traceback" not in err + out
+    return err
+
+
+def jsonl_config(tmp_path, lines, **options):
+    data = tmp_path / "data.jsonl"
+    if lines is not None:
+        data.write_text("".join(line + "\n" for line in lines))
+    caps = [{"name": "addition", "builtin": "addition"}, {"name": "qa", "path": str(data), **options}]
+    branches = [{"name": "add", "capabilities": ["addition"]}, {"name": "qa", "capabilities": ["qa"]}]
+    return write_config(tmp_path, capabilities=caps, branches=branches), data
+
+
+GOOD_LINES = [json.dumps({"prompt": f"q{i}", "answer": str(i)}) for i in range(20)]
+
+
+def test_missing_config_file(tmp_path, capsys):
+    err = fails(capsys, ["train", str(tmp_path / "nope.yaml"), "--quiet"])
+    assert "config file not found" in err and "nope.yaml" in err
+
+
+def test_unknown_key_in_config(tmp_path, capsys):
+    path = write_config(tmp_path, schedule={"cycels": 3})
+    err = fails(capsys, ["train", str(path), "--quiet"])
+    assert str(path) in err and "schedule.cycels" in err and "schedule.cycles" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_override_on_the_command_line(tmp_path, capsys):
+    err = fails(capsys, ["train", str(write_config(tmp_path)), "schedule.cycles=many", "--quiet"])
+    assert "schedule.cycles" in err and "'many'" in err
+
+
+def test_missing_jsonl_file(tmp_path, capsys):
+    path, data = jsonl_config(tmp_path, None)
+    err = fails(capsys, ["train", str(path), "--quiet"])
+    assert f"{data}: file not found" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_jsonl_file(tmp_path, capsys):
+    path, data = jsonl_config(tmp_path, [])
+    err = fails(capsys, ["train", str(path), "--quiet"])
+    assert str(data) in err and "empty" in err
+
+
+def test_jsonl_line_without_answer_names_file_and_line(tmp_path, capsys):
+    path, data = jsonl_config(tmp_path, [*GOOD_LINES[:3], json.dumps({"prompt": "q"}), *GOOD_LINES[3:]])
+    err = fails(capsys, ["train", str(path), "--quiet"])
+    assert f"{data}:4:" in err and 'missing field "answer"' in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_relative_jsonl_path_resolves_next_to_the_config(tmp_path, capsys):
+    (tmp_path / "cfgdir").mkdir()
+    caps = [{"name": "addition", "builtin": "addition"}, {"name": "qa", "path": "data.jsonl"}]
+    branches = [{"name": "add", "capabilities": ["addition"]}, {"name": "qa", "capabilities": ["qa"]}]
+    path = write_config(tmp_path, name="cfgdir/cfg.yaml", capabilities=caps, branches=branches)
+    err = fails(capsys, ["train", str(path), "--quiet"])
+    assert str(tmp_path / "cfgdir" / "data.jsonl") in err
+
+
+def test_unknown_verifier(tmp_path, capsys):
+    path, _ = jsonl_config(tmp_path, GOOD_LINES, verifier="numerc")
+    err = fails(capsys, ["train", str(path), "--quiet"])
+    assert "'qa'" in err and "unknown verifier 'numerc'" in err and "numeric" in err
+
+
+def test_model_path_that_does_not_exist_writes_nothing(tmp_path, capsys):
+    path = write_config(tmp_path, model={"path": str(tmp_path / "nonexistent")})
+    err = fails(capsys, ["train", str(path), "--quiet"])
+    assert "model path does not exist" in err and "nonexistent" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_model_path_without_config_json_writes_nothing(tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    path = write_config(tmp_path, model={"path": str(tmp_path / "model")})
+    err = fails(capsys, ["train", str(path), "--quiet"])
+    assert "config.json" in err and not (tmp_path / "run").exists()
+
+
+def test_run_dir_holding_another_run_is_left_alone(tmp_path, capsys):
+    run = tmp_path / "run"
+    prepare_run_dir(validate_config({**BASE, "run": {"out": str(run)}}), run, resume=False)
+    before = (run / "config.yaml").read_text()
+    other = write_config(tmp_path, schedule={"cycles": 7, "rl_steps": 1, "opd_steps": 1})
+    err = fails(capsys, ["train", str(other), "--quiet"])
+    assert "already holds a run" in err and "--resume" in err
+    err = fails(capsys, ["train", str(other), "--resume", str(run), "--quiet"])
+    assert "different config" in err and "'schedule'" in err
+    assert (run / "config.yaml").read_text() == before
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+
+
+def test_non_empty_run_dir_without_a_run(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    err = fails(capsys, ["train", str(write_config(tmp_path)), "--quiet"])
+    assert "not empty" in err and (tmp_path / "run" / "notes.txt").read_text() == "mine"
+
+
+def test_resume_of_a_folder_without_a_run(tmp_path, capsys):
+    err = fails(capsys, ["train", str(write_config(tmp_path)), "--resume", str(tmp_path / "empty"), "--quiet"])
+    assert "no config.yaml" in err and not (tmp_path / "empty").exists()
+
+
+def test_report_on_a_missing_dir(tmp_path, capsys):
+    err = fails(capsys, ["report", str(tmp_path / "nope")])
+    assert "run directory not found" in err and not (tmp_path / "nope").exists()
+
+
+def test_merge_on_a_run_without_branches(tmp_path, capsys):
+    run = tmp_path / "run"
+    prepare_run_dir(validate_config({**BASE, "run": {"out": str(run)}}), run, resume=False)
+    err = fails(capsys, ["merge", str(run)])
+    assert "cannot merge" in err and "branches" in err
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+
+
+def test_merge_on_a_folder_without_a_run(tmp_path, capsys):
+    err = fails(capsys, ["merge", str(tmp_path)])
+    assert "config file not found" in err
+
+
+@pytest.mark.parametrize("argv, needles", [
+    ([], ["demo", "train", "eval", "merge", "report", "--version", "schedule.cycles=4"]),
+    (["demo"], ["--out", "--quiet", "--threads", "KEY=VALUE"]),
+    (["train"], ["config", "--resume", "--quiet", "--threads", "KEY=VALUE"]),
+    (["eval"], ["RUN_OR_MODEL", "--tasks", "--samples", "--verifier", "--seed", "--out"]),
+    (["merge"], ["RUN", "--method", "ties", "--out"]),
+    (["report"], ["RUN", "--threads"]),
+])
+def test_help(capsys, argv, needles):
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: copd")
+    for needle in needles:
+        assert needle in out, needle
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["frobnicate"])
+    assert info.value.code == 2 and "invalid choice" in capsys.readouterr().err

@@ -1,0 +1,298 @@
+"""The driver (copd.driver.trainer.Trainer) against a fake policy: no model, tiny tensors, exact checks."""
+
+import copy
+import json
+import random
+
+import pytest
+import torch
+
+from copd.config.loader import validate_config
+from copd.errors import CopdError
+from copd.driver.pipeline import load_capabilities
+from copd.backends.roles import Rollouts, Scores, UpdateResult
+from copd.schedule.plan import Phase
+from copd.schedule.topology import Edge
+from copd.driver.trainer import Trainer
+
+V, T, P = 5, 3, 2  # vocab, completion length, prompt length
+
+
+def solve(prompt: str) -> str:
+    """The right answer of a built-in prompt (addition, reversal, count)."""
+    if prompt.startswith("rev:"):
+        return prompt[4:-1][::-1]
+    if prompt.startswith("count "):
+        letter, word = prompt[6:-1].split(":")
+        return str(word.count(letter))
+    a, b = prompt[:-1].split("+")
+    return str(int(a) + int(b))
+
+
+class FakePolicy:
+    """A Policy without a model: a 'skill' float and a [V] logits vector are the whole state."""
+
+    def __init__(self, name, log, skill=0.5, logits=None, crash_after=None, skip=lambda n: False):
+        self.name, self.log, self.crash_after, self.skip = name, log, crash_after, skip
+        self.state = {"skill": skill, "logits": logits or [0.1 * i for i in range(V)], "updates": 0}
+
+    def _logp(self):
+        return torch.log_softmax(torch.tensor(self.state["logits"], dtype=torch.float64), -1)
+
+    def generate(self, prompts, n, params, seed):
+        prompts = [getattr(p, "text", p) for p in prompts]  # Prompt objects or plain strings
+        completions, ids = [], []
+        for prompt in prompts:
+            for j in range(n):
+                rng = random.Random(f"{seed}|{prompt}|{j}")
+                completions.append(solve(prompt) if rng.random() < self.state["skill"] else "x")
+                ids.append([rng.randrange(V) for _ in range(T)])
+        B = len(completions)
+        r = Rollouts(torch.cat([torch.zeros(B, P, dtype=torch.long), torch.tensor(ids)], 1),
+                     torch.ones(B, P + T, dtype=torch.long), P, torch.ones(B, T), completions)
+        r.made_by, r.prompts = self.name, list(prompts)
+        self.log.append(("generate", self.name, n, tuple(prompts)))
+        return r
+
+    def score(self, rollouts, full=True):
+        self.log.append(("score", self.name))
+        logp = self._logp()
+        ids = rollouts.completion_ids_B_T
+        return Scores(logp[ids], logp.expand(*ids.shape, V).clone() if full else None)
+
+    def update(self, rl, opd, spec):
+        self.state["updates"] += 1
+        n = self.state["updates"]
+        self.log.append(("update", self.name, [p.rollouts.made_by for p in rl],
+                         [(p.edge, p.beta, p.rollouts.made_by, p.rollouts.prompts) for p in opd]))
+        if self.crash_after is not None and n > self.crash_after:
+            raise RuntimeError("simulated crash")
+        if self.skip(n):
+            return UpdateResult({"loss": float("nan")}, {}, skipped=True)
+        logp, edges, tokens = self._logp(), {}, 0
+        for part in rl:
+            self.state["skill"] = round(self.state["skill"] + 0.01 * part.advantages_B_T.shape[0], 6)
+            first = int(part.rollouts.completion_ids_B_T[0, 0])
+            self.state["logits"][first] += 0.01
+            tokens += part.rollouts.num_tokens
+        new = torch.tensor(self.state["logits"], dtype=torch.float64)
+        for part in opd:
+            teacher = part.teacher.dist_logprobs_B_T_V.mean((0, 1))
+            new = new + 0.1 * (1 + part.beta) * (teacher - logp)
+            delta = part.teacher.token_logprobs_B_T - logp[part.rollouts.completion_ids_B_T]
+            kl = float(((logp.exp() - teacher.exp()) * (logp - teacher)).sum())
+            same = len(set(logp.topk(2).indices.tolist()) & set(teacher.topk(2).indices.tolist())) / 2
+            edges[part.edge] = {"overlap_topk": same, "sym_kl": kl, "delta_mean": float(delta.mean()),
+                                "tokens": part.rollouts.num_tokens}
+            tokens += part.rollouts.num_tokens
+        self.state["logits"] = new.tolist()
+        return UpdateResult({"loss": float(-logp.max()), "tokens": tokens}, edges)
+
+    def get_weights(self):
+        return {"logits": torch.tensor(self.state["logits"], dtype=torch.float64)}
+
+    def set_weights(self, weights):
+        self.state["logits"] = weights["logits"].tolist()
+
+    def save_checkpoint(self, folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "state.json").write_text(json.dumps(self.state))
+
+    def load_checkpoint(self, folder):
+        self.state = json.loads((folder / "state.json").read_text())
+
+    save_pretrained = save_checkpoint
+
+
+BRANCHES = [{"name": "add", "capabilities": ["addition"], "beta": 0.1},
+            {"name": "rev", "capabilities": ["reversal"], "beta": 0.3}]
+
+
+def make_config(out, branches=BRANCHES, **sections):
+    raw = {
+        "capabilities": [{"name": "addition", "builtin": "addition"}, {"name": "reversal", "builtin": "reversal"},
+                         {"name": "count", "builtin": "count"}],
+        "branches": copy.deepcopy(branches),
+        "schedule": {"cycles": 2, "rl_steps": 2, "opd_steps": 2},
+        "rl": {"prompts_per_step": 2, "rollouts_per_prompt": 4},
+        "opd": {"prompts_per_step": 2, "rollouts_per_prompt": 3},
+        "optim": {"max_nan_in_row": 3},
+        "run": {"out": str(out), "seed": 7, "keep_checkpoints": 2},
+    }
+    for key, value in sections.items():
+        raw.setdefault(key, {}).update(value)
+    return validate_config(raw)
+
+
+SKILL = {"add": 0.6, "rev": 0.3, "cnt": 0.8}
+
+
+def make_trainer(tmp_path, sub="run", log=None, policy_kw=None, **sections):
+    run_dir = tmp_path / sub
+    run_dir.mkdir(exist_ok=True)
+    config = make_config(run_dir, **sections)
+    log = [] if log is None else log
+    policies = {b.name: FakePolicy(b.name, log, SKILL[b.name], [SKILL[b.name] * i for i in range(V)],
+                                   **(policy_kw or {}).get(b.name, {})) for b in config.branches}
+    trainer = Trainer(config, run_dir, policies, load_capabilities(config))
+    step = trainer.step
+
+    def logged_step(phase):
+        log.append(("step", trainer.state["global_step"] + 1, phase.name))
+        step(phase)
+
+    trainer.step = logged_step
+    return trainer, log
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def plain(recs):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in recs]  # without the wall clock
+
+
+def keyed(recs):
+    return {(r["step"], r.get("branch") or r["edge"]): r for r in plain(recs)}
+
+
+def states(trainer):
+    return {name: p.state for name, p in trainer.policies.items()}
+
+
+def test_plan_steps_and_metrics_records(tmp_path):
+    trainer, log = make_trainer(tmp_path)
+    trainer.run()
+    phases = ["explore", "explore", "consolidate", "consolidate"] * 2
+    assert [e[1:] for e in log if e[0] == "step"] == list(zip(range(1, 9), phases))
+    recs = records(trainer.run_dir)
+    branch = [r for r in recs if r["type"] == "branch"]
+    edge = [r for r in recs if r["type"] == "edge"]
+    assert sorted((r["step"], r["branch"]) for r in branch) == [(s, b) for s in range(1, 9) for b in ("add", "rev")]
+    assert sorted((r["step"], r["edge"]) for r in edge) == [(s, e) for s in (3, 4, 7, 8) for e in ("add<-rev", "rev<-add")]
+    for r in recs:
+        assert r["cycle"] == (1 if r["step"] <= 4 else 2)
+        assert r["phase"] == ("consolidate" if r["step"] in (3, 4, 7, 8) else "explore")
+    for r in branch:
+        assert {"reward", "loss", "tokens", "seconds"} <= r.keys() and r["skipped"] is False
+        assert 0 <= r["reward"] <= 1 and r["reward/" + ("addition" if r["branch"] == "add" else "reversal")] == pytest.approx(r["reward"])
+    for r in edge:
+        assert {"overlap_topk", "sym_kl", "delta_mean", "tokens"} <= r.keys()
+        assert r["edge"] == f"{r['student']}<-{r['teacher']}"
+
+
+def test_teachers_score_before_any_update_of_the_step(tmp_path):
+    trainer, log = make_trainer(tmp_path)
+    trainer.run()
+    steps = [i for i, e in enumerate(log) if e[0] == "step"] + [len(log)]
+    consolidate = 0
+    for start, end in zip(steps, steps[1:]):
+        events = log[start:end]
+        kinds = [e[0] for e in events]
+        if events[0][2] == "consolidate":
+            consolidate += 1
+            assert kinds.count("score") == 2
+            assert max(i for i, k in enumerate(kinds) if k == "score") < min(i for i, k in enumerate(kinds) if k == "update")
+        else:
+            assert "score" not in kinds
+    assert consolidate == 4
+    beta = {"add": 0.1, "rev": 0.3}
+    for _, name, rl, opd in (e for e in log if e[0] == "update"):  # student's beta and rollouts
+        assert rl == [name] and all(p[:3] == (f"{name}<-{'rev' if name == 'add' else 'add'}", beta[name], name) for p in opd)
+
+
+@pytest.mark.parametrize("topology", [{"kind": "pair"}, {"kind": "mesh"}, {"kind": "hub", "hub": "rev"}])
+def test_branch_order_does_not_matter(tmp_path, topology):
+    three = [*BRANCHES, {"name": "cnt", "capabilities": ["count"], "beta": 0.2}]
+    branches = BRANCHES if topology["kind"] == "pair" else three
+    a, _ = make_trainer(tmp_path, "fwd", branches=branches, topology=topology)
+    b, _ = make_trainer(tmp_path, "rev", branches=branches[::-1], topology=topology)
+    a.run()
+    b.run()
+    assert states(a) == states(b)
+    assert keyed(records(a.run_dir)) == keyed(records(b.run_dir)) and len(records(a.run_dir)) == len(records(b.run_dir))
+
+
+def test_parts_reach_the_right_branches(tmp_path):
+    trainer, log = make_trainer(tmp_path)
+    # A phase where 'rev' only learns from 'add' (no RLVR), and 'add' only does RLVR.
+    trainer.plan = [Phase("consolidate", 1, 2, ("add",), (Edge("rev", "add"),))]
+    trainer.run()
+    updates = [e for e in log if e[0] == "update"]
+    assert len(updates) == 4
+    for _, name, rl, opd in updates:
+        if name == "add":
+            assert rl == ["add"] and opd == []
+        else:
+            assert rl == [] and len(opd) == 1
+            edge, beta, made_by, prompts = opd[0]
+            assert (edge, beta, made_by) == ("rev<-add", 0.3, "rev")  # student's beta, student's rollouts
+            assert all("+" in p for p in prompts)  # on the teacher's data
+    recs = records(trainer.run_dir)
+    assert {r["edge"] for r in recs if r["type"] == "edge"} == {"rev<-add"}
+    assert all(("reward" in r) == (r["branch"] == "add") for r in recs if r["type"] == "branch")
+
+
+def test_checkpoint_after_every_cycle_and_pruned(tmp_path):
+    trainer, _ = make_trainer(tmp_path, schedule={"cycles": 4, "rl_steps": 1, "opd_steps": 1})
+    root, seen = trainer.run_dir / "checkpoints", []
+    save = trainer._checkpoint
+
+    def checkpoint(cycle):
+        save(cycle)
+        seen.append((cycle, trainer.state["global_step"], sorted(p.name for p in root.iterdir())))
+
+    trainer._checkpoint = checkpoint
+    trainer.run()
+    assert [s[:2] for s in seen] == [(1, 2), (2, 4), (3, 6), (4, 8)]
+    for cycle, _, listing in seen:
+        assert f"cycle_{cycle:04d}" in listing and len(listing) <= 2
+        assert not any(n.startswith(".tmp-") for n in listing)
+    assert sorted(p.name for p in root.iterdir()) == ["cycle_0003", "cycle_0004"]
+    last = root / "cycle_0004"
+    assert json.loads((last / "state.json").read_text())["global_step"] == 8
+    for name in ("add", "rev"):
+        assert json.loads((last / "branches" / name / "state.json").read_text()) == trainer.policies[name].state
+
+
+@pytest.mark.parametrize("crash_after", [1, 6])  # in cycle 1 (no checkpoint yet), in cycle 2
+def test_resume_after_crash_replays_exactly(tmp_path, crash_after):
+    full, _ = make_trainer(tmp_path, "full")
+    full.run()
+    broken, _ = make_trainer(tmp_path, "run", policy_kw={"rev": {"crash_after": crash_after}})
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        broken.run()
+    assert (broken.run_dir / "checkpoints").exists() == (crash_after > 4)
+    resumed, _ = make_trainer(tmp_path, "run")
+    resumed.run(resume=True)
+    assert states(resumed) == states(full)
+    assert plain(records(resumed.run_dir)) == plain(records(full.run_dir))
+
+
+def test_resume_of_a_finished_run_changes_nothing(tmp_path):
+    trainer, _ = make_trainer(tmp_path)
+    trainer.run()
+    before = (trainer.run_dir / "metrics.jsonl").read_text()
+    again, log = make_trainer(tmp_path)
+    again.run(resume=True)
+    assert states(again) == states(trainer) and not [e for e in log if e[0] == "update"]
+    assert (trainer.run_dir / "metrics.jsonl").read_text() == before
+
+
+def test_always_non_finite_stops_the_run_naming_the_branch(tmp_path):
+    trainer, _ = make_trainer(tmp_path, policy_kw={"rev": {"skip": lambda n: True}})
+    with pytest.raises(CopdError, match=r"'rev'.*3 non-finite.*step 3.*no checkpoint"):
+        trainer.run()
+    rev = [r for r in records(trainer.run_dir) if r.get("branch") == "rev"]
+    assert [r["step"] for r in rev] == [1, 2, 3] and all(r["skipped"] is True for r in rev)
+    assert all(r["skipped"] is False for r in records(trainer.run_dir) if r.get("branch") == "add")
+
+
+def test_one_non_finite_loss_does_not_stop_the_run(tmp_path):
+    trainer, _ = make_trainer(tmp_path, policy_kw={"rev": {"skip": lambda n: n in (2, 5, 6)}})
+    trainer.run()
+    rev = {r["step"]: r["skipped"] for r in records(trainer.run_dir) if r.get("branch") == "rev"}
+    assert [s for s, skipped in rev.items() if skipped] == [2, 5, 6] and len(rev) == 8
+    assert trainer.state["nan_skipped"] == {"add": 0, "rev": 3}
+    assert trainer.state["nan_in_row"] == {"add": 0, "rev": 0}
