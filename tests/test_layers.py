@@ -10,12 +10,12 @@ SRC = Path(copd.__file__).resolve().parent
 # Lowest first. A module may import its own package and the packages of lower layers only.
 LAYERS = [
     ("copd.errors", "copd.core"),
+    ("copd.schedule",),
     ("copd.config",),
     ("copd.multimodal",),
     ("copd.capabilities",),
     ("copd.models",),
     ("copd.backends",),
-    ("copd.schedule",),
     ("copd.evaluation",),
     ("copd.reporting",),
     ("copd.driver",),
@@ -32,7 +32,10 @@ def package_of(module: str) -> str:
 def project_imports(path: Path) -> set[str]:
     """Every copd module imported anywhere in the file, function-level imports included."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    for block in [n for n in ast.walk(tree) if isinstance(n, ast.If) and getattr(n.test, "id", "") == "TYPE_CHECKING"]:
+        block.body = []  # imports for type checkers only are no dependency at run time
+    for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.startswith("copd"):
             found.add(node.module)
         elif isinstance(node, ast.Import):

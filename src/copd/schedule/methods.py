@@ -14,9 +14,10 @@ are counted from metrics.jsonl and shown beside the scores.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from copd.config.schema import BranchConfig, Config
+if TYPE_CHECKING:
+    from copd.config.schema import BranchConfig, Config
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ def _copy(config: Config, **sections) -> Config:
     raw = config.to_yaml_dict()
     for key, value in sections.items():
         raw[key] = value
-    return Config.model_validate(raw)
+    return type(config).model_validate(raw)
 
 
 def _experts(config: Config) -> list[BranchConfig]:

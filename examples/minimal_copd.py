@@ -1,0 +1,223 @@
+"""Co-Evolving Policy Distillation (CoPD) in one file, to read top to bottom.
+
+Two branches start from one tiny base model. Branch "sort" does GRPO on letter sorting,
+branch "reversal" on string reversal. Every cycle runs S_RL explore steps (GRPO only)
+and then S_OPD consolidate steps (GRPO + on-policy distillation from the other branch).
+At the end the two branches are averaged into one model. Equations: docs/method.md.
+
+    .venv/bin/python examples/minimal_copd.py                 # about 1-2 minutes on 2 cores
+    .venv/bin/python examples/minimal_copd.py --cycles 1 --rl-steps 1 --opd-steps 1 \
+        --warmup-steps 20 --test-size 8                        # a smoke run of seconds
+
+Everything below uses the library's pure functions directly (copd.core.*) and the
+sampling loop of the local backend; the full driver (copd.driver.trainer) adds
+checkpoints, logging, topologies with K > 2, baselines and more estimators.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+from copd.backends.local.sampling import completion_logits, sample_completions, token_logprobs
+from copd.backends.roles import SamplingParams
+from copd.capabilities import load_capability
+from copd.config.schema import TinyModelConfig
+from copd.core.advantages import group_advantages, opd_sampled_advantage
+from copd.core.losses import aggregate_loss, clipped_pg_loss, masked_mean
+from copd.core.merge import merge_state_dicts
+from copd.core.overlap import topk_overlap
+from copd.driver.warmstart import TINY_ALPHABET
+from copd.models.sources import build_char_tokenizer, build_tiny_model
+
+p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+p.add_argument("--seed", type=int, default=0)
+p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+p.add_argument("--warmup-steps", type=int, default=500, help="supervised steps before RL")
+p.add_argument("--warmup-lr", type=float, default=1e-3)
+p.add_argument("--cycles", type=int, default=3, help="N cycles of Algorithm 1")
+p.add_argument("--rl-steps", type=int, default=6, help="S_RL explore steps per cycle")
+p.add_argument("--opd-steps", type=int, default=4, help="S_OPD consolidate steps per cycle")
+p.add_argument("--prompts", type=int, default=16, help="RL prompts per branch per step")
+p.add_argument("--group", type=int, default=8, help="G rollouts per prompt")
+p.add_argument("--opd-prompts", type=int, default=16, help="teacher prompts per edge per step")
+p.add_argument("--opd-samples", type=int, default=2, help="student rollouts per teacher prompt")
+p.add_argument("--beta", type=float, default=0.1, help="OPD advantage scale beta")
+p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate of the RL phase")
+p.add_argument("--eps-low", type=float, default=0.2)
+p.add_argument("--eps-high", type=float, default=0.28)
+p.add_argument("--temperature", type=float, default=1.0)
+p.add_argument("--max-new-tokens", type=int, default=8)
+p.add_argument("--test-size", type=int, default=100, help="test prompts per capability")
+args = p.parse_args()
+torch.manual_seed(args.seed)
+torch.set_num_threads(args.threads)
+start = time.perf_counter()
+
+# ---- 1. A tiny real transformers model and two verifiable capabilities ------------------
+tokenizer = build_char_tokenizer(TINY_ALPHABET)  # one token per character
+tokenizer.padding_side = "left"  # prompts are left-padded so every completion starts at one column
+EOS, PAD = tokenizer.eos_token_id, tokenizer.pad_token_id
+tiny = TinyModelConfig(architecture="llama", hidden_size=64, num_layers=2, num_heads=4, intermediate_size=192, max_positions=64)
+base = build_tiny_model(tiny, tokenizer, seed=args.seed)
+names = ["sort", "reversal"]
+caps = {n: load_capability({"name": n, "builtin": n}) for n in names}  # prompts "sort:cab=" / "rev:cab="
+print(f"model: {sum(t.numel() for t in base.parameters()) / 1e3:.0f}k parameters, vocabulary {len(tokenizer)}")
+
+sampling = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+greedy = SamplingParams(max_new_tokens=args.max_new_tokens, greedy=True)
+generator = torch.Generator().manual_seed(args.seed)  # one stream of sampling randomness
+
+
+def encode(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def rollout(model, samples, n: int, params: SamplingParams = sampling) -> dict:
+    """n completions y ~ pi(.|x) per prompt x; rows of one prompt are adjacent (a GRPO group)."""
+    ids, mask = encode([s.prompt for s in samples for _ in range(n)])
+    model.eval()
+    comp, comp_mask = sample_completions(model, ids, mask, params, EOS, PAD, generator)
+    return {"ids": torch.cat([ids, comp], 1), "mask": torch.cat([mask, comp_mask.long()], 1), "prompt_len": ids.shape[1],
+            "comp": comp, "comp_mask": comp_mask, "texts": tokenizer.batch_decode(comp, skip_special_tokens=True)}
+
+
+def logprobs(model, r: dict) -> torch.Tensor:
+    """log pi(.|x, y_<t) over the vocabulary at every completion position, [B, T, V]."""
+    return completion_logits(model, r["ids"], r["mask"], r["prompt_len"]).float().log_softmax(-1)
+
+
+def accuracy(model, cap) -> float:
+    """Greedy accuracy (%) on the capability's fixed test split."""
+    tests = cap.test_set(args.test_size)
+    texts = rollout(model, tests, 1, greedy)["texts"]
+    return 100.0 * sum(cap.score(t, s) for t, s in zip(texts, tests)) / len(tests)
+
+
+# ---- 2. Supervised warm start, so that sampled rewards are not all zero ------------------
+# GRPO learns only from groups whose rewards differ (docs/method.md §3): a base model
+# that never samples a correct answer gives A_i = 0 everywhere. Cross-entropy on the
+# answer tokens (and EOS), prompt tokens masked, on batches balanced over both tasks.
+warm_samplers = [caps[n].train_sampler(args.seed + 100 + i) for i, n in enumerate(names)]
+opt = torch.optim.AdamW(base.parameters(), lr=args.warmup_lr)
+base.train()
+for step in range(args.warmup_steps):
+    batch = [s for sampler in warm_samplers for s in sampler.draw(16)]
+    rows = [(tokenizer(s.prompt, add_special_tokens=False)["input_ids"],
+             tokenizer(s.answer, add_special_tokens=False)["input_ids"] + [EOS]) for s in batch]
+    width = max(len(q) + len(a) for q, a in rows)  # right-padded: positions start at 0 in every row
+    ids = torch.tensor([q + a + [PAD] * (width - len(q) - len(a)) for q, a in rows])
+    labels = torch.tensor([[-100] * len(q) + a + [-100] * (width - len(q) - len(a)) for q, a in rows])
+    mask = (torch.arange(width)[None] < torch.tensor([len(q) + len(a) for q, a in rows])[:, None]).long()
+    logits = base(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(base.parameters(), 1.0)
+    opt.step()
+with torch.no_grad():  # the sampled pass rate at the rollout temperature is what RL sees
+    rates = {}
+    for n, smp in zip(names, warm_samplers):
+        probe = smp.draw(64)
+        r = rollout(base, probe, 1)
+        rates[n] = sum(caps[n].score(t, s) for t, s in zip(r["texts"], probe)) / len(probe)
+print(f"warm start: {args.warmup_steps} steps, loss {loss.item():.3f}, sampled pass rate "
+      + " ".join(f"{n} {v:.2f}" for n, v in rates.items()) + f" ({time.perf_counter() - start:.0f} s)")
+
+# ---- 3. K = 2 branches from the same base (Algorithm 1: theta_k <- theta_0) ---------------
+# Topology "pair" (docs/method.md §5): each branch is the other's teacher.
+branches = {n: copy.deepcopy(base) for n in names}
+teacher_of = {"sort": "reversal", "reversal": "sort"}  # edge (student <- teacher)
+optims = {n: torch.optim.AdamW(m.parameters(), lr=args.lr) for n, m in branches.items()}
+rl_data = {n: caps[n].train_sampler(args.seed + 200 + i) for i, n in enumerate(names)}  # x ~ D_k
+opd_data = {n: caps[teacher_of[n]].train_sampler(args.seed + 300 + i) for i, n in enumerate(names)}  # x' ~ D_j
+
+
+def collect_rl(name: str) -> tuple[dict, float]:
+    """x ~ D_k, G rollouts per prompt, verifier rewards r_i, GRPO advantages (docs/method.md §3)."""
+    samples = rl_data[name].draw(args.prompts)
+    r = rollout(branches[name], samples, args.group)
+    rewards = torch.tensor([caps[name].score(t, s) for t, s in zip(r["texts"], [s for s in samples for _ in range(args.group)])])
+    # §3: A_i = (r_i - mean_g r) / (std_g r + eps), per group of G rollouts of one prompt.
+    adv_N_G = group_advantages(rewards.view(len(samples), args.group), "grpo")
+    # Every token of a rollout carries its sequence's advantage.
+    r["adv"] = adv_N_G.reshape(-1, 1) * r["comp_mask"]
+    return r, rewards.mean().item()
+
+
+def collect_opd(name: str) -> tuple[dict, dict]:
+    """The STUDENT samples on the TEACHER's prompts; the teacher scores those tokens (docs/method.md §4)."""
+    teacher = branches[teacher_of[name]]
+    r = rollout(branches[name], opd_data[name].draw(args.opd_prompts), args.opd_samples)
+    teacher.eval()
+    with torch.no_grad():  # the teacher is a fixed target: no gradient reaches it
+        t_dist = logprobs(teacher, r)
+    r["teacher_tok"] = token_logprobs(t_dist, r["comp"])  # log pi_t(y_t | x', y_<t)
+    return r, {"teacher_dist": t_dist}
+
+
+def pg_loss(model, r: dict, adv_fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped token loss, token-mean aggregation (docs/method.md §3); returns (loss, log pi over V)."""
+    model.train()
+    dist = logprobs(model, r)
+    new = token_logprobs(dist, r["comp"])  # log pi_theta(y_t | ...), carries the gradient
+    old = new.detach()  # one update per batch: pi_old = pi_theta, so rho_t = 1 in value
+    adv = adv_fn(old)
+    # §3: l_t = -min(rho_t A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) A_t), rho_t = pi_theta / pi_old.
+    loss_B_T, _ = clipped_pg_loss(new, old, adv, args.eps_low, args.eps_high)
+    # §3 token_mean: sum of token losses over the batch / number of completion tokens.
+    return aggregate_loss(loss_B_T, r["comp_mask"], "token_mean"), dist
+
+
+def update(name: str, losses: list[torch.Tensor]) -> None:
+    """One AdamW step of theta_k on the sum of its parts (RL, and OPD in Phase II)."""
+    optims[name].zero_grad(set_to_none=True)
+    sum(losses).backward()
+    torch.nn.utils.clip_grad_norm_(branches[name].parameters(), 1.0)
+    optims[name].step()
+
+
+# ---- 4. Algorithm 1 (docs/method.md §2) ---------------------------------------------------
+for cycle in range(1, args.cycles + 1):
+    # Phase I, explore: S_RL steps of GRPO, each branch on its own data only.
+    for _ in range(args.rl_steps):
+        shown = []
+        for name in names:
+            r, reward = collect_rl(name)
+            update(name, [pg_loss(branches[name], r, lambda old: r["adv"])[0]])
+            shown.append(f"{name} r={reward:.2f}")
+        print(f"cycle {cycle} explore      " + "  ".join(shown))
+    # Phase II, consolidate: S_OPD steps of GRPO + OPD from the other branch.
+    for _ in range(args.opd_steps):
+        # Snapshot semantics: every rollout is sampled and every teacher scores BEFORE any
+        # branch updates, so teachers are the branches as they were at the start of the
+        # step and the order of the updates below does not matter.
+        rl = {name: collect_rl(name) for name in names}
+        opd = {name: collect_opd(name) for name in names}
+        shown = []
+        for name in names:
+            (r, reward), (o, extra) = rl[name], opd[name]
+            rl_loss, _ = pg_loss(branches[name], r, lambda old: r["adv"])
+            # §4: A_t = beta * (log pi_t(y_t) - log pi_s(y_t)) at the sampled tokens; a one-sample
+            # estimate of -beta * KL(pi_s || pi_t), used in the same clipped loss as GRPO's.
+            opd_loss, s_dist = pg_loss(branches[name], o, lambda old: opd_sampled_advantage(o["teacher_tok"], old, o["comp_mask"], args.beta))
+            update(name, [rl_loss, opd_loss])
+            # §7: mean delta = mean_t (log pi_t - log pi_s), and top-4 overlap O_4, on student states.
+            delta = masked_mean(o["teacher_tok"] - token_logprobs(s_dist, o["comp"]).detach(), o["comp_mask"]).item()
+            overlap = topk_overlap(s_dist.detach(), extra["teacher_dist"], o["comp_mask"], 4).item()
+            shown.append(f"{name} r={reward:.2f} delta={delta:+.2f} O_4={overlap:.2f}")
+        print(f"cycle {cycle} consolidate  " + "  ".join(shown))
+
+# ---- 5. Merge by parameter averaging: theta* = (1/K) sum_k theta_k (docs/method.md §6) -----
+merged = copy.deepcopy(base)
+merged.load_state_dict(merge_state_dicts([branches[n].state_dict() for n in names], method="mean"))
+
+# ---- 6. Greedy accuracy on both capabilities' test splits ----------------------------------
+with torch.no_grad():
+    for label, model in [("base", base), *((f"branch {n}", branches[n]) for n in names), ("merged", merged)]:
+        print(f"accuracy {label}: " + " ".join(f"{n}={accuracy(model, caps[n]):.1f}%" for n in names))
+print(f"total {time.perf_counter() - start:.1f} s")
