@@ -8,9 +8,12 @@ import torch
 from copd.config.schema import TinyModelConfig
 from copd.models.sources import build_char_tokenizer, build_tiny_model
 from copd.errors import CopdError
-from copd.backends.roles import LossSpec, OPDPart, Prompt, RLPart, SamplingParams
+from copd.backends.local import hf
 from copd.backends.local.hf import HFPolicy
+from copd.backends.roles import LossSpec, OPDPart, Prompt, RLPart, SamplingParams, ScoreRequest
 from copd.driver.warmstart import TINY_ALPHABET
+from copd.evaluation.diagnose import support_request
+from tests.fakes import full_distribution
 
 PROMPTS = ["rev:abc=", "count a:aab=", "12+3="]
 
@@ -46,13 +49,35 @@ def test_sampling_is_reproducible_from_the_seed_and_rows_are_grouped():
             assert mask[: hits[0, 0] + 1].all() and not mask[hits[0, 0] + 1 :].any()
 
 
-def test_score_matches_its_own_distribution():
+def test_scores_are_sparse_and_match_the_full_distribution():
     policy = tiny_policy()
-    rollouts = policy.generate(PROMPTS, 2, SamplingParams(max_new_tokens=4), seed=1)
-    scores = policy.score(rollouts)
-    gathered = scores.dist_logprobs_B_T_V.gather(-1, rollouts.completion_ids_B_T.unsqueeze(-1)).squeeze(-1)
-    torch.testing.assert_close(gathered, scores.token_logprobs_B_T)
-    assert torch.allclose(scores.dist_logprobs_B_T_V.exp().sum(-1), torch.ones(()), atol=1e-5)
+    rollouts = policy.generate(PROMPTS, 2, SamplingParams(max_new_tokens=4, record_topk=3), seed=1)
+    full = full_distribution(policy, rollouts)
+    plain = policy.score(rollouts)
+    assert plain.support_ids_B_T_S is None and plain.nbytes == rollouts.completion_mask_B_T.numel() * 4
+    torch.testing.assert_close(plain.token_logprobs_B_T, full.gather(-1, rollouts.completion_ids_B_T.unsqueeze(-1)).squeeze(-1))
+    # The sampler's recorded top-k are the top-k of the distribution it sampled from.
+    assert torch.equal(rollouts.topk_ids_B_T_K.long(), full.topk(3, dim=-1).indices)
+    asked = policy.score(rollouts, ScoreRequest(topk=5, ids_B_T_J=rollouts.topk_ids_B_T_K))
+    B, T = rollouts.completion_mask_B_T.shape
+    assert asked.support_ids_B_T_S.shape == (B, T, 8) and asked.support_ids_B_T_S.dtype == torch.int32
+    assert torch.equal(asked.topk_ids_B_T_K.long(), full.topk(5, dim=-1).indices)
+    torch.testing.assert_close(asked.support_logprobs_B_T_S, full.gather(-1, asked.support_ids_B_T_S.long()))
+    assert asked.nbytes == B * T * 4 + 2 * B * T * 8 * 4
+
+
+def test_scoring_in_chunks_gives_the_same_scores(monkeypatch):
+    policy = tiny_policy()
+    rollouts = policy.generate(PROMPTS, 2, SamplingParams(max_new_tokens=4, record_topk=2), seed=1)
+    request = ScoreRequest(topk=3, ids_B_T_J=rollouts.topk_ids_B_T_K)
+    whole = policy.score(rollouts, request)
+    vocab = policy.model.get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(hf, "SCORE_CHUNK_LOGITS", 2 * rollouts.completion_mask_B_T.shape[1] * vocab)  # two rows a chunk
+    assert len(policy._score_chunks(rollouts)) == 3
+    chunked = policy.score(rollouts, request)
+    for a, b in [(whole.token_logprobs_B_T, chunked.token_logprobs_B_T), (whole.support_logprobs_B_T_S, chunked.support_logprobs_B_T_S)]:
+        torch.testing.assert_close(a, b)
+    assert torch.equal(whole.support_ids_B_T_S, chunked.support_ids_B_T_S)
 
 
 def test_rl_update_raises_the_probability_of_positive_advantage_samples():
@@ -68,10 +93,11 @@ def test_rl_update_raises_the_probability_of_positive_advantage_samples():
     assert result.metrics["approx_kl"] > 0 and not result.skipped
 
 
-def test_exact_kl_distillation_moves_the_student_towards_the_teacher():
+@pytest.mark.parametrize("topk", [None, 4])  # the whole vocabulary (exact), and a top-4 support
+def test_exact_kl_distillation_moves_the_student_towards_the_teacher(topk):
     student, teacher = tiny_policy("s", seed=0), tiny_policy("t", seed=1)
-    rollouts = student.generate(PROMPTS, 2, SamplingParams(max_new_tokens=4), seed=3)
-    part = OPDPart(rollouts, teacher.score(rollouts), beta=1.0, edge="s<-t")
+    rollouts = student.generate(PROMPTS, 2, SamplingParams(max_new_tokens=4, record_topk=topk or 0), seed=3)
+    part = OPDPart(rollouts, teacher.score(rollouts, support_request(topk, rollouts.topk_ids_B_T_K)), beta=1.0, edge="s<-t")
     spec = LossSpec(opd_estimator="exact_kl")
     first = student.update([], [part], spec).edge_metrics["s<-t"]
     for _ in range(5):

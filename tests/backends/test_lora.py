@@ -125,5 +125,5 @@ def test_the_run_log_says_how_many_weights_each_branch_trains(tmp_path):
     model = build_tiny_model(config.model.tiny, tokenizer)
     total = sum(p.numel() for p in model.parameters())
     # Per layer, r = 4: q, k, v, o (32 -> 32) 4 x 256; gate, up (32 -> 64) 2 x 384; down (64 -> 32) 384.
-    line = describe_branches(*build_branches(config, model, tokenizer, "cpu"))
+    line = describe_branches(build_branches(config, model, tokenizer, "cpu")[0])
     assert line == f"2 branches, {2 * 2176:,} trained parameters each, of {total:,} in the model"

@@ -10,7 +10,7 @@ from PIL import Image
 
 import copd.multimodal.media
 from copd.models.sources import load_pretrained
-from copd.backends.roles import LossSpec, OPDPart, Prompt, RLPart, SamplingParams
+from copd.backends.roles import LossSpec, OPDPart, Prompt, RLPart, SamplingParams, ScoreRequest
 from copd.backends.local.factory import make_policy
 from copd.backends.local.vl import VLPolicy
 from copd.multimodal.processor import build_tiny_vl
@@ -80,7 +80,7 @@ def test_media_are_decoded_once_per_batch(pair, media, monkeypatch):
     monkeypatch.setattr(copd.multimodal.media, "load_video", lambda p, *a: reads.append(p) or load_video(p, *a))
     rollouts = student.generate(prompts_of(media), 4, SamplingParams(max_new_tokens=5), seed=1)
     assert len(reads) == 2 + 1 + 4  # two images, one video and its four frames, for 12 rows
-    scores = teacher.score(rollouts)
+    scores = teacher.score(rollouts, ScoreRequest(topk=4))
     advantages = torch.randn_like(rollouts.completion_mask_B_T) * rollouts.completion_mask_B_T
     result = student.update([RLPart(rollouts, advantages)], [OPDPart(rollouts, scores, 0.1, "s<-t")], LossSpec())
     assert len(reads) == 7 and not result.skipped and result.metrics["grad_norm"] > 0

@@ -1,128 +1,16 @@
 """The driver (copd.driver.trainer.Trainer) against a fake policy: no model, tiny tensors, exact checks."""
 
-import copy
 import json
-import random
 
 import pytest
 import torch
 
-from copd.config.loader import validate_config
 from copd.errors import CopdError
 from copd.driver.pipeline import load_capabilities
-from copd.backends.roles import Rollouts, Scores, UpdateResult
 from copd.schedule.plan import Phase
 from copd.schedule.topology import Edge
 from copd.driver.trainer import Trainer
-
-V, T, P = 5, 3, 2  # vocab, completion length, prompt length
-
-
-def solve(prompt: str) -> str:
-    """The right answer of a built-in prompt (addition, reversal, count)."""
-    if prompt.startswith("rev:"):
-        return prompt[4:-1][::-1]
-    if prompt.startswith("count "):
-        letter, word = prompt[6:-1].split(":")
-        return str(word.count(letter))
-    a, b = prompt[:-1].split("+")
-    return str(int(a) + int(b))
-
-
-class FakePolicy:
-    """A Policy without a model: a 'skill' float and a [V] logits vector are the whole state."""
-
-    def __init__(self, name, log, skill=0.5, logits=None, crash_after=None, skip=lambda n: False):
-        self.name, self.log, self.crash_after, self.skip = name, log, crash_after, skip
-        self.state = {"skill": skill, "logits": logits or [0.1 * i for i in range(V)], "updates": 0}
-
-    def _logp(self):
-        return torch.log_softmax(torch.tensor(self.state["logits"], dtype=torch.float64), -1)
-
-    def generate(self, prompts, n, params, seed):
-        prompts = [getattr(p, "text", p) for p in prompts]  # Prompt objects or plain strings
-        completions, ids = [], []
-        for prompt in prompts:
-            for j in range(n):
-                rng = random.Random(f"{seed}|{prompt}|{j}")
-                completions.append(solve(prompt) if rng.random() < self.state["skill"] else "x")
-                ids.append([rng.randrange(V) for _ in range(T)])
-        B = len(completions)
-        r = Rollouts(torch.cat([torch.zeros(B, P, dtype=torch.long), torch.tensor(ids)], 1),
-                     torch.ones(B, P + T, dtype=torch.long), P, torch.ones(B, T), completions)
-        r.made_by, r.prompts = self.name, list(prompts)
-        self.log.append(("generate", self.name, n, tuple(prompts)))
-        return r
-
-    def score(self, rollouts, full=True):
-        self.log.append(("score", self.name))
-        logp = self._logp()
-        ids = rollouts.completion_ids_B_T
-        return Scores(logp[ids], logp.expand(*ids.shape, V).clone() if full else None)
-
-    def update(self, rl, opd, spec):
-        self.state["updates"] += 1
-        n = self.state["updates"]
-        self.log.append(("update", self.name, [p.rollouts.made_by for p in rl],
-                         [(p.edge, p.beta, p.rollouts.made_by, p.rollouts.prompts) for p in opd]))
-        if self.crash_after is not None and n > self.crash_after:
-            raise RuntimeError("simulated crash")
-        if self.skip(n):
-            return UpdateResult({"loss": float("nan")}, {}, skipped=True)
-        logp, edges, tokens = self._logp(), {}, 0
-        for part in rl:
-            self.state["skill"] = round(self.state["skill"] + 0.01 * part.advantages_B_T.shape[0], 6)
-            first = int(part.rollouts.completion_ids_B_T[0, 0])
-            self.state["logits"][first] += 0.01
-            tokens += part.rollouts.num_tokens
-        new = torch.tensor(self.state["logits"], dtype=torch.float64)
-        for part in opd:
-            teacher = part.teacher.dist_logprobs_B_T_V.mean((0, 1))
-            new = new + 0.1 * (1 + part.beta) * (teacher - logp)
-            delta = part.teacher.token_logprobs_B_T - logp[part.rollouts.completion_ids_B_T]
-            kl = float(((logp.exp() - teacher.exp()) * (logp - teacher)).sum())
-            same = len(set(logp.topk(2).indices.tolist()) & set(teacher.topk(2).indices.tolist())) / 2
-            edges[part.edge] = {"overlap_topk": same, "sym_kl": kl, "delta_mean": float(delta.mean()),
-                                "tokens": part.rollouts.num_tokens}
-            tokens += part.rollouts.num_tokens
-        self.state["logits"] = new.tolist()
-        return UpdateResult({"loss": float(-logp.max()), "tokens": tokens}, edges)
-
-    def get_weights(self):
-        return {"logits": torch.tensor(self.state["logits"], dtype=torch.float64)}
-
-    def set_weights(self, weights):
-        self.state["logits"] = weights["logits"].tolist()
-
-    def save_checkpoint(self, folder):
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "state.json").write_text(json.dumps(self.state))
-
-    def load_checkpoint(self, folder):
-        self.state = json.loads((folder / "state.json").read_text())
-
-    save_pretrained = save_checkpoint
-
-
-BRANCHES = [{"name": "add", "capabilities": ["addition"], "beta": 0.1},
-            {"name": "rev", "capabilities": ["reversal"], "beta": 0.3}]
-
-
-def make_config(out, branches=BRANCHES, **sections):
-    raw = {
-        "capabilities": [{"name": "addition", "builtin": "addition"}, {"name": "reversal", "builtin": "reversal"},
-                         {"name": "count", "builtin": "count"}],
-        "branches": copy.deepcopy(branches),
-        "schedule": {"cycles": 2, "rl_steps": 2, "opd_steps": 2},
-        "rl": {"prompts_per_step": 2, "rollouts_per_prompt": 4},
-        "opd": {"prompts_per_step": 2, "rollouts_per_prompt": 3},
-        "optim": {"max_nan_in_row": 3},
-        "run": {"out": str(out), "seed": 7, "keep_checkpoints": 2},
-    }
-    for key, value in sections.items():
-        raw.setdefault(key, {}).update(value)
-    return validate_config(raw)
-
+from tests.fakes import BRANCHES, V, FakePolicy, make_config  # noqa: F401  (imported from here by other tests)
 
 SKILL = {"add": 0.6, "rev": 0.3, "cnt": 0.8}
 
@@ -158,7 +46,7 @@ def keyed(recs):
 
 
 def states(trainer):
-    return {name: p.state for name, p in trainer.policies.items()}
+    return {name: p.state for name, p in trainer.learners.items()}
 
 
 def test_plan_steps_and_metrics_records(tmp_path):
@@ -253,7 +141,7 @@ def test_checkpoint_after_every_cycle_and_pruned(tmp_path):
     last = root / "cycle_0004"
     assert json.loads((last / "state.json").read_text())["global_step"] == 8
     for name in ("add", "rev"):
-        assert json.loads((last / "branches" / name / "state.json").read_text()) == trainer.policies[name].state
+        assert json.loads((last / "branches" / name / "state.json").read_text()) == trainer.learners[name].state
 
 
 @pytest.mark.parametrize("crash_after", [1, 6])  # in cycle 1 (no checkpoint yet), in cycle 2

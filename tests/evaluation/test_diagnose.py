@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import pytest
@@ -10,7 +11,8 @@ import yaml
 
 from copd.config.schema import TinyModelConfig
 from copd.core.overlap import mean_delta, symmetric_kl, topk_overlap
-from copd.evaluation.diagnose import add_parser, cmd_diagnose, diagnose_models, run_diagnose
+from copd.evaluation.diagnose import DEFAULT_TOPK, add_parser, cmd_diagnose, diagnose_models, measure_pair, run_diagnose
+from tests.fakes import full_distribution
 from copd.errors import CopdError
 from copd.models.sources import build_char_tokenizer, build_tiny_model
 from copd.backends.roles import SamplingParams
@@ -54,17 +56,22 @@ def test_two_different_models_differ():
     assert overall["overlap"] == pytest.approx(weighted)
 
 
-def test_numbers_match_a_direct_computation_on_the_same_rollouts():
+def test_numbers_match_the_full_vocabulary_oracle_on_the_same_rollouts():
     a, b = tiny_policy(seed=0), tiny_policy(seed=1)
     cap = caps()[0]
     result = diagnose_models(a, b, [cap], 8, PARAMS, k=3, seed=5)["per_capability"]["reversal"]
-    rollouts = a.generate([s.prompt for s in cap.test_set(8)], 1, PARAMS, seed=5)  # one batch: seed + 0
-    sa, sb = a.score(rollouts), b.score(rollouts)
+    params = dataclasses.replace(PARAMS, record_topk=DEFAULT_TOPK)
+    rollouts = a.generate([s.prompt for s in cap.test_set(8)], 1, params, seed=5)  # one batch: seed + 0
+    sa, sb = full_distribution(a, rollouts), full_distribution(b, rollouts)
     mask = rollouts.completion_mask_B_T
+    token = lambda d: d.gather(-1, rollouts.completion_ids_B_T.unsqueeze(-1)).squeeze(-1)  # noqa: E731
     assert result["tokens"] == rollouts.num_tokens
-    assert result["overlap"] == pytest.approx(topk_overlap(sa.dist_logprobs_B_T_V, sb.dist_logprobs_B_T_V, mask, 3).item())
-    assert result["sym_kl"] == pytest.approx(symmetric_kl(sa.dist_logprobs_B_T_V, sb.dist_logprobs_B_T_V, mask).item())
-    assert result["mean_delta"] == pytest.approx(mean_delta(sb.token_logprobs_B_T, sa.token_logprobs_B_T, mask).item())
+    assert result["overlap"] == pytest.approx(topk_overlap(sa, sb, mask, 3).item())  # exact from the two id lists
+    full_kl = symmetric_kl(sa, sb, mask).item()
+    assert 0 < result["sym_kl"] <= full_kl + 1e-6  # the top-16 support gives a lower bound
+    assert result["mean_delta"] == pytest.approx(mean_delta(token(sb), token(sa), mask).item())
+    whole = measure_pair(a, b, rollouts, 3, topk=None)  # the whole vocabulary as support: exact
+    assert whole["sym_kl"] == pytest.approx(full_kl, rel=1e-5)
 
 
 def test_run_diagnose_on_saved_folders_prints_and_writes_json(tmp_path, capsys):

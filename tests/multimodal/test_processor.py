@@ -36,7 +36,7 @@ def tiny(request):
 
 def sample(model, tokenizer, inputs, max_new_tokens, temperature=0.0, generator=None, rows_per_prompt=1):
     params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, greedy=temperature <= 0)
-    return vl_sample(model, inputs, params, generator, tokenizer.eos_token_id, tokenizer.pad_token_id, rows_per_prompt)
+    return vl_sample(model, inputs, params, generator, tokenizer.eos_token_id, tokenizer.pad_token_id, rows_per_prompt)[:2]
 
 
 def with_completions(inputs, ids, mask):

@@ -1,7 +1,16 @@
-"""What a branch is: the Policy interface and the plain data that crosses it.
+"""The seam: the roles a branch plays, and the plain data that crosses between them.
 
-Everything in and out is a tensor, a string or a dataclass of them, so a remote worker
-(a Ray actor, say) can hold a Policy unchanged and the driver never sees a model class.
+A branch plays three roles (docs/method.md §2):
+- sampling (`Sampler.generate`): rollouts of prompts, reproducible from a seed;
+- scoring (`Scorer.score`): its log-probs on someone's rollouts, sparse (see Scores);
+- learning (`Learner`): one update on RL and OPD parts, weights, checkpoints, folders.
+One object may play all three (the local backend's policies do); the driver holds a
+`BranchRoles` per branch and talks to roles, never to a model class, so a rollout engine
+can take sampling and a remote worker any role.
+
+Everything that crosses is a CPU tensor, a string or a dataclass of them: an
+implementation moves what it receives onto its own device and returns CPU results, so a
+branch on a GPU (or in another process) is a drop-in for one on the CPU.
 """
 
 from __future__ import annotations
@@ -19,6 +28,9 @@ class SamplingParams:
     top_p: float = 1.0
     max_new_tokens: int = 8
     greedy: bool = False
+    # Also return the sampler's top-k ids at every generated position (Rollouts.topk_ids_B_T_K),
+    # the student's half of a sparse teacher-score support; 0: none.
+    record_topk: int = 0
 
     @classmethod
     def from_config(cls, sampling) -> SamplingParams:
@@ -61,6 +73,10 @@ class VisionInputs:
     videos_per_prompt: list[int]
     rows_per_prompt: int
 
+    def to(self, device) -> VisionInputs:
+        return VisionInputs({k: v.to(device) for k, v in self.tensors.items()}, self.images_per_prompt,
+                            self.videos_per_prompt, self.rows_per_prompt)
+
     def select_prompts(self, keep: list[int]) -> VisionInputs:
         """The inputs of the prompts `keep` (whole groups), in that order."""
         tensors = {}
@@ -97,6 +113,14 @@ class Rollouts:
     completion_mask_B_T: torch.Tensor  # float, 1 on generated tokens (EOS included)
     completions: list[str]
     vision: VisionInputs | None = None
+    topk_ids_B_T_K: torch.Tensor | None = None  # the sampler's top-k ids per position, when asked
+
+    def to(self, device) -> Rollouts:
+        """The same rollouts with every tensor on `device` (a no-op copy on the same device)."""
+        move = lambda x: None if x is None else x.to(device)  # noqa: E731
+        return Rollouts(self.input_ids_B_L.to(device), self.attention_mask_B_L.to(device), self.prompt_len,
+                        self.completion_mask_B_T.to(device), self.completions,
+                        None if self.vision is None else self.vision.to(device), move(self.topk_ids_B_T_K))
 
     @property
     def completion_ids_B_T(self) -> torch.Tensor:
@@ -116,6 +140,7 @@ class Rollouts:
             self.completion_mask_B_T[rows],
             [self.completions[i] for i in keep],
             None if self.vision is None else self.vision.select_prompts(_whole_groups(keep, self.vision.rows_per_prompt)),
+            None if self.topk_ids_B_T_K is None else self.topk_ids_B_T_K[rows],
         )
 
 
@@ -127,12 +152,48 @@ def _whole_groups(rows: list[int], n: int) -> list[int]:
     return [p // n for p in prompts]
 
 
+@dataclass(frozen=True)
+class ScoreRequest:
+    """What a scorer sends beyond the sampled tokens' log-probs (docs/method.md §4, sparse scores).
+
+    topk: its own top-k ids per position and its log-probs there (0: none).
+    ids_B_T_J: further ids whose log-probs are wanted, e.g. the student's top-k.
+    """
+
+    topk: int = 0
+    ids_B_T_J: torch.Tensor | None = None
+
+    @property
+    def wants_support(self) -> bool:
+        return self.topk > 0 or self.ids_B_T_J is not None
+
+
 @dataclass
 class Scores:
-    """A policy's view of given rollouts (no gradient): per-token and full log-probs."""
+    """A policy's log-probs on given rollouts (no gradient): always the sampled tokens', and a sparse support when asked.
+
+    support_ids_B_T_S holds the scorer's own top-k ids first (descending), then the
+    requested ids; support_logprobs_B_T_S are its log-probs there. Never [B, T, V].
+    """
 
     token_logprobs_B_T: torch.Tensor
-    dist_logprobs_B_T_V: torch.Tensor | None = None
+    support_ids_B_T_S: torch.Tensor | None = None  # int32
+    support_logprobs_B_T_S: torch.Tensor | None = None
+    topk: int = 0  # how many leading support ids are the scorer's own top-k
+
+    @property
+    def topk_ids_B_T_K(self) -> torch.Tensor | None:
+        return None if self.support_ids_B_T_S is None else self.support_ids_B_T_S[..., : self.topk]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensors that cross the seam (what a remote teacher would send)."""
+        tensors = (self.token_logprobs_B_T, self.support_ids_B_T_S, self.support_logprobs_B_T_S)
+        return sum(x.numel() * x.element_size() for x in tensors if x is not None)
+
+    def to(self, device) -> Scores:
+        move = lambda x: None if x is None else x.to(device)  # noqa: E731
+        return Scores(self.token_logprobs_B_T.to(device), move(self.support_ids_B_T_S), move(self.support_logprobs_B_T_S), self.topk)
 
 
 @dataclass
@@ -141,6 +202,9 @@ class RLPart:
 
     rollouts: Rollouts
     advantages_B_T: torch.Tensor
+
+    def to(self, device) -> RLPart:
+        return RLPart(self.rollouts.to(device), self.advantages_B_T.to(device))
 
 
 @dataclass
@@ -151,6 +215,9 @@ class OPDPart:
     teacher: Scores
     beta: float
     edge: str
+
+    def to(self, device) -> OPDPart:
+        return OPDPart(self.rollouts.to(device), self.teacher.to(device), self.beta, self.edge)
 
 
 @dataclass
@@ -175,22 +242,40 @@ class UpdateResult:
     skipped: bool = False
 
 
-class Policy(Protocol):
-    """A trainable branch. Implementations: HFPolicy (transformers), fakes in tests."""
+class Sampler(Protocol):
+    """Sampling: rollouts of prompts (a rollout engine can play this role)."""
 
     name: str
 
     def generate(self, prompts: list[str | Prompt], n: int, params: SamplingParams, seed: int) -> Rollouts:
-        """n samples per prompt, reproducible from `seed`."""
+        """n samples per prompt, reproducible from `seed`; CPU tensors out."""
 
-    def score(self, rollouts: Rollouts, full: bool = True) -> Scores:
-        """Log-probabilities of the rollouts' completion tokens under this policy."""
+
+class Scorer(Protocol):
+    """Scoring: log-probs of given rollouts under this branch, no gradient."""
+
+    name: str
+
+    def score(self, rollouts: Rollouts, request: ScoreRequest | None = None) -> Scores:
+        """The sampled tokens' log-probs, plus the support `request` asks for; CPU tensors in and out."""
+
+
+class Learner(Protocol):
+    """Learning: updates, weights, checkpoints and saved folders of one branch."""
+
+    name: str
 
     def update(self, rl: list[RLPart], opd: list[OPDPart], spec: LossSpec) -> UpdateResult:
         """One policy-gradient update on RL and OPD parts together (Algorithm 1, Phase II)."""
 
+    def supervised_step(self, prompts: list[str | Prompt], answers: list[str]) -> float:
+        """One cross-entropy step on the answers (the warm start); returns the loss."""
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(weights this branch trains, weights of the model it runs, adapters excluded)."""
+
     def get_weights(self) -> dict[str, torch.Tensor]:
-        """A CPU copy of the parameters (for merging and snapshots)."""
+        """A CPU copy of the trained weights (for merging and snapshots)."""
 
     def set_weights(self, weights: dict[str, torch.Tensor]) -> None: ...
 
@@ -201,3 +286,20 @@ class Policy(Protocol):
 
     def save_pretrained(self, folder: Path) -> None:
         """A standard transformers folder."""
+
+
+class Policy(Sampler, Scorer, Learner, Protocol):
+    """One object playing all three roles (the local backend's branches, fakes in tests)."""
+
+
+@dataclass
+class BranchRoles:
+    """Who plays each role for one branch; the driver only ever calls these."""
+
+    sampler: Sampler
+    scorer: Scorer
+    learner: Learner
+
+    @classmethod
+    def of(cls, policy: Policy) -> BranchRoles:
+        return cls(policy, policy, policy)

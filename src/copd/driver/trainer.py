@@ -5,24 +5,31 @@ are active, and one step is always (1) sample every branch's RL and OPD rollouts
 (2) let the teachers score the students' rollouts, (3) update every branch. Because all
 scoring happens before any update, teachers are the branches as they were at the start
 of the step (Algorithm 1, Phase II) and the branch order never matters.
+
+It talks to each branch's roles (copd.backends.roles.BranchRoles: sampler, scorer,
+learner), never to a model. Teachers send sparse scores (docs/method.md §4): the sampled
+tokens' log-probs always, and the top-k support only on steps where the estimator or the
+diagnostics need it; each edge record says how many bytes crossed (`score_bytes`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
 
-from copd.driver.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from copd.backends.roles import BranchRoles, LossSpec, OPDPart, Policy, Rollouts, SamplingParams
+from copd.capabilities import Capability
 from copd.config.schema import Config
-from copd.errors import CopdError
-from copd.backends.roles import LossSpec, OPDPart, Policy, SamplingParams
-from copd.backends.local.objective import edge_diagnostics
-from copd.reporting.progress import QuietReporter, Reporter
+from copd.core.opd import OPD_ESTIMATORS
+from copd.driver.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from copd.driver.rollout import MixtureSampler, collect_opd_rollouts, collect_rl, derived_seed
+from copd.errors import CopdError
+from copd.evaluation.diagnose import measure_pair, support_request
+from copd.reporting.progress import QuietReporter, Reporter
 from copd.schedule.plan import TOPOLOGY_PLANS, Phase, Roles, build_plan, with_overlap_trigger, with_probes
 from copd.schedule.topology import build_edges
-from copd.capabilities import Capability
 
 
 class MetricsLog:
@@ -57,8 +64,12 @@ def loss_spec(config: Config) -> LossSpec:
 
 
 class Trainer:
-    def __init__(self, config: Config, run_dir: Path, policies: dict[str, Policy], capabilities: dict[str, Capability], reporter: Reporter | None = None):
-        self.config, self.run_dir, self.policies = config, run_dir, policies
+    def __init__(self, config: Config, run_dir: Path, branches: dict[str, Policy | BranchRoles], capabilities: dict[str, Capability],
+                 reporter: Reporter | None = None):
+        self.config, self.run_dir = config, run_dir
+        # One object playing every role (the local backend) or separate players per role.
+        self.roles = {b: r if isinstance(r, BranchRoles) else BranchRoles.of(r) for b, r in branches.items()}
+        self.learners = {b: r.learner for b, r in self.roles.items()}
         self.reporter = reporter or QuietReporter()
         names = [b.name for b in config.branches]
         self.plan = plan_of(config)
@@ -73,6 +84,7 @@ class Trainer:
         self.spec = loss_spec(config)
         self.sampling = SamplingParams.from_config(config.sampling)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        self.score_bytes: dict[str, int] = {}  # bytes of teacher scores per edge, this step
         self.state = {"next_phase": 0, "global_step": 0, "nan_in_row": dict.fromkeys(names, 0), "nan_skipped": dict.fromkeys(names, 0)}
 
     # ---- running the plan --------------------------------------------------------------
@@ -87,7 +99,7 @@ class Trainer:
         for index in range(self.state["next_phase"], len(self.plan)):
             phase = self.plan[index]
             for branch, source in phase.forks:  # e.g. static OPD: the student starts as a copy of an expert
-                self.policies[branch].set_weights(self.policies[source].get_weights())
+                self.learners[branch].set_weights(self.learners[source].get_weights())
             limit = phase.steps + (self.state.pop("carry", 0) if phase.absorbs_carry else 0)
             for done in range(1, limit + 1):
                 self.step(phase)
@@ -110,16 +122,20 @@ class Trainer:
         rl = {}
         for b in phase.rl_branches:
             t0 = time.perf_counter()
-            rl[b] = collect_rl(self.policies[b], self.rl_samplers[b], cfg.rl.prompts_per_step, cfg.rl.rollouts_per_prompt,
+            rl[b] = collect_rl(self.roles[b].sampler, self.rl_samplers[b], cfg.rl.prompts_per_step, cfg.rl.rollouts_per_prompt,
                                self.sampling, derived_seed(seed, "rl", b, step), cfg.rl.advantage, cfg.rl.filter_zero_signal)
             timer[b] += time.perf_counter() - t0
         opd_parts: dict[str, list[OPDPart]] = {b: [] for b in timer}
+        support = self._needs_support(step)
+        params = self._opd_sampling(support)
         for edge in phase.edges:
             t0 = time.perf_counter()
-            rollouts = collect_opd_rollouts(self.policies[edge.student], self.opd_samplers[edge.label], cfg.opd.prompts_per_step,
-                                            cfg.opd.rollouts_per_prompt, self.sampling, derived_seed(seed, "opd", edge.label, step))
+            rollouts = collect_opd_rollouts(self.roles[edge.student].sampler, self.opd_samplers[edge.label], cfg.opd.prompts_per_step,
+                                            cfg.opd.rollouts_per_prompt, params, derived_seed(seed, "opd", edge.label, step))
             # Scored before any branch updates this step: the teacher is a snapshot.
-            teacher = self.policies[edge.teacher].score(rollouts, full=True)
+            request = support_request(cfg.opd.topk, rollouts.topk_ids_B_T_K) if support else None
+            teacher = self.roles[edge.teacher].scorer.score(rollouts, request)
+            self.score_bytes[edge.label] = teacher.nbytes
             opd_parts[edge.student].append(OPDPart(rollouts, teacher, self.beta[edge.student], edge.label))
             timer[edge.student] += time.perf_counter() - t0
         shown = []
@@ -130,25 +146,37 @@ class Trainer:
             # A canonical order of a student's edges, so listing branches differently cannot
             # change the floating-point sum of its losses.
             opd = sorted(opd_parts[b], key=lambda part: part.edge)
-            result = self.policies[b].update(parts, opd, self.spec) if parts or opd else None
+            result = self.learners[b].update(parts, opd, self.spec) if parts or opd else None
             timer[b] += time.perf_counter() - t0
             shown.append(self._record(phase, b, batch, result, timer[b]))
         self.reporter.advance(f"cycle {phase.cycle}/{self.config.schedule.cycles} {phase.name}", "  ".join(shown))
+
+    def _needs_support(self, step: int) -> bool:
+        """Whether this step's teachers send the top-k support: the estimator needs it, or diagnostics are due."""
+        every = self.config.opd.diagnostics_every
+        return OPD_ESTIMATORS[self.spec.opd_estimator].needs_support or (every > 0 and step % every == 0)
+
+    def _opd_sampling(self, support: bool) -> SamplingParams:
+        # The student's top-k ids are the student half of the support; the whole vocabulary needs none.
+        topk = self.config.opd.topk
+        return dataclasses.replace(self.sampling, record_topk=topk) if support and topk is not None else self.sampling
 
     def _probe(self, phase: Phase) -> float:
         """Mean top-k overlap over the phase's probe edges on the students' own rollouts (logged)."""
         step, cfg, values = self.state["global_step"], self.config, []
         for edge in phase.probe_edges:
-            rollouts = collect_opd_rollouts(self.policies[edge.student], self.opd_samplers[f"probe:{edge.label}"], cfg.schedule.probe_prompts,
-                                            1, self.sampling, derived_seed(cfg.run.seed, "probe", edge.label, step))
-            student, teacher = self.policies[edge.student].score(rollouts), self.policies[edge.teacher].score(rollouts)
-            # The same diagnostics as an OPD step's, on a part that is measured but never trained on.
-            part = OPDPart(rollouts, teacher, 0.0, edge.label)
-            found = edge_diagnostics(student.dist_logprobs_B_T_V, student.token_logprobs_B_T, part, cfg.opd.overlap_k)
+            rollouts = collect_opd_rollouts(self.roles[edge.student].sampler, self.opd_samplers[f"probe:{edge.label}"], cfg.schedule.probe_prompts,
+                                            1, self._opd_sampling(True), derived_seed(cfg.run.seed, "probe", edge.label, step))
+            found = self._measure(edge, rollouts)
             self.metrics.write({"step": step, "cycle": phase.cycle, "phase": phase.name, "type": "edge", "probe": True, "edge": edge.label,
                                 "student": edge.student, "teacher": edge.teacher, **found})
             values.append(found["overlap_topk"])
         return sum(values) / len(values)
+
+    def _measure(self, edge, rollouts: Rollouts) -> dict[str, float]:
+        """An OPD step's diagnostics on rollouts that are measured but never trained on."""
+        student, teacher = self.roles[edge.student].scorer, self.roles[edge.teacher].scorer
+        return measure_pair(student, teacher, rollouts, self.config.opd.overlap_k, self.config.opd.topk)
 
     def _active(self, phase: Phase) -> list[str]:
         students = [e.student for e in phase.edges]
@@ -167,7 +195,8 @@ class Trainer:
             record.update(result.metrics, skipped=result.skipped)
             for label, edge in result.edge_metrics.items():
                 student, teacher = label.split("<-")
-                self.metrics.write({**base, "type": "edge", "edge": label, "student": student, "teacher": teacher, **edge})
+                self.metrics.write({**base, "type": "edge", "edge": label, "student": student, "teacher": teacher, **edge,
+                                    "score_bytes": self.score_bytes.get(label, 0)})
         self.metrics.write(record)
         if result is not None:  # after writing, so the step that stops the run is on record too
             self._count_nan(branch, result.skipped)
@@ -196,14 +225,14 @@ class Trainer:
             "rl_samplers": {b: s.state_dict() for b, s in self.rl_samplers.items()},
             "opd_samplers": {e: s.state_dict() for e, s in self.opd_samplers.items()},
         }
-        save_checkpoint(self.run_dir, cycle, self.policies, state, self.config.run.keep_checkpoints)
+        save_checkpoint(self.run_dir, cycle, self.learners, state, self.config.run.keep_checkpoints)
 
     def _restore(self) -> None:
         folder = latest_checkpoint(self.run_dir)
         if folder is None:  # killed before the first cycle ended: start over from the base
             self.metrics.truncate(0)  # and drop the records of the lost steps, or they would repeat
             return
-        state = load_checkpoint(folder, self.policies)
+        state = load_checkpoint(folder, self.learners)
         for b, s in state.pop("rl_samplers").items():
             self.rl_samplers[b].load_state_dict(s)
         for e, s in state.pop("opd_samplers").items():

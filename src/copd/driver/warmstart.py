@@ -95,31 +95,26 @@ def warm_start(model, tokenizer, config: Config, capabilities: list[Capability],
     """Supervised steps on balanced batches until every capability's sampled pass rate is high enough."""
     cfg, start = config.warmup, time.perf_counter()
     sampler = MixtureSampler(capabilities, derived_seed(config.run.seed, "warmup"))
-    # Formats prompts (and reads images) exactly as the branches will; its model is `model`.
-    policy = make_policy("warmup", model, tokenizer, device=str(model.device), **config.model.policy_options())
+    # Formats prompts (and reads images) exactly as the branches will; its model is `model`. Its
+    # optimizer is torch's default AdamW (unfused, weight decay 0.01), which cached bases were built with.
+    policy = make_policy("warmup", model, tokenizer, cfg.lr, 0.01, str(model.device), fused=False, **config.model.policy_options())
     # Trained on every capability; the stop rule looks only at those some branch trains with RL.
     trained = [c for c in capabilities if any(c.name in b.capabilities for b in config.branches)]
     checks = {c.name: c.train_sampler(derived_seed(config.run.seed, "warmup-check", c.name)).draw(cfg.check_samples) for c in trained}
     params = SamplingParams.from_config(config.sampling)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     history, step = [], 0
     reporter.start("warm start", cfg.max_steps)
     while step < cfg.max_steps:
-        model.train()
         batch = sampler.draw(cfg.batch_size)
-        loss = policy.supervised_loss([Prompt.of(s) for _, s in batch], [s.answer for _, s in batch])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        loss = policy.supervised_step([Prompt.of(s) for _, s in batch], [s.answer for _, s in batch], grad_clip=1.0)
         step += 1
         if step % cfg.check_every == 0:
             rates = pass_rates(policy, trained, checks, params, seed=derived_seed(config.run.seed, "check", step))
-            history.append({"step": step, "loss": loss.item(), "pass_rate": rates})
+            history.append({"step": step, "loss": loss, "pass_rate": rates})
             reporter.advance("warm start", " ".join(f"{k} {v:.2f}" for k, v in rates.items()))
             if min(rates.values()) >= cfg.min_pass_rate:
                 break
         else:
-            reporter.advance("warm start", f"loss {loss.item():.3f}")
+            reporter.advance("warm start", f"loss {loss:.3f}")
     reporter.stop()
     return {"steps": step, "seconds": round(time.perf_counter() - start, 2), "history": history}

@@ -7,32 +7,56 @@ A's completion tokens. High overlap means the two are close enough to merge or d
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
 from pathlib import Path
 
-from copd.core.overlap import mean_delta, symmetric_kl, topk_overlap
+from copd.backends.roles import Policy, Rollouts, SamplingParams, Scorer, ScoreRequest
+from copd.core.losses import masked_mean
+from copd.core.opd import support_diagnostics
 from copd.errors import CopdError
-from copd.backends.roles import Policy, SamplingParams
 from copd.capabilities import Capability
 
 BATCH_SIZE = 64
+DEFAULT_TOPK = 16  # support size when none is given: opd.topk's default
 MERGE_THRESHOLD = 0.90  # METHOD.md: under CoPD O_k stays above 0.90 throughout training
 DEFAULT_MAX_NEW_TOKENS = 16
 METRICS = ("overlap", "sym_kl", "mean_delta")
 
 
+def support_request(topk: int | None, student_ids=None) -> ScoreRequest:
+    """The teacher's top-k (all of the vocabulary when topk is None) and the student's ids."""
+    return ScoreRequest(sys.maxsize if topk is None else topk, student_ids)
+
+
+def measure_pair(student: Scorer, teacher: Scorer, rollouts: Rollouts, k: int, topk: int | None) -> dict[str, float]:
+    """Top-k overlap, symmetric KL on the top-`topk` support, mean delta and bytes, on the student's rollouts.
+
+    The teacher sends its top-`topk` and its log-probs at the student's recorded top-k ids;
+    the student then sends its own top-k and its log-probs on the teacher's support, so
+    both sides of every KL term are known (docs/method.md §4, §7).
+    """
+    request = support_request(topk, rollouts.topk_ids_B_T_K)
+    teacher_scores = teacher.score(rollouts, request)
+    student_scores = student.score(rollouts, ScoreRequest(k, teacher_scores.support_ids_B_T_S))
+    mask = rollouts.completion_mask_B_T
+    found = support_diagnostics(student_scores.topk_ids_B_T_K, teacher_scores.topk_ids_B_T_K[..., :k],
+                                student_scores.support_logprobs_B_T_S[..., k:], teacher_scores.support_logprobs_B_T_S,
+                                teacher_scores.support_ids_B_T_S.long(), mask)
+    delta = masked_mean(teacher_scores.token_logprobs_B_T - student_scores.token_logprobs_B_T, mask).item()
+    return {**found, "delta_mean": delta, "tokens": float(mask.sum().item()),
+            "score_bytes": teacher_scores.nbytes + student_scores.nbytes}
+
+
 def _batch_sums(policy_a: Policy, policy_b: Policy, prompts: list[str], params: SamplingParams, k: int, seed: int) -> dict:
     """Token-weighted sums of the three metrics on one batch of A's own rollouts."""
-    rollouts = policy_a.generate(prompts, 1, params, seed)
-    score_a, score_b = policy_a.score(rollouts, full=True), policy_b.score(rollouts, full=True)
-    mask = rollouts.completion_mask_B_T.cpu()
-    tokens = int(mask.sum().item())
-    values = {
-        "overlap": topk_overlap(score_a.dist_logprobs_B_T_V, score_b.dist_logprobs_B_T_V, mask, k),
-        "sym_kl": symmetric_kl(score_a.dist_logprobs_B_T_V, score_b.dist_logprobs_B_T_V, mask),
-        "mean_delta": mean_delta(score_b.token_logprobs_B_T, score_a.token_logprobs_B_T, mask),
-    }
-    return {"tokens": tokens, **{name: float(v) * tokens for name, v in values.items()}}
+    topk = max(k, DEFAULT_TOPK)
+    rollouts = policy_a.generate(prompts, 1, dataclasses.replace(params, record_topk=topk), seed)
+    found = measure_pair(policy_a, policy_b, rollouts, k, topk)
+    tokens = int(found["tokens"])
+    values = {"overlap": found["overlap_topk"], "sym_kl": found["sym_kl"], "mean_delta": found["delta_mean"]}
+    return {"tokens": tokens, **{name: v * tokens for name, v in values.items()}}
 
 
 def _means(sums: dict) -> dict:

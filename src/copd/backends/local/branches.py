@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 
 from copd.config.schema import Config
-from copd.backends.roles import Policy
+from copd.backends.roles import Learner, Policy
 from copd.backends.local.factory import make_lora_policy, make_policy
 from copd.backends.local.hf import HFPolicy
 from copd.backends.local.lora import SharedBase, adapter_name
@@ -33,12 +33,11 @@ def build_branches(config: Config, model, tokenizer, device: str) -> Branches:
     return BRANCH_MODES[mode](config, model, tokenizer, device)
 
 
-def describe_branches(policies: dict[str, HFPolicy], base: HFPolicy) -> str:
+def describe_branches(learners: dict[str, Learner]) -> str:
     """One line for the run log: how many weights each branch trains, out of the model's."""
-    own = {id(t) for policy in policies.values() for t in policy.params}  # adapters live in the base model under LoRA
-    total = sum(t.numel() for t in base.model.parameters() if id(t) not in own)
-    each = ", ".join(f"{n:,}" for n in sorted({sum(t.numel() for t in p.params) for p in policies.values()}))
-    return f"{len(policies)} branches, {each} trained parameters each, of {total:,} in the model"
+    counts = [learner.parameter_counts() for learner in learners.values()]
+    each = ", ".join(f"{n:,}" for n in sorted({trained for trained, _ in counts}))
+    return f"{len(learners)} branches, {each} trained parameters each, of {counts[0][1]:,} in the model"
 
 
 def _full_branches(config: Config, model, tokenizer, device: str) -> Branches:

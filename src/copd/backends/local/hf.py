@@ -1,4 +1,8 @@
-"""A Policy backed by a transformers causal LM, trained with AdamW, on CPU or GPU."""
+"""A branch on a transformers causal LM, trained with AdamW, on CPU or GPU: it plays all three roles.
+
+What it receives (rollouts, parts) are CPU tensors, moved here onto its device; what it
+returns (rollouts, scores, weights) are CPU tensors (copd.backends.roles).
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,15 @@ from safetensors.torch import load_model, save_model
 
 from copd.core.losses import approx_kl
 from copd.errors import CopdError
-from copd.backends.roles import LossSpec, OPDPart, Prompt, RLPart, Rollouts, SamplingParams, Scores, UpdateResult
 from copd.backends.local.objective import opd_loss, rl_loss
-from copd.backends.local.sampling import completion_logits, sample_completions, token_logprobs
+from copd.backends.local.sampling import Sampled, completion_logits, group_size, sample_completions, token_logprobs
+from copd.backends.roles import LossSpec, OPDPart, Prompt, RLPart, Rollouts, SamplingParams, ScoreRequest, Scores, UpdateResult
 
 # model.compute_dtype values other than float32: the dtype autocast runs matmuls in.
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16}
+# Scoring runs in chunks of whole prompt groups once rows x tokens x vocabulary exceeds this
+# many logits (512 MB in fp32), so a teacher never holds a whole batch's [B, T, V] at once.
+SCORE_CHUNK_LOGITS = 2**27
 
 
 class HFPolicy:
@@ -23,7 +30,7 @@ class HFPolicy:
 
     def __init__(self, name: str, model, tokenizer, lr: float = 1e-4, weight_decay: float = 0.0, device: str = "cpu",
                  chat_template: str = "auto", system_prompt: str | None = None, params: list | None = None,
-                 compute_dtype: str = "float32"):
+                 compute_dtype: str = "float32", fused: bool = True):
         self.name = name
         self.compute_dtype = compute_dtype
         has_template = getattr(tokenizer, "chat_template", None) is not None
@@ -36,8 +43,9 @@ class HFPolicy:
         # What this branch trains: every weight (full fine-tuning) or only its adapter (LoRA).
         self.params = list(self.model.parameters()) if params is None else list(params)
         # A read-only view (e.g. the frozen base under LoRA branches) has nothing to optimize.
-        # The fused kernel does a whole AdamW step in one pass (5x faster than the default on CPU).
-        fused = self.device.type in ("cpu", "cuda")
+        # The fused kernel does a whole AdamW step in one pass (5x faster than the default on CPU);
+        # the warm start keeps the plain one, which built bases were cached with.
+        fused = fused and self.device.type in ("cpu", "cuda")
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, fused=fused) if self.params else None
 
     def activate(self) -> None:
@@ -77,21 +85,24 @@ class HFPolicy:
         generator = torch.Generator(device=self.device).manual_seed(seed)
         self.model.eval()
         with self._compute():
-            comp_ids, comp_mask = sample_completions(
+            sampled = sample_completions(
                 self.model, ids, mask, params, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, generator
             )
-        return self._rollouts(ids, mask, comp_ids, comp_mask)
+        return self._rollouts(ids, mask, sampled)
 
-    def _rollouts(self, ids, mask, comp_ids, comp_mask, vision=None) -> Rollouts:
+    def _rollouts(self, ids, mask, sampled: Sampled, vision=None) -> Rollouts:
+        """CPU rollouts of the prompts and their sampled completions."""
         # Rows that finished are padded after EOS, so skipping special tokens leaves the answer text.
-        texts = self.tokenizer.batch_decode(comp_ids, skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(sampled.ids_B_T, skip_special_tokens=True)
+        topk = sampled.topk_ids_B_T_K
         return Rollouts(
-            input_ids_B_L=torch.cat([ids, comp_ids], 1),
-            attention_mask_B_L=torch.cat([mask, comp_mask.long()], 1),
+            input_ids_B_L=torch.cat([ids, sampled.ids_B_T], 1).cpu(),
+            attention_mask_B_L=torch.cat([mask, sampled.mask_B_T.long()], 1).cpu(),
             prompt_len=ids.shape[1],
-            completion_mask_B_T=comp_mask,
+            completion_mask_B_T=sampled.mask_B_T.cpu(),
             completions=texts,
             vision=vision,
+            topk_ids_B_T_K=None if topk is None else topk.cpu(),
         )
 
     def _dist(self, rollouts: Rollouts) -> torch.Tensor:
@@ -102,14 +113,51 @@ class HFPolicy:
         return logits.float().log_softmax(-1)
 
     @torch.no_grad()
-    def score(self, rollouts: Rollouts, full: bool = True) -> Scores:
+    def score(self, rollouts: Rollouts, request: ScoreRequest | None = None) -> Scores:
+        """The sampled tokens' log-probs and, when asked, log-probs on a sparse support; CPU out."""
         self.activate()
         self.model.eval()
+        chunks = self._score_chunks(rollouts)
+        if len(chunks) == 1:
+            return self._score_rows(rollouts, request)
+        return _cat_scores([self._score_rows(rollouts.select(rows), _request_rows(request, rows)) for rows in chunks])
+
+    def _score_rows(self, rollouts: Rollouts, request: ScoreRequest | None) -> Scores:
         dist = self._dist(rollouts)
         tokens = token_logprobs(dist, rollouts.completion_ids_B_T.to(self.device))
-        return Scores(tokens.cpu(), dist.cpu() if full else None)
+        if request is None or not request.wants_support:
+            return Scores(tokens.cpu())
+        topk = min(request.topk, dist.shape[-1])
+        ids = [dist.topk(topk, dim=-1).indices] if topk else []
+        if request.ids_B_T_J is not None:
+            ids.append(request.ids_B_T_J.to(self.device).long())
+        support = torch.cat(ids, -1)
+        return Scores(tokens.cpu(), support.int().cpu(), dist.gather(-1, support).cpu(), topk)
+
+    def _score_chunks(self, rollouts: Rollouts) -> list[torch.Tensor]:
+        """Row indices of whole prompt groups, few enough that each chunk's logits fit SCORE_CHUNK_LOGITS."""
+        rows, length = rollouts.input_ids_B_L.shape[0], rollouts.completion_mask_B_T.shape[1]
+        per_row = max(length * self.model.get_output_embeddings().weight.shape[0], 1)
+        if rows * per_row <= SCORE_CHUNK_LOGITS:
+            return [torch.arange(rows)]
+        prompt = slice(0, rollouts.prompt_len)
+        group = rollouts.vision.rows_per_prompt if rollouts.vision is not None else group_size(
+            rollouts.input_ids_B_L[:, prompt], rollouts.attention_mask_B_L[:, prompt])
+        size = max(group, SCORE_CHUNK_LOGITS // per_row // group * group)
+        return list(torch.arange(rows).split(size))
 
     # ---- supervised warm start ---------------------------------------------------------
+    def supervised_step(self, prompts: list[str | Prompt], answers: list[str], grad_clip: float = 1.0) -> float:
+        """One AdamW step on the answers' cross-entropy (the warm start); returns the loss."""
+        self.activate()
+        self.model.train()
+        loss = self.supervised_loss(prompts, answers)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, grad_clip)
+        self.optimizer.step()
+        return loss.item()
+
     def supervised_loss(self, prompts: list[str | Prompt], answers: list[str]) -> torch.Tensor:
         """Cross-entropy on answer tokens (and EOS) only, prompt tokens masked out."""
         tokenizer, device = self.tokenizer, self.device
@@ -132,6 +180,7 @@ class HFPolicy:
         """`spec.epochs` optimizer steps on all parts together; old log-probs from the first pass."""
         self.activate()
         self.model.train()
+        rl, opd = [p.to(self.device) for p in rl], [p.to(self.device) for p in opd]
         olds: list[torch.Tensor | None] = [None] * (len(rl) + len(opd))
         result = UpdateResult()
         for _ in range(spec.epochs):
@@ -182,6 +231,9 @@ class HFPolicy:
         return sum(values) / max(len(values), 1)
 
     # ---- weights and checkpoints --------------------------------------------------------
+    def parameter_counts(self) -> tuple[int, int]:
+        return sum(t.numel() for t in self.params), sum(t.numel() for t in self.model.parameters())
+
     def get_weights(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
@@ -201,3 +253,16 @@ class HFPolicy:
         folder.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(folder, safe_serialization=True)
         self.tokenizer.save_pretrained(folder)
+
+
+def _request_rows(request: ScoreRequest | None, rows: torch.Tensor) -> ScoreRequest | None:
+    if request is None or request.ids_B_T_J is None:
+        return request
+    return ScoreRequest(request.topk, request.ids_B_T_J[rows])
+
+
+def _cat_scores(chunks: list[Scores]) -> Scores:
+    """Scores of consecutive row chunks as one."""
+    cat = lambda get: None if get(chunks[0]) is None else torch.cat([get(c) for c in chunks])  # noqa: E731
+    return Scores(cat(lambda c: c.token_logprobs_B_T), cat(lambda c: c.support_ids_B_T_S), cat(lambda c: c.support_logprobs_B_T_S),
+                  chunks[0].topk)

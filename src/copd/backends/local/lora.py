@@ -107,6 +107,10 @@ class LoraPolicy(HFPolicy):
             raise CopdError(f"policy {self.name!r} is the frozen base of LoRA branches and has no weights of its own")
         return self.adapter
 
+    def parameter_counts(self) -> tuple[int, int]:
+        base = sum(t.numel() for n, t in self.model.named_parameters() if "lora_" not in n)
+        return sum(t.numel() for t in self.params), base
+
     def get_weights(self) -> dict[str, torch.Tensor]:
         """The adapter's weights, keyed without the adapter name (so they load into another)."""
         peft = _peft()

@@ -7,9 +7,19 @@ a seed (which is what makes resumed runs match uninterrupted ones).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from copd.backends.roles import SamplingParams
+
+
+class Sampled(NamedTuple):
+    """What a decode loop returns; topk_ids_B_T_K only when SamplingParams.record_topk asks for it."""
+
+    ids_B_T: torch.Tensor
+    mask_B_T: torch.Tensor  # float, 1 on generated tokens up to and including EOS
+    topk_ids_B_T_K: torch.Tensor | None = None
 
 
 def positions_from_mask(attention_mask_B_L: torch.Tensor) -> torch.Tensor:
@@ -57,8 +67,8 @@ def sample_completions(
     eos_id: int,
     pad_id: int,
     generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample up to max_new_tokens per row; returns (completion_ids_B_T, completion_mask_B_T).
+) -> Sampled:
+    """Sample up to max_new_tokens per row; returns (completion_ids_B_T, completion_mask_B_T, top-k ids or None).
 
     The mask is 1 on generated tokens up to and including EOS; finished rows are padded.
     """
@@ -68,16 +78,21 @@ def sample_completions(
 
 
 def decode(model, cache, logits_B_V: torch.Tensor, attention_mask_B_P: torch.Tensor, params: SamplingParams, eos_id: int,
-           pad_id: int, generator: torch.Generator | None, new_position) -> tuple[torch.Tensor, torch.Tensor]:
-    """The token-by-token loop after a prefill: (completion_ids_B_T, completion_mask_B_T).
+           pad_id: int, generator: torch.Generator | None, new_position) -> Sampled:
+    """The token-by-token loop after a prefill: completion ids, their mask and (when asked) top-k ids.
 
     `new_position(mask)` gives the position ids of the token just appended to `mask` (plain
-    for text, M-RoPE for vision-language models).
+    for text, M-RoPE for vision-language models). With params.record_topk = k the top-k ids
+    of the model's distribution at every step come back too: the student's half of a sparse
+    teacher-score support, taken from logits the loop computes anyway.
     """
     mask, logits = attention_mask_B_P, logits_B_V
     finished = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
-    tokens, alive = [], []
+    tokens, alive, topks = [], [], []
+    k = min(params.record_topk, logits_B_V.shape[-1])
     for step in range(params.max_new_tokens):
+        if k:
+            topks.append(logits.topk(k, dim=-1).indices.int())
         token = next_tokens(logits, params, generator)
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         tokens.append(token)
@@ -90,7 +105,7 @@ def decode(model, cache, logits_B_V: torch.Tensor, attention_mask_B_P: torch.Ten
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=new_position(mask), past_key_values=cache,
                     use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1]
-    return torch.stack(tokens, 1), torch.stack(alive, 1).float()
+    return Sampled(torch.stack(tokens, 1), torch.stack(alive, 1).float(), torch.stack(topks, 1) if k else None)
 
 
 def group_size(input_ids_B_P: torch.Tensor, attention_mask_B_P: torch.Tensor) -> int:

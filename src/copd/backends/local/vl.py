@@ -82,10 +82,10 @@ class VisionLanguageInputs:
         generator = torch.Generator(device=self.device).manual_seed(seed)
         self.model.eval()
         with self._compute():
-            comp_ids, comp_mask = vl_sample(self.model, inputs, params, generator, self.tokenizer.eos_token_id,
+            sampled = vl_sample(self.model, inputs, params, generator, self.tokenizer.eos_token_id,
                                             self.tokenizer.pad_token_id, rows_per_prompt=n)
         ids, mask = repeat_rows(inputs["input_ids"], n), repeat_rows(inputs["attention_mask"], n)
-        return self._rollouts(ids, mask, comp_ids, comp_mask, vision)
+        return self._rollouts(ids, mask, sampled, vision)
 
     def _dist(self, rollouts: Rollouts) -> torch.Tensor:
         prompts = self._prompt_inputs(rollouts)

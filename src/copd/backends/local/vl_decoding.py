@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from copd.backends.local.sampling import decode, repeat_rows
+from copd.backends.local.sampling import Sampled, decode, repeat_rows
 from copd.backends.roles import SamplingParams
 from copd.multimodal.inputs import PIXEL_KEYS, decode_positions, rope_positions
 
@@ -35,8 +35,8 @@ def _prefill(model, prompts: dict, rows_per_prompt: int = 1):
 
 @torch.no_grad()
 def vl_sample(model, prompts: dict, params: SamplingParams, generator: torch.Generator | None, eos_id: int, pad_id: int,
-              rows_per_prompt: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(completion_ids [B, T], completion_mask [B, T]): rows_per_prompt samples of each prompt, with a KV cache.
+              rows_per_prompt: int = 1) -> Sampled:
+    """(completion_ids [B, T], completion_mask [B, T], top-k ids or None): rows_per_prompt samples of each prompt.
 
     The mask is 1 on generated tokens up to and including EOS; finished rows are padded with pad_id.
     """
