@@ -53,7 +53,7 @@ def _metrics() -> list[dict]:
                         records.append({"type": "edge", "step": step, "cycle": cycle, "phase": phase,
                                         "edge": f"{student}<-{teacher}", "student": student, "teacher": teacher,
                                         "overlap_topk": 0.9 - 0.01 * step, "sym_kl": 0.2, "delta_mean": -0.3,
-                                        "opd_adv_mean": -0.03, "opd_loss": 0.1, "tokens": 64.0})
+                                        "opd_adv_mean": -0.03, "opd_loss": 0.1, "tokens": 64.0, "score_bytes": 64 * 4 * (1 + 2 * 8)})
     return records
 
 
@@ -102,7 +102,8 @@ def test_full_report(tmp_path):
 def test_diagnostics_and_branch_tables(tmp_path):
     text = write_report(_run_dir(tmp_path)).read_text()
     # edge add<-rev: OPD steps 4, 5, 9, 10 -> overlap 0.86 first, 0.80 last and min
-    assert _row(text, "`add<-rev`") == ["`add<-rev`", "4", "0.860", "0.800", "0.800", "0.200", "-0.300"]
+    # 4 bytes for the sampled token, 8 for each of 16 support ids (int32 id + fp32 log-prob)
+    assert _row(text, "`add<-rev`") == ["`add<-rev`", "4", "0.860", "0.800", "0.800", "0.200", "-0.300", "68.0"]
     # branch add: 10 steps, rewards at steps 1,2,3,6,7,8 -> first 10% = 0.1, last 10% = 0.8; one skipped step
     assert _row(text, "`add`") == ["`add`", "10", "0.100", "0.800", "1", "1000", "0.500"]
     assert _row(text, "`rev`")[4] == "0"

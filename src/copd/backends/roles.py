@@ -15,6 +15,7 @@ branch on a GPU (or in another process) is a drop-in for one on the CPU.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -162,6 +163,11 @@ class ScoreRequest:
 
     topk: int = 0
     ids_B_T_J: torch.Tensor | None = None
+
+    @classmethod
+    def support(cls, topk: int | None, student_ids_B_T_K: torch.Tensor | None = None) -> ScoreRequest:
+        """A teacher's request: its top-k (the whole vocabulary when topk is None) and the student's top-k ids."""
+        return cls(sys.maxsize if topk is None else topk, student_ids_B_T_K)
 
     @property
     def wants_support(self) -> bool:

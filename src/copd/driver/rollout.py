@@ -7,13 +7,15 @@ depends on the order in which branches are visited, and a resumed run replays ex
 
 from __future__ import annotations
 
+import dataclasses
+import time
 import zlib
 from dataclasses import dataclass
 
 import torch
 
 from copd.core.advantages import group_advantages, zero_signal_groups
-from copd.backends.roles import Policy, Prompt, RLPart, Rollouts, SamplingParams
+from copd.backends.roles import OPDPart, Policy, Prompt, RLPart, Rollouts, Sampler, SamplingParams, Scorer, ScoreRequest
 from copd.capabilities import Capability, Sample
 
 
@@ -84,6 +86,27 @@ def collect_rl(
     # Every token of a rollout shares its sequence's advantage.
     adv_B_T = adv_N_G.reshape(-1)[rows][:, None] * kept.completion_mask_B_T
     return RLBatch(RLPart(kept, adv_B_T), rewards, filtered, per_cap)
+
+
+def collect_opd_part(student: Sampler, teacher: Scorer, teacher_sampler: MixtureSampler, prompts: int, samples: int,
+                     params: SamplingParams, seed: int, beta: float, edge: str, support: bool, topk: int | None,
+                     timer: dict[str, float] | None = None) -> OPDPart:
+    """One edge's OPD part: the student samples on the teacher's prompts, the teacher scores them.
+
+    With `support`, the student records its top-`topk` ids while sampling and the teacher
+    sends log-probs on its own top-`topk` plus those ids; otherwise only the sampled tokens'
+    log-probs (docs/method.md §4). `timer` collects the seconds of sampling and scoring.
+    """
+    t0 = time.perf_counter()
+    if support and topk is not None:
+        params = dataclasses.replace(params, record_topk=topk)
+    rollouts = collect_opd_rollouts(student, teacher_sampler, prompts, samples, params, seed)
+    t1 = time.perf_counter()
+    scores = teacher.score(rollouts, ScoreRequest.support(topk, rollouts.topk_ids_B_T_K) if support else None)
+    if timer is not None:
+        timer["sample"] = timer.get("sample", 0.0) + t1 - t0
+        timer["score"] = timer.get("score", 0.0) + time.perf_counter() - t1
+    return OPDPart(rollouts, scores, beta, edge)
 
 
 def collect_opd_rollouts(

@@ -24,9 +24,9 @@ from copd.capabilities import Capability
 from copd.config.schema import Config
 from copd.core.opd import OPD_ESTIMATORS
 from copd.driver.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from copd.driver.rollout import MixtureSampler, collect_opd_rollouts, collect_rl, derived_seed
+from copd.driver.rollout import MixtureSampler, collect_opd_part, collect_opd_rollouts, collect_rl, derived_seed
 from copd.errors import CopdError
-from copd.evaluation.diagnose import measure_pair, support_request
+from copd.evaluation.diagnose import measure_pair
 from copd.reporting.progress import QuietReporter, Reporter
 from copd.schedule.plan import TOPOLOGY_PLANS, Phase, Roles, build_plan, with_overlap_trigger, with_probes
 from copd.schedule.topology import build_edges
@@ -127,16 +127,14 @@ class Trainer:
             timer[b] += time.perf_counter() - t0
         opd_parts: dict[str, list[OPDPart]] = {b: [] for b in timer}
         support = self._needs_support(step)
-        params = self._opd_sampling(support)
         for edge in phase.edges:
             t0 = time.perf_counter()
-            rollouts = collect_opd_rollouts(self.roles[edge.student].sampler, self.opd_samplers[edge.label], cfg.opd.prompts_per_step,
-                                            cfg.opd.rollouts_per_prompt, params, derived_seed(seed, "opd", edge.label, step))
             # Scored before any branch updates this step: the teacher is a snapshot.
-            request = support_request(cfg.opd.topk, rollouts.topk_ids_B_T_K) if support else None
-            teacher = self.roles[edge.teacher].scorer.score(rollouts, request)
-            self.score_bytes[edge.label] = teacher.nbytes
-            opd_parts[edge.student].append(OPDPart(rollouts, teacher, self.beta[edge.student], edge.label))
+            part = collect_opd_part(self.roles[edge.student].sampler, self.roles[edge.teacher].scorer, self.opd_samplers[edge.label],
+                                    cfg.opd.prompts_per_step, cfg.opd.rollouts_per_prompt, self.sampling,
+                                    derived_seed(seed, "opd", edge.label, step), self.beta[edge.student], edge.label, support, cfg.opd.topk)
+            self.score_bytes[edge.label] = part.teacher.nbytes
+            opd_parts[edge.student].append(part)
             timer[edge.student] += time.perf_counter() - t0
         shown = []
         for b in timer:
@@ -156,22 +154,22 @@ class Trainer:
         every = self.config.opd.diagnostics_every
         return OPD_ESTIMATORS[self.spec.opd_estimator].needs_support or (every > 0 and step % every == 0)
 
-    def _opd_sampling(self, support: bool) -> SamplingParams:
-        # The student's top-k ids are the student half of the support; the whole vocabulary needs none.
-        topk = self.config.opd.topk
-        return dataclasses.replace(self.sampling, record_topk=topk) if support and topk is not None else self.sampling
-
     def _probe(self, phase: Phase) -> float:
         """Mean top-k overlap over the phase's probe edges on the students' own rollouts (logged)."""
         step, cfg, values = self.state["global_step"], self.config, []
         for edge in phase.probe_edges:
             rollouts = collect_opd_rollouts(self.roles[edge.student].sampler, self.opd_samplers[f"probe:{edge.label}"], cfg.schedule.probe_prompts,
-                                            1, self._opd_sampling(True), derived_seed(cfg.run.seed, "probe", edge.label, step))
+                                            1, self._probe_sampling(), derived_seed(cfg.run.seed, "probe", edge.label, step))
             found = self._measure(edge, rollouts)
             self.metrics.write({"step": step, "cycle": phase.cycle, "phase": phase.name, "type": "edge", "probe": True, "edge": edge.label,
                                 "student": edge.student, "teacher": edge.teacher, **found})
             values.append(found["overlap_topk"])
         return sum(values) / len(values)
+
+    def _probe_sampling(self) -> SamplingParams:
+        # The student's top-k ids are the student half of the support; the whole vocabulary needs none.
+        topk = self.config.opd.topk
+        return self.sampling if topk is None else dataclasses.replace(self.sampling, record_topk=topk)
 
     def _measure(self, edge, rollouts: Rollouts) -> dict[str, float]:
         """An OPD step's diagnostics on rollouts that are measured but never trained on."""

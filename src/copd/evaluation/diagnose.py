@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 from copd.backends.roles import Policy, Rollouts, SamplingParams, Scorer, ScoreRequest
@@ -25,11 +24,6 @@ DEFAULT_MAX_NEW_TOKENS = 16
 METRICS = ("overlap", "sym_kl", "mean_delta")
 
 
-def support_request(topk: int | None, student_ids=None) -> ScoreRequest:
-    """The teacher's top-k (all of the vocabulary when topk is None) and the student's ids."""
-    return ScoreRequest(sys.maxsize if topk is None else topk, student_ids)
-
-
 def measure_pair(student: Scorer, teacher: Scorer, rollouts: Rollouts, k: int, topk: int | None) -> dict[str, float]:
     """Top-k overlap, symmetric KL on the top-`topk` support, mean delta and bytes, on the student's rollouts.
 
@@ -37,7 +31,7 @@ def measure_pair(student: Scorer, teacher: Scorer, rollouts: Rollouts, k: int, t
     the student then sends its own top-k and its log-probs on the teacher's support, so
     both sides of every KL term are known (docs/method.md §4, §7).
     """
-    request = support_request(topk, rollouts.topk_ids_B_T_K)
+    request = ScoreRequest.support(topk, rollouts.topk_ids_B_T_K)
     teacher_scores = teacher.score(rollouts, request)
     student_scores = student.score(rollouts, ScoreRequest(k, teacher_scores.support_ids_B_T_S))
     mask = rollouts.completion_mask_B_T

@@ -159,12 +159,22 @@ def _diagnostics(edges: list[dict], plots: set[str]) -> list[str]:
             ov = [v for v in (_num(r.get("overlap_topk")) for r in recs) if v is not None]
             rows.append([f"`{name}`", str(sum(1 for r in recs if not r.get("probe"))), _fmt(ov[0] if ov else None), _fmt(ov[-1] if ov else None),
                          _fmt(min(ov) if ov else None), _fmt(_mean([r.get("sym_kl") for r in recs])),
-                         _fmt(_mean([r.get("delta_mean") for r in recs]))])
+                         _fmt(_mean([r.get("delta_mean") for r in recs])), _fmt(_bytes_per_token(recs), ".1f")])
         # Probe records (schedule.trigger: overlap) measure overlap during Phase I without training.
         header = ["edge (student<-teacher)", "OPD steps", "overlap first", "overlap last",
-                  "overlap min", "mean sym KL", "mean delta"]
-        out += _table(header, rows) + [""]
+                  "overlap min", "mean sym KL", "mean delta", "score bytes / token"]
+        out += _table(header, rows) + ["", "Teachers send the log-prob of every sampled token and, on steps with diagnostics "
+                                       "or for estimators that need it, log-probs on the top-k support (opd.topk); the symmetric "
+                                       "KL is computed on that support, a lower bound of the full-vocabulary value "
+                                       "(docs/method.md §4). Bytes per token count the teacher scores of OPD steps.", ""]
     return out + _images(plots, ("overlap", "sym_kl"))
+
+
+def _bytes_per_token(records: list[dict]) -> float | None:
+    """Teacher-score bytes per completion token over an edge's OPD steps (probes excluded)."""
+    trained = [r for r in records if not r.get("probe") and _num(r.get("score_bytes")) is not None]
+    tokens = sum(_num(r.get("tokens")) or 0.0 for r in trained)
+    return sum(r["score_bytes"] for r in trained) / tokens if tokens else None
 
 
 def _branch_summary(branches: list[dict], plots: set[str]) -> list[str]:

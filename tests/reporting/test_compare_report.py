@@ -1,0 +1,56 @@
+"""compare.md from compare.json: row order and groups come from the methods (copd.schedule.methods)."""
+
+from copd.config.loader import validate_config
+from copd.driver.compare import orderings
+from copd.reporting.compare_report import score_table, write_compare_report
+from copd.schedule.methods import BASE_ROW, METHODS
+
+BASE = validate_config({
+    "capabilities": [{"name": "sort", "builtin": "sort"}, {"name": "reversal", "builtin": "reversal"}],
+    "branches": [{"name": "s", "capabilities": ["sort"]}, {"name": "r", "capabilities": ["reversal"]}],
+})
+
+# The order compare.md has always had: rows by the first of these prefixes they start with, then by label.
+PREFIX_ORDER = ["base", "expert", "mixed RLVR", "static OPD", "MOPD", "experts merged", "CoPD no merge", "CoPD one-way",
+                "CoPD overlap trigger", "CoPD"]
+
+
+def result_of(methods=tuple(METHODS)) -> dict:
+    rows = {BASE_ROW: {"run": METHODS[methods[0]].run, "mean": {"overall": 0.1}, "std": {"overall": 0.0}}}
+    for i, name in enumerate(methods):
+        for label in METHODS[name].outputs(METHODS[name].transform(BASE)):
+            rows[label] = {"run": METHODS[name].run, "method": name, "mean": {"overall": 0.2 + 0.01 * i}, "std": {"overall": 0.0}}
+    return {"capabilities": [], "seeds": [0], "rows": rows, "compute": {}, "orderings": []}
+
+
+def labels_in(table: list[str]) -> list[str]:
+    return [line.split(" | ")[0].removeprefix("| ") for line in table[2:]]
+
+
+def test_rows_keep_their_order():
+    result = result_of()
+    by_prefix = sorted(result["rows"], key=lambda l: (next(i for i, p in enumerate(PREFIX_ORDER) if l.startswith(p)), l))
+    assert labels_in(score_table(result)) == by_prefix
+    assert by_prefix[:4] == ["base", "expert r", "expert s", "experts merged"]
+
+
+def test_every_method_has_a_label_rank_and_its_rows_start_with_the_label():
+    for name, method in METHODS.items():
+        rows = method.outputs(method.transform(BASE))
+        assert rows and all(label.startswith(method.label) for label in rows), name
+
+
+def test_orderings_compare_groups_of_rows():
+    held = {claim: ok for claim, ok, _ in orderings(result_of())}
+    # Later methods score higher here: mopd (0.28) beats copd (0.20); static OPD's rows count with MOPD's.
+    assert held["CoPD > static OPD / MOPD"] is False and held["CoPD overlap trigger > CoPD"] is True
+    assert set(held) == {"CoPD > static OPD / MOPD", "static OPD / MOPD > mixed RLVR", "mixed RLVR > base", "CoPD > mixed RLVR",
+                         "CoPD > experts merged", "CoPD > CoPD one-way", "CoPD > base", "CoPD overlap trigger > CoPD"}
+
+
+def test_report_without_runs(tmp_path):
+    result = result_of(("copd", "mopd"))
+    result["orderings"] = [{"claim": c, "held": h, "numbers": n} for c, h, n in orderings(result)]
+    text = write_compare_report(tmp_path, result).read_text()
+    assert "| base |" in text and text.index("| MOPD |") < text.index("| CoPD |")
+    assert "- did NOT hold: CoPD > static OPD / MOPD (20.0 vs 21.0)" in text
