@@ -1,4 +1,4 @@
-"""Pilot study of METHOD.md "Diagnostics": does post-OPD gain follow teacher-student top-k overlap?
+"""Pilot study of docs/method.md §7: does post-OPD gain follow teacher-student top-k overlap?
 
     python benchmarks/pilot_overlap.py RUN [RUN ...] [--out pilot.json]
     python benchmarks/pilot_overlap.py /tmp/pilot_run --quick      # smoke run: 4 pairs, 5 steps

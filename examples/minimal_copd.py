@@ -8,6 +8,8 @@ At the end the two branches are averaged into one model. Equations: docs/method.
     .venv/bin/python examples/minimal_copd.py                 # about 1-2 minutes on 2 cores
     .venv/bin/python examples/minimal_copd.py --cycles 1 --rl-steps 1 --opd-steps 1 \
         --warmup-steps 20 --test-size 8                        # a smoke run of seconds
+    .venv/bin/python examples/minimal_copd.py --beta 0        # OPD advantage 0: independent experts
+                                                              # with the same updates (method.md §8)
 
 Everything below uses the library's pure functions directly (copd.core.*) and the
 sampling loop of the local backend; the full driver (copd.driver.trainer) adds
@@ -19,8 +21,10 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+import warnings
 
 import torch
+import transformers
 
 from copd.backends.local.sampling import completion_logits, sample_completions, token_logprobs
 from copd.backends.roles import SamplingParams
@@ -36,9 +40,11 @@ from copd.models.sources import build_char_tokenizer, build_tiny_model
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-p.add_argument("--warmup-steps", type=int, default=500, help="supervised steps before RL")
+p.add_argument("--hidden", type=int, default=128, help="width of the tiny Llama")
+p.add_argument("--layers", type=int, default=2, help="decoder layers of the tiny Llama")
+p.add_argument("--warmup-steps", type=int, default=300, help="supervised steps before RL")
 p.add_argument("--warmup-lr", type=float, default=1e-3)
-p.add_argument("--cycles", type=int, default=3, help="N cycles of Algorithm 1")
+p.add_argument("--cycles", type=int, default=6, help="N cycles of Algorithm 1")
 p.add_argument("--rl-steps", type=int, default=6, help="S_RL explore steps per cycle")
 p.add_argument("--opd-steps", type=int, default=4, help="S_OPD consolidate steps per cycle")
 p.add_argument("--prompts", type=int, default=16, help="RL prompts per branch per step")
@@ -51,8 +57,10 @@ p.add_argument("--eps-low", type=float, default=0.2)
 p.add_argument("--eps-high", type=float, default=0.28)
 p.add_argument("--temperature", type=float, default=1.0)
 p.add_argument("--max-new-tokens", type=int, default=8)
-p.add_argument("--test-size", type=int, default=100, help="test prompts per capability")
+p.add_argument("--test-size", type=int, default=200, help="test prompts per capability")
 args = p.parse_args()
+transformers.logging.set_verbosity_error()  # quiet the cache-API deprecation notes of the decode loop
+warnings.filterwarnings("ignore", category=FutureWarning)
 torch.manual_seed(args.seed)
 torch.set_num_threads(args.threads)
 start = time.perf_counter()
@@ -61,10 +69,14 @@ start = time.perf_counter()
 tokenizer = build_char_tokenizer(TINY_ALPHABET)  # one token per character
 tokenizer.padding_side = "left"  # prompts are left-padded so every completion starts at one column
 EOS, PAD = tokenizer.eos_token_id, tokenizer.pad_token_id
-tiny = TinyModelConfig(architecture="llama", hidden_size=64, num_layers=2, num_heads=4, intermediate_size=192, max_positions=64)
+tiny = TinyModelConfig(architecture="llama", hidden_size=args.hidden, num_layers=args.layers, num_heads=4,
+                       intermediate_size=3 * args.hidden, max_positions=64)
 base = build_tiny_model(tiny, tokenizer, seed=args.seed)
 names = ["sort", "reversal"]
-caps = {n: load_capability({"name": n, "builtin": n}) for n in names}  # prompts "sort:cab=" / "rev:cab="
+# Built-in generators, prompts like "sort:dbca=" -> "abcd" and "rev:dbca=" -> "acbd"; longer words
+# than the defaults so the warm-started base is far from perfect and RL has room to improve.
+task = {"min_len": 4, "max_len": 7, "letters": "abcdefgh"}
+caps = {n: load_capability({"name": n, "builtin": n, **task}) for n in names}
 print(f"model: {sum(t.numel() for t in base.parameters()) / 1e3:.0f}k parameters, vocabulary {len(tokenizer)}")
 
 sampling = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
@@ -81,7 +93,8 @@ def rollout(model, samples, n: int, params: SamplingParams = sampling) -> dict:
     """n completions y ~ pi(.|x) per prompt x; rows of one prompt are adjacent (a GRPO group)."""
     ids, mask = encode([s.prompt for s in samples for _ in range(n)])
     model.eval()
-    comp, comp_mask = sample_completions(model, ids, mask, params, EOS, PAD, generator)
+    sampled = sample_completions(model, ids, mask, params, EOS, PAD, generator)
+    comp, comp_mask = sampled[0], sampled[1]  # ids [B, T] and mask (1 up to and including EOS)
     return {"ids": torch.cat([ids, comp], 1), "mask": torch.cat([mask, comp_mask.long()], 1), "prompt_len": ids.shape[1],
             "comp": comp, "comp_mask": comp_mask, "texts": tokenizer.batch_decode(comp, skip_special_tokens=True)}
 
@@ -105,6 +118,7 @@ def accuracy(model, cap) -> float:
 warm_samplers = [caps[n].train_sampler(args.seed + 100 + i) for i, n in enumerate(names)]
 opt = torch.optim.AdamW(base.parameters(), lr=args.warmup_lr)
 base.train()
+loss = torch.tensor(float("nan"))
 for step in range(args.warmup_steps):
     batch = [s for sampler in warm_samplers for s in sampler.draw(16)]
     rows = [(tokenizer(s.prompt, add_special_tokens=False)["input_ids"],
@@ -149,28 +163,31 @@ def collect_rl(name: str) -> tuple[dict, float]:
     return r, rewards.mean().item()
 
 
-def collect_opd(name: str) -> tuple[dict, dict]:
+def collect_opd(name: str) -> dict:
     """The STUDENT samples on the TEACHER's prompts; the teacher scores those tokens (docs/method.md §4)."""
-    teacher = branches[teacher_of[name]]
-    r = rollout(branches[name], opd_data[name].draw(args.opd_prompts), args.opd_samples)
-    teacher.eval()
-    with torch.no_grad():  # the teacher is a fixed target: no gradient reaches it
-        t_dist = logprobs(teacher, r)
-    r["teacher_tok"] = token_logprobs(t_dist, r["comp"])  # log pi_t(y_t | x', y_<t)
-    return r, {"teacher_dist": t_dist}
+    student, teacher = branches[name], branches[teacher_of[name]]
+    r = rollout(student, opd_data[name].draw(args.opd_prompts), args.opd_samples)  # x' ~ D_j, y ~ pi_s(.|x')
+    with torch.no_grad():  # both are fixed here: the advantage is a constant in the update
+        s_dist, t_dist = logprobs(student, r), logprobs(teacher, r)
+    s_tok, t_tok = token_logprobs(s_dist, r["comp"]), token_logprobs(t_dist, r["comp"])  # log pi(y_t | x', y_<t)
+    # §4: A_t = beta * (log pi_t(y_t) - log pi_s(y_t)) at the sampled tokens: a one-sample
+    # estimate of -beta * KL(pi_s || pi_t) at that position, fed to the same loss as GRPO's.
+    r["adv"] = opd_sampled_advantage(t_tok, s_tok, r["comp_mask"], args.beta)
+    # §7 diagnostics on the student's states: mean delta and the top-4 overlap O_4.
+    r["delta"] = masked_mean(t_tok - s_tok, r["comp_mask"]).item()
+    r["overlap"] = topk_overlap(s_dist, t_dist, r["comp_mask"], 4).item()
+    return r
 
 
-def pg_loss(model, r: dict, adv_fn) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clipped token loss, token-mean aggregation (docs/method.md §3); returns (loss, log pi over V)."""
+def pg_loss(model, r: dict) -> torch.Tensor:
+    """Clipped token loss with the rollouts' advantages, token-mean aggregation (docs/method.md §3)."""
     model.train()
-    dist = logprobs(model, r)
-    new = token_logprobs(dist, r["comp"])  # log pi_theta(y_t | ...), carries the gradient
+    new = token_logprobs(logprobs(model, r), r["comp"])  # log pi_theta(y_t | ...), carries the gradient
     old = new.detach()  # one update per batch: pi_old = pi_theta, so rho_t = 1 in value
-    adv = adv_fn(old)
     # §3: l_t = -min(rho_t A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) A_t), rho_t = pi_theta / pi_old.
-    loss_B_T, _ = clipped_pg_loss(new, old, adv, args.eps_low, args.eps_high)
+    loss_B_T, _ = clipped_pg_loss(new, old, r["adv"], args.eps_low, args.eps_high)
     # §3 token_mean: sum of token losses over the batch / number of completion tokens.
-    return aggregate_loss(loss_B_T, r["comp_mask"], "token_mean"), dist
+    return aggregate_loss(loss_B_T, r["comp_mask"], "token_mean")
 
 
 def update(name: str, losses: list[torch.Tensor]) -> None:
@@ -188,7 +205,7 @@ for cycle in range(1, args.cycles + 1):
         shown = []
         for name in names:
             r, reward = collect_rl(name)
-            update(name, [pg_loss(branches[name], r, lambda old: r["adv"])[0]])
+            update(name, [pg_loss(branches[name], r)])
             shown.append(f"{name} r={reward:.2f}")
         print(f"cycle {cycle} explore      " + "  ".join(shown))
     # Phase II, consolidate: S_OPD steps of GRPO + OPD from the other branch.
@@ -200,16 +217,10 @@ for cycle in range(1, args.cycles + 1):
         opd = {name: collect_opd(name) for name in names}
         shown = []
         for name in names:
-            (r, reward), (o, extra) = rl[name], opd[name]
-            rl_loss, _ = pg_loss(branches[name], r, lambda old: r["adv"])
-            # §4: A_t = beta * (log pi_t(y_t) - log pi_s(y_t)) at the sampled tokens; a one-sample
-            # estimate of -beta * KL(pi_s || pi_t), used in the same clipped loss as GRPO's.
-            opd_loss, s_dist = pg_loss(branches[name], o, lambda old: opd_sampled_advantage(o["teacher_tok"], old, o["comp_mask"], args.beta))
-            update(name, [rl_loss, opd_loss])
-            # §7: mean delta = mean_t (log pi_t - log pi_s), and top-4 overlap O_4, on student states.
-            delta = masked_mean(o["teacher_tok"] - token_logprobs(s_dist, o["comp"]).detach(), o["comp_mask"]).item()
-            overlap = topk_overlap(s_dist.detach(), extra["teacher_dist"], o["comp_mask"], 4).item()
-            shown.append(f"{name} r={reward:.2f} delta={delta:+.2f} O_4={overlap:.2f}")
+            (r, reward), o = rl[name], opd[name]
+            # One update on L_RL + L_OPD (§2): the two losses' gradients add up.
+            update(name, [pg_loss(branches[name], r), pg_loss(branches[name], o)])
+            shown.append(f"{name} r={reward:.2f} delta={o['delta']:+.2f} O_4={o['overlap']:.2f}")
         print(f"cycle {cycle} consolidate  " + "  ".join(shown))
 
 # ---- 5. Merge by parameter averaging: theta* = (1/K) sum_k theta_k (docs/method.md §6) -----

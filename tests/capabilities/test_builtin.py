@@ -194,6 +194,12 @@ def test_resolve_verifier_errors(user_module, spec, fragment):
         ({"name": "a", "builtin": "count", "letters": "AB"}, "letters"),
         ({"name": "a"}, "exactly one of"),
         ({"builtin": "addition"}, "'name'"),
+        ({"name": "a", "builtin": "sort", "verifier": "numeric"},
+         "^capability 'a': `verifier` applies to data files; the built-in 'sort' has its own verifier$"),
+        ({"name": "a", "builtin": "sort", "test_ratio": 0.5}, "`test_ratio` applies to data files"),
+        ({"name": "a", "builtin": "word_problems", "max_vaule": 9}, "did you mean 'max_value'"),
+        ({"name": "a", "builtin": "unit_conversion", "halves": 1}, "'halves' must be of type bool"),
+        ({"name": "a", "builtin": "addition", "options": {"digit": 3}}, "did you mean 'digits'"),
     ],
 )
 def test_builtin_spec_errors(spec, fragment):
@@ -205,6 +211,15 @@ def test_builtin_spec_uses_given_name():
     cap = load_capability({"name": "add1", "builtin": "addition", "digits": 1})
     assert cap.name == "add1"
     assert all(len(s.prompt) <= 4 for s in cap.test_set())
+
+
+def test_builtin_options_beside_or_under_options_and_typed_load_the_same():
+    from copd.config.schema import CapabilityConfig
+
+    beside = load_capability({"name": "u", "builtin": "unit_conversion", "halves": False, "test_size": 5})
+    under = load_capability({"name": "u", "builtin": "unit_conversion", "options": {"halves": False, "test_size": 5}})
+    typed = load_capability(CapabilityConfig(name="u", builtin="unit_conversion", options={"halves": False, "test_size": 5}))
+    assert beside.test_set() == under.test_set() == typed.test_set() and len(typed.test_set()) == 5
 
 
 def test_language_tasks_have_correct_numeric_answers():

@@ -13,7 +13,7 @@ pq = pytest.importorskip("pyarrow.parquet")
 
 from copd.config.schema import CapabilityConfig  # noqa: E402
 from copd.errors import CopdError  # noqa: E402
-from copd.capabilities.loader import capability_spec  # noqa: E402
+from copd.capabilities.loader import capability_config  # noqa: E402
 from copd.capabilities import Sample, load_capability  # noqa: E402
 
 ROWS = [{"question": f"q{i}", "answer": i, "topic": "math", "level": i % 3} for i in range(20)]
@@ -156,12 +156,12 @@ def test_ratio_split_keeps_image_questions_apart(tmp_path):
     assert not {s.images for s in cap.test_set()} & {s.images for s in cap.source.train}
 
 
-def test_config_spec_round_trip(tmp_path):
+def test_the_typed_config_and_its_dict_load_the_same(tmp_path):
     _parquet(tmp_path / "data.parquet", ROWS)
     cfg = CapabilityConfig(name="t", path="data.parquet", prompt_field="question", fields=["level"])
-    spec = capability_spec(cfg)
-    assert "split" not in spec and "dataset" not in spec
-    assert load_capability(spec, tmp_path).test_set()[0].fields.keys() == {"level"}
+    assert capability_config(cfg.model_dump()) == cfg  # a saved config (every key listed) loads back
+    typed, plain = load_capability(cfg, tmp_path), load_capability(cfg.model_dump(exclude_defaults=True), tmp_path)
+    assert typed.test_set() == plain.test_set() and typed.test_set()[0].fields.keys() == {"level"}
 
 
 @pytest.mark.parametrize(
@@ -225,12 +225,13 @@ def test_bad_parquet_type_names_row_and_file(tmp_path):
         ({"dataset": "data.parquet"}, "is a file, not a dataset folder; give a file with key 'path'"),
         ({"dataset": "ds", "test_split": "tset"}, r"key 'test_split': .*no split 'tset' \(did you mean 'test'\?\); splits: train, test"),
         ({"dataset": "ds", "dataset_config": "x"}, "save_to_disk has no configs"),
-        ({"path": "data.parquet", "dataset": "ds"}, "exactly one of the keys 'builtin', 'path' or 'dataset'"),
-        ({"path": "data.parquet", "split": "test"}, "key 'split' needs key 'dataset'"),
-        ({"dataset": "ds", "test_split": "test", "test_ratio": 0.2}, "give key 'test_split' or 'test_ratio', not both"),
+        ({"path": "data.parquet", "dataset": "ds"}, "exactly one of `builtin`, `path` or `dataset`"),
+        ({"path": "data.parquet", "split": "test"}, "`split` needs `dataset`"),
+        ({"dataset": "ds", "test_split": "test", "test_ratio": 0.2}, "give `test_split` or `test_ratio`, not both"),
         ({"path": "data.parquet", "fields": ["answer"]}, "key 'fields': 'answer' is reserved"),
-        ({"path": "data.parquet", "fields": "level"}, "key 'fields' has the wrong type"),
-        ({"path": "data.parquet", "images_field": 3}, "key 'images_field' has the wrong type"),
+        ({"path": "data.parquet", "fields": "level"}, "key 'fields': Input should be a valid list"),
+        ({"path": "data.parquet", "images_field": 3}, "key 'images_field': Input should be a valid string"),
+        ({"path": "data.parquet", "options": {"digits": 2}}, "`options` applies to built-in capabilities"),
     ],
 )
 def test_source_errors_name_capability_key_and_file(tmp_path, keys, fragment):

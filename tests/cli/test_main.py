@@ -185,3 +185,68 @@ def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as info:
         main(["frobnicate"])
     assert info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+# Config mistakes found when the config loads: one line with the file, the line, the key, the nearest
+# valid name and the valid list; no run folder and no base model are written.
+CONFIG_MISTAKES = [
+    ({"opd": {"estimator": "sampeld"}}, "opd.estimator", "unknown OPD estimator 'sampeld' (did you mean 'sampled'?); valid: sampled, baseline, exact_kl"),
+    ({"rl": {"advantage": "dr-grpo"}}, "rl.advantage", "unknown advantage 'dr-grpo' (did you mean 'dr_grpo'?); valid: grpo, dr_grpo"),
+    ({"rl": {"loss_aggregation": "token-mean"}}, "rl.loss_aggregation", "(did you mean 'token_mean'?); valid: token_mean, seq_mean, seq_sum_norm"),
+    ({"merge": {"method": "tie"}}, "merge.method", "unknown merge method 'tie' (did you mean 'ties'?); valid: mean, weighted, task_arithmetic, ties"),
+    ({"schedule": {"cycles": 1, "rl_steps": 1, "opd_steps": 1, "plan": "mopdd"}}, "schedule.plan", "(did you mean 'mopd'?); valid: copd, experts, static_opd, mopd"),
+    ({"capabilities": [{"name": "addition", "builtin": "addition", "verifier": "numeric"}, {"name": "reversal", "builtin": "reversal"}]},
+     "capabilities.0.verifier", "capability 'addition': `verifier` applies to data files; the built-in 'addition' has its own verifier"),
+]
+
+
+@pytest.mark.parametrize("changes, key, message", CONFIG_MISTAKES, ids=[m[1] for m in CONFIG_MISTAKES])
+def test_config_mistakes_fail_at_load_and_write_nothing(tmp_path, capsys, changes, key, message):
+    path = write_config(tmp_path, model={"path": None, "cache_dir": str(tmp_path / "cache")}, **changes)
+    err = fails(capsys, ["train", str(path), "--quiet"])
+    assert err.startswith(f"copd: error: {path}:") and f": {key}: " in err and message in err, err
+    line = int(err.removeprefix(f"copd: error: {path}:").split(":")[0])
+    assert key.split(".")[-1] in path.read_text().splitlines()[line - 1]  # the line of the mistaken key
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def test_mistaken_override_fails_the_same_way(tmp_path, capsys):
+    err = fails(capsys, ["train", str(write_config(tmp_path)), "opd.estimator=exact-kl", "--quiet"])
+    assert "opd.estimator: unknown OPD estimator 'exact-kl' (did you mean 'exact_kl'?)" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_unbuildable_plan_fails_before_the_run_folder(tmp_path, capsys):
+    # Valid names, but the static OPD plan needs a branch with `distill_from`.
+    path = write_config(tmp_path, model={"path": None, "cache_dir": str(tmp_path / "cache")},
+                        schedule={"cycles": 1, "rl_steps": 1, "opd_steps": 1, "plan": "static_opd"})
+    err = fails(capsys, ["train", str(path), "--quiet"])
+    assert "distill_from" in err and not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def test_resume_with_only_damaged_checkpoints_names_the_file(tmp_path, capsys):
+    path = write_config(tmp_path, model={"path": None, "cache_dir": str(tmp_path / "cache")})
+    run = tmp_path / "run"
+    from copd.config.loader import load_config
+
+    prepare_run_dir(load_config(path), run, resume=False)
+    state = run / "checkpoints" / "cycle_0001" / "state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text('{"cycle": 1, "metrics_li')  # cut short
+    err = fails(capsys, ["train", str(path), "--resume", str(run), "--quiet"])
+    assert f"no intact checkpoint to resume from: {state}: not readable JSON" in err
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml"]  # nothing else written
+
+
+def test_eval_tasks_resolve_run_capabilities_builtins_and_data_files(tmp_path):
+    from copd.config.loader import load_config
+    from copd.evaluation.commands import resolve_tasks
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(line + "\n" for line in GOOD_LINES))
+    run_config = load_config(write_config(tmp_path, capabilities=[
+        {"name": "addition", "builtin": "addition", "options": {"digits": 1}}, {"name": "reversal", "builtin": "reversal"}]))
+    own, builtin, file = resolve_tasks(f"addition,count,{data}", "numeric", run_config)
+    assert all(len(s.prompt) <= 4 for s in own.test_set())  # the run's own options
+    assert builtin.name == "count" and file.name == "qa" and len(file.test_set()) == 20  # the whole file is the test split
+    assert file.score("it is 3", file.test_set()[3]) == 1.0  # with --verifier numeric

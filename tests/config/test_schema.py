@@ -195,3 +195,91 @@ def test_demo_configs_are_identical_and_valid():
 def test_embedded_demo_config_is_shipped_in_the_package():
     package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["copd"]
     assert any(fnmatch.fnmatch("configs/demo.yaml", pattern) for pattern in package_data)
+
+
+def test_names_come_from_their_registries():
+    from typing import get_args
+
+    from copd.config.reference import config_reference
+    from copd.config.schema import MergeConfig, OPDConfig, RLConfig, ScheduleConfig, TopologyConfig
+    from copd.core.advantages import GROUP_ADVANTAGES
+    from copd.core.losses import LOSS_AGGREGATIONS
+    from copd.core.merge import MERGE_METHODS
+    from copd.core.opd import OPD_ESTIMATORS
+    from copd.schedule.plan import PLANS
+    from copd.schedule.topology import TOPOLOGIES
+
+    fields = {"rl.advantage": (RLConfig, "advantage", GROUP_ADVANTAGES), "rl.loss_aggregation": (RLConfig, "loss_aggregation", LOSS_AGGREGATIONS),
+              "opd.estimator": (OPDConfig, "estimator", OPD_ESTIMATORS), "merge.method": (MergeConfig, "method", MERGE_METHODS),
+              "schedule.plan": (ScheduleConfig, "plan", PLANS), "topology.kind": (TopologyConfig, "kind", TOPOLOGIES)}
+    reference = config_reference()
+    for key, (model, name, registry) in fields.items():
+        assert get_args(model.model_fields[name].annotation) == tuple(registry)
+        assert f"| `{key}` | {' / '.join(registry)} |" in reference  # the README lists the valid values
+
+
+@pytest.mark.parametrize("override, key, fragment", [
+    ("opd.estimator=exactkl", "opd.estimator", "unknown OPD estimator 'exactkl' (did you mean 'exact_kl'?); valid: sampled, baseline, exact_kl"),
+    ("rl.advantage=reinforce", "rl.advantage", "unknown advantage 'reinforce'; valid: grpo, dr_grpo"),
+    ("rl.loss_aggregation=seq_man", "rl.loss_aggregation", "(did you mean 'seq_mean'?)"),
+    ("merge.method=Mean", "merge.method", "(did you mean 'mean'?)"),
+    ("schedule.plan=expert", "schedule.plan", "(did you mean 'experts'?)"),
+    ("topology.kind=meh", "topology.kind", "(did you mean 'mesh'?); valid: pair, oneway, hub, mesh"),
+    ("opd.estimator=3", "opd.estimator", "unknown OPD estimator 3;"),
+])
+def test_unknown_names_suggest_the_nearest(tmp_path, override, key, fragment):
+    message = error_of(write(tmp_path, VALID), [override])
+    assert f": {key}: " in message and fragment in message
+    assert "(got " not in message  # the value is named once
+
+
+def test_overlap_k_at_most_topk(tmp_path):
+    message = error_of(write(tmp_path, VALID + "opd: {topk: 4, overlap_k: 8}\n"))
+    assert message.startswith(f"{tmp_path / 'cfg.yaml'}:12:") and "opd.overlap_k" in message and "at most opd.topk (4), got 8" in message
+    assert load_config(write(tmp_path, VALID + "opd: {topk: null, overlap_k: 64}\n")).opd.overlap_k == 64  # whole vocabulary
+
+
+def test_cross_reference_errors_name_the_key_and_line(tmp_path):
+    path = write(tmp_path, VALID.replace("capabilities: [reversal]", "capabilities: [reversl]"))
+    message = error_of(path)
+    assert message.startswith(f"{path}:6: branches.1.capabilities: ") and "(did you mean 'reversal'?)" in message
+    message = error_of(write(tmp_path, VALID), ["branches.1.name=add"])
+    assert "branches.1.name: branch names must be unique" in message
+    message = error_of(write(tmp_path, VALID + "merge: {branches: [add, rve]}\n"))
+    assert message.startswith(f"{tmp_path / 'cfg.yaml'}:12: merge.branches: ") and "'rve'" in message
+
+
+def test_duplicate_capability_names(tmp_path):
+    path = write(tmp_path, VALID.replace("{name: reversal, builtin: reversal}", "{name: addition, builtin: reversal}"))
+    assert "capabilities.1.name: capability names must be unique, 'addition' is defined twice" in error_of(path)
+
+
+def test_weighted_merge_needs_weights(tmp_path):
+    message = error_of(write(tmp_path, VALID + "merge: {method: weighted}\n"), ["branches.0.weight=0", "branches.1.weight=0"])
+    assert "merge.method" in message and "sum to 0" in message
+    assert load_config(write(tmp_path, VALID + "merge: {method: weighted}\n"), ["branches.0.weight=0"]).merge.method == "weighted"
+
+
+@pytest.mark.parametrize("capability, key, fragment", [
+    ("{name: addition, builtin: addition, verifier: numeric}", "capabilities.0.verifier",
+     "capability 'addition': `verifier` applies to data files; the built-in 'addition' has its own verifier"),
+    ("{name: addition, builtin: addition, prompt_field: q}", "capabilities.0.prompt_field", "`prompt_field` applies to data files"),
+    ("{name: addition, builtin: addition, test_split: test}", "capabilities.0.test_split", "`test_split` applies to data files"),
+    ("{name: addition, path: a.jsonl, options: {digits: 2}}", "capabilities.0.options", "`options` applies to built-in capabilities"),
+    ("{name: addition, path: a.jsonl, split: test}", "capabilities.0.split", "`split` needs `dataset`"),
+    ("{name: addition, path: a.jsonl, test_path: b.jsonl, test_ratio: 0.3}", "capabilities.0.test_ratio", "give `test_path` or `test_ratio`, not both"),
+    ("{name: addition, path: a.jsonl, fields: [answer]}", "capabilities.0.fields", "'answer' is reserved"),
+    ("{name: addition, path: ''}", "capabilities.0.path", "must not be empty"),
+])
+def test_capability_keys_are_checked_at_load(tmp_path, capability, key, fragment):
+    path = write(tmp_path, VALID.replace("{name: addition, builtin: addition}", capability))
+    message = error_of(path)
+    assert message.startswith(f"{path}:2: {key}: ") and fragment in message
+
+
+def test_saved_capabilities_load_back(tmp_path):
+    # A saved config.yaml lists every key at its default: a built-in keeps validating.
+    text = VALID.replace("{name: reversal, builtin: reversal}", "{name: reversal, path: r.jsonl, test_path: t.jsonl}")
+    config = load_config(write(tmp_path, text))
+    dump_config(config, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == config

@@ -11,12 +11,17 @@ from tests.e2e.test_text import TINY
 
 
 def result_with(overall: dict) -> dict:
-    return {"rows": {label: {"mean": {"overall": v}} for label, v in overall.items()}}
+    """compare.json rows: {label: (method, mean overall)}; the base row has no method."""
+    rows = {}
+    for label, (method, value) in overall.items():
+        rows[label] = {"mean": {"overall": value}, **({"method": method} if method else {})}
+    return {"rows": rows}
 
 
 def test_orderings_are_computed_not_assumed():
-    found = orderings(result_with({"base": 0.30, "mixed RLVR": 0.35, "static OPD a<-b": 0.33, "MOPD": 0.40,
-                                   "CoPD": 0.38, "experts merged": 0.39}))
+    found = orderings(result_with({"base": (None, 0.30), "mixed RLVR": ("mixed", 0.35), "static OPD a<-b": ("static_opd", 0.33),
+                                   "MOPD": ("mopd", 0.40), "CoPD": ("copd", 0.38), "experts merged": ("experts_merge", 0.39),
+                                   "expert a": ("experts", 0.99)}))
     held = {claim: ok for claim, ok, _ in found}
     # CoPD 0.38 is below the best of static OPD / MOPD (0.40): reported as not holding.
     assert held == {"CoPD > static OPD / MOPD": False, "static OPD / MOPD > mixed RLVR": True,
@@ -26,8 +31,43 @@ def test_orderings_are_computed_not_assumed():
 
 
 def test_unknown_method_is_a_clear_error():
-    with pytest.raises(CopdError, match="valid: copd"):
+    with pytest.raises(CopdError, match=r"^--methods: unknown method 'mopdd' \(did you mean 'mopd'\?\); valid: copd, "):
         parse_methods("copd,mopdd")
+    with pytest.raises(CopdError, match="none given"):
+        parse_methods(" , ")
+
+
+def test_cli_unknown_method_fails_before_anything_is_written(tmp_path, capsys):
+    from tests.cli.test_main import fails, write_config
+
+    err = fails(capsys, ["compare", str(write_config(tmp_path)), "--methods", "copd,expert", "--out", str(tmp_path / "cmp"), "--quiet"])
+    assert "did you mean 'experts'?" in err and not (tmp_path / "cmp").exists()
+
+
+def test_a_method_whose_plan_cannot_be_built_fails_before_training(tmp_path, capsys):
+    from tests.cli.test_main import fails, write_config
+
+    # Three experts: the `pair` topology cannot connect them.
+    caps = [{"name": n, "builtin": n} for n in ("addition", "reversal", "count")]
+    branches = [{"name": n[:3], "capabilities": [n]} for n in ("addition", "reversal", "count")]
+    path = write_config(tmp_path, capabilities=caps, branches=branches)
+    err = fails(capsys, ["compare", str(path), "--methods", "mixed,copd", "--out", str(tmp_path / "cmp"), "--quiet"])
+    assert "method 'copd'" in err and "'pair' needs exactly 2 branches" in err
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_labels_ranks_and_groups_come_from_the_methods():
+    from copd.reporting.compare_report import score_table
+    from copd.schedule.methods import METHODS, ORDERINGS
+
+    groups = {m.group for m in METHODS.values()} | {"base"}
+    assert {g for claim in ORDERINGS for g in claim} <= groups
+    rows = {"base": {"run": "copd", "mean": {"overall": 0.1}, "std": {"overall": 0.0}}}
+    for name in ("copd", "mixed", "experts_merge", "experts"):
+        label = METHODS[name].label + (" a" if name == "experts" else "")
+        rows[label] = {"run": METHODS[name].run, "method": name, "mean": {"overall": 0.5}, "std": {"overall": 0.0}}
+    table = score_table({"capabilities": [], "seeds": [0], "rows": rows})
+    assert [line.split(" | ")[0][2:] for line in table[2:]] == ["base", "expert a", "experts merged", "mixed RLVR", "CoPD"]
 
 
 def test_compare_smoke_on_a_tiny_model(tmp_path, capsys):

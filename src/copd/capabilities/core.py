@@ -92,7 +92,7 @@ def merge_options(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, 
             )
         want = type(defaults[key])
         # bool is an int subclass, but `digits: true` is surely a mistake.
-        if not isinstance(value, want) or isinstance(value, bool):
+        if not isinstance(value, want) or (isinstance(value, bool) and want is not bool):
             raise CopdError(f"option {key!r} must be of type {want.__name__}, got {value!r}")
     return {**defaults, **given}
 

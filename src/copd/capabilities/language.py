@@ -11,7 +11,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from copd.capabilities.core import Capability, Sample
+from copd.capabilities.core import Capability, Sample, merge_options
 from copd.capabilities.sources import ProceduralSource
 from copd.capabilities.verifiers import numeric
 
@@ -56,7 +56,7 @@ def _unit_conversion(rng: random.Random, o: dict[str, Any]) -> Sample:
 
 def _factory(name: str, generate: Callable[[random.Random, dict[str, Any]], Sample], defaults: dict[str, Any]):
     def make(**options: Any) -> Capability:
-        opts = {**defaults, **options}
+        opts = merge_options(defaults, options)
         return Capability(name, numeric, ProceduralSource(name, lambda rng: generate(rng, opts), opts["test_size"]))
 
     make.__name__ = f"make_{name}"

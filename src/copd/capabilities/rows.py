@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from copd.config.schema import RESERVED_FIELDS
 from copd.errors import CopdError
 from copd.multimodal.media import check_image, check_video
 from copd.capabilities.core import Sample
 
-# Sample.fields are passed as keywords next to these positional arguments of the verifier,
-# so a field with one of these names would collide; such keys are left out of the fields.
-RESERVED_FIELDS = ("completion", "answer")
+# Sample.fields are passed as keywords next to the positional arguments RESERVED_FIELDS of the
+# verifier, so a field with one of these names would collide; such keys are left out of the fields.
 
 AnswerCheck = Callable[[str], str | None]
 

@@ -13,12 +13,15 @@ import csv
 import json
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from copd.errors import CopdError
 from copd.capabilities.core import Sample, did_you_mean
 from copd.capabilities.jsonl import read_jsonl, split_by_prompt
 from copd.capabilities.rows import FieldMap
+
+if TYPE_CHECKING:
+    from copd.config.schema import CapabilityConfig
 
 # Rows converted per Arrow batch: bounds memory without a Python call per row into Arrow.
 BATCH_ROWS = 1024
@@ -200,58 +203,43 @@ def _load(source: Path | str, load: Callable[[Any], Any]) -> Any:
 Splits = tuple[list[Sample], list[Sample]]
 
 
-def read_splits(
-    name: str, kind: str, opts: dict[str, Any], fields: FieldMap, base_dir: Path | None
-) -> Splits:
-    """(train, test) samples of capability `name` from its validated `path` or `dataset` keys.
+def read_splits(cap: CapabilityConfig, fields: FieldMap, base_dir: Path | None) -> Splits:
+    """(train, test) samples of a validated `path` or `dataset` capability.
 
     Every error is prefixed with the capability and the config key it concerns.
     """
-    read = _file_splits if kind == "path" else _dataset_splits
-    return read(name, opts, fields, base_dir)
+    read = _file_splits if cap.path is not None else _dataset_splits
+    return read(cap, fields, base_dir)
 
 
-def _file_splits(
-    name: str, opts: dict[str, Any], fields: FieldMap, base_dir: Path | None
-) -> Splits:
-    path = resolve_path(opts["path"], base_dir)
-    train = _step(name, "path", lambda: read_file(path, fields))
-    return _test_part(name, opts, fields, base_dir, train, str(path))
+def _file_splits(cap: CapabilityConfig, fields: FieldMap, base_dir: Path | None) -> Splits:
+    path = resolve_path(cap.path, base_dir)
+    train = _step(cap.name, "path", lambda: read_file(path, fields))
+    return _test_part(cap, fields, base_dir, train, str(path))
 
 
-def _dataset_splits(
-    name: str, opts: dict[str, Any], fields: FieldMap, base_dir: Path | None
-) -> Splits:
-    splits, label, folder = _step(
-        name, "dataset", lambda: open_dataset(opts["dataset"], opts["dataset_config"], base_dir)
-    )
+def _dataset_splits(cap: CapabilityConfig, fields: FieldMap, base_dir: Path | None) -> Splits:
+    name = cap.name
+    splits, label, folder = _step(name, "dataset", lambda: open_dataset(cap.dataset, cap.dataset_config, base_dir))
 
     def samples(key: str) -> list[Sample]:
-        table = _step(name, key, lambda: select_split(splits, opts[key], label))
-        where = f"{label} (split {opts[key]!r})"
+        split = getattr(cap, key)
+        table = _step(name, key, lambda: select_split(splits, split, label))
+        where = f"{label} (split {split!r})"
         return _step(name, "dataset", lambda: table_samples(table, where, fields, folder))
 
     train = samples("split")
-    if opts["test_split"] is not None:
+    if cap.test_split is not None:
         return train, samples("test_split")
-    return _test_part(name, opts, fields, base_dir, train, label)
+    return _test_part(cap, fields, base_dir, train, label)
 
 
-def _test_part(
-    name: str,
-    opts: dict[str, Any],
-    fields: FieldMap,
-    base_dir: Path | None,
-    train: list[Sample],
-    label: str,
-) -> Splits:
+def _test_part(cap: CapabilityConfig, fields: FieldMap, base_dir: Path | None, train: list[Sample], label: str) -> Splits:
     """(train, test) from a test file when `test_path` is set, else a split by ratio."""
-    if opts["test_path"] is not None:
-        test_path = resolve_path(opts["test_path"], base_dir)
-        return train, _step(name, "test_path", lambda: read_file(test_path, fields))
-    seed = opts["split_seed"]
-    ratio = opts["test_ratio"]
-    return _step(name, "test_ratio", lambda: split_by_prompt(train, ratio, seed, label))
+    if cap.test_path is not None:
+        test_path = resolve_path(cap.test_path, base_dir)
+        return train, _step(cap.name, "test_path", lambda: read_file(test_path, fields))
+    return _step(cap.name, "test_ratio", lambda: split_by_prompt(train, cap.test_ratio, cap.split_seed, label))
 
 
 def _step(name: str, key: str, run: Callable[[], Any]) -> Any:

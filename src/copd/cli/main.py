@@ -127,6 +127,9 @@ def cmd_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from copd.core.merge import MERGE_METHODS
+    from copd.schedule.methods import METHODS
+
     parser = argparse.ArgumentParser(
         prog="copd",
         description="Co-Evolving Policy Distillation: train capability branches with RLVR (GRPO), "
@@ -162,15 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     merge = sub.add_parser("merge", help="merge a run's branches with another method")
     merge.add_argument("run", metavar="RUN", help="a finished run directory")
-    merge.add_argument("--method", default="mean", choices=["mean", "weighted", "task_arithmetic", "ties"], help="merge method")
+    merge.add_argument("--method", default="mean", choices=list(MERGE_METHODS), help="merge method")
     merge.add_argument("--out", help="output model folder (default: RUN/merged-METHOD)")
     merge.set_defaults(func=cmd_merge)
 
     compare = sub.add_parser("compare", help="train CoPD and the baselines on the same data and base; one table", epilog=EPILOG)
     compare.add_argument("config", help="YAML config of the CoPD run the baselines are derived from")
     compare.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    compare.add_argument("--methods", default="copd,copd_nomerge,copd_oneway,copd_overlap,experts,experts_merge,mixed,static_opd,mopd",
-                         help="comma-separated methods (default: all)")
+    compare.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated methods of {', '.join(METHODS)} (default: all)")
     compare.add_argument("--seeds", type=int, default=3, help="seeds run.seed, run.seed+1, ... (default 3)")
     compare.add_argument("--out", help="comparison directory (default: runs/compare-TIMESTAMP); finished runs in it are reused")
     compare.add_argument("--quiet", action="store_true", help="no progress display")

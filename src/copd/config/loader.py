@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from copd.config.schema import Config
+from copd.config.schema import Config, KeyProblem
 from copd.errors import CopdError
 
 
@@ -76,13 +76,26 @@ def _index(node: list, part: str, trail: list[str]) -> int:
 
 
 def _describe(err: ValidationError, source: str, lines: dict) -> str:
+    return describe_error(err, source, lines)
+
+
+def error_location(error: dict) -> tuple:
+    """Where a pydantic error points, extended by the key a KeyProblem names below it."""
+    loc = tuple(error["loc"])
+    problem = (error.get("ctx") or {}).get("error")
+    return loc + problem.loc if isinstance(problem, KeyProblem) else loc
+
+
+def describe_error(err: ValidationError, source: str, lines: dict | None = None, model: type[BaseModel] = Config) -> str:
+    """One line: `source:line: key: message`, the nearest valid key for an unknown one."""
+    lines = lines or {}
     first = err.errors()[0]
-    loc = tuple(first["loc"])
+    loc = error_location(first)
     dotted = ".".join(str(p) for p in loc) or "(top level)"
     line = lines.get(loc) or lines.get(loc[:-1])
     where = f"{source}:{line}" if line else source
     if first["type"] == "extra_forbidden":
-        valid = _fields_at(loc[:-1])
+        valid = _fields_at(loc[:-1], model)
         near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
         hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), near[0]])!r}?" if near else f"; valid keys: {', '.join(valid)}"
         return f"{where}: unknown key {dotted!r}{hint}"
@@ -90,13 +103,12 @@ def _describe(err: ValidationError, source: str, lines: dict) -> str:
     if first["type"] == "missing":
         return f"{where}: missing required key {dotted!r}"
     given = first.get("input")
-    shown = "" if isinstance(given, (dict, list)) or given is None else f" (got {given!r})"
+    shown = "" if isinstance(given, (dict, list)) or given is None or repr(given) in message else f" (got {given!r})"
     return f"{where}: {dotted}: {message}{shown}"
 
 
-def _fields_at(loc: tuple) -> list[str]:
+def _fields_at(loc: tuple, model: type[BaseModel] = Config) -> list[str]:
     """The valid field names of the config section at `loc` (list indices are skipped)."""
-    model: type[BaseModel] = Config
     for part in loc:
         if isinstance(part, int):
             continue

@@ -7,10 +7,59 @@ overrides use `key.sub=value` with YAML-parsed values.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from copd.core.advantages import GROUP_ADVANTAGES
+from copd.core.losses import LOSS_AGGREGATIONS
+from copd.core.merge import MERGE_METHODS
+from copd.core.opd import OPD_ESTIMATORS
+from copd.schedule.plan import PLANS
+from copd.schedule.topology import TOPOLOGIES
+
+
+class KeyProblem(ValueError):
+    """A validator's error about one key below the model that raises it (`loc` is relative to it).
+
+    The loader appends `loc` to where pydantic reports the error, so the message names that key
+    and its YAML line instead of the whole section.
+    """
+
+    def __init__(self, loc: tuple[str | int, ...], message: str):
+        super().__init__(message)
+        self.loc = tuple(loc)
+
+
+def unknown_name(what: str, value: object, valid: Iterable[str]) -> str:
+    """'unknown WHAT 'x' (did you mean 'y'?); valid: a, b, c' for a name missing from a registry."""
+    names = list(valid)
+    near = difflib.get_close_matches(str(value), names, n=1, cutoff=0.5)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return f"unknown {what} {value!r}{hint}; valid: {', '.join(names)}"
+
+
+def one_of(registry: Mapping[str, Any], what: str) -> Any:
+    """A str field whose values are the keys of `registry` (the README's reference lists them)."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, str) and value in registry:
+            return value
+        raise ValueError(unknown_name(what, value, registry))
+
+    return Annotated[Literal[tuple(registry)], BeforeValidator(check)]
+
+
+# Each is checked against its registry when the config loads, long before training needs it.
+AdvantageName = one_of(GROUP_ADVANTAGES, "advantage")
+LossAggregationName = one_of(LOSS_AGGREGATIONS, "loss aggregation")
+EstimatorName = one_of(OPD_ESTIMATORS, "OPD estimator")
+MergeMethodName = one_of(MERGE_METHODS, "merge method")
+PlanName = one_of(PLANS, "plan")
+TopologyName = one_of(TOPOLOGIES, "topology")
 
 
 class Section(BaseModel):
@@ -80,8 +129,19 @@ class WarmupConfig(Section):
     min_pass_rate: float = Field(0.2, ge=0, le=1, description="stop once every RL-trained capability's sampled pass rate reaches this")
 
 
+# A verifier is called as verifier(completion, answer, **fields): columns with these names would collide.
+RESERVED_FIELDS = ("completion", "answer")
+# Keys of a data capability (`path` or `dataset`); the last three only apply to a `dataset`.
+DATASET_KEYS = ("dataset_config", "split", "test_split")
+DATA_KEYS = ("test_path", "test_ratio", "split_seed", "verifier", "prompt_field", "answer_field", "system_field",
+             "images_field", "videos_field", "fields", *DATASET_KEYS)
+
+
 class CapabilityConfig(Section):
     """A capability: built-in generator, or a user data file or `datasets` source with a verifier."""
+
+    # The one schema of a capability: run configs hold these, and copd.capabilities.load_capability
+    # reads them (a plain dict is validated through this model first).
 
     name: str = Field(description="name used by branches and reports")
     builtin: str | None = Field(None, description="built-in generator: addition, reversal, sort, count (character tasks); word_problems, unit_conversion (natural language); shapes (image), motion (video)")
@@ -92,9 +152,9 @@ class CapabilityConfig(Section):
     split: str = Field("train", description="split of `dataset` used for training")
     test_path: str | None = Field(None, description="test file (any format of `path`); otherwise `test_split` or `test_ratio`")
     test_split: str | None = Field(None, description="split of `dataset` used for testing, e.g. test")
-    test_ratio: float = Field(0.1, gt=0, lt=1, description="fraction of the distinct prompts held out for testing when neither `test_path` nor `test_split` is set")
+    test_ratio: float = Field(0.1, ge=0, lt=1, description="fraction of the distinct prompts held out for testing when neither `test_path` nor `test_split` is set (0: no test split)")
     split_seed: int = Field(0, description="seed of the train/test split by ratio")
-    verifier: str = Field("exact", description="exact, numeric or module:function")
+    verifier: str = Field("exact", description="data files: exact, numeric or module:function (a built-in has its own)")
     prompt_field: str = Field("prompt", description="column holding the prompt")
     answer_field: str = Field("answer", description="column holding the reference answer (numbers become strings)")
     system_field: str | None = Field(None, description="column holding a per-sample system prompt (empty or null: none)")
@@ -102,37 +162,76 @@ class CapabilityConfig(Section):
     videos_field: str | None = Field(None, description="column holding a video path or a list of them; relative paths are resolved against the data file's folder (or the local dataset folder)")
     fields: list[str] | None = Field(None, description="columns passed to the verifier as keyword arguments; unset: every column not mapped above (completion and answer are reserved)")
 
+    @field_validator("name", "builtin", "path", "dataset", "dataset_config", "split", "test_path", "test_split", "verifier",
+                     "prompt_field", "answer_field", "system_field", "images_field", "videos_field")
+    @classmethod
+    def _not_empty(cls, value: str | None) -> str | None:
+        if value == "":
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("split_seed", mode="before")
+    @classmethod
+    def _not_a_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(f"must be an integer, got {value!r}")
+        return value
+
+    @field_validator("fields")
+    @classmethod
+    def _column_names(cls, value: list[str] | None) -> list[str] | None:
+        for item in value or []:
+            if not item:
+                raise ValueError("must be a list of column names, got an empty one")
+            if item in RESERVED_FIELDS:
+                raise ValueError(f"{item!r} is reserved (the verifier is called as verifier(completion, answer, **fields))")
+        return value
+
+    def changed(self, keys: Iterable[str]) -> list[str]:
+        """Which of `keys` differ from their defaults (not model_fields_set: a run's saved config.yaml lists every key)."""
+        fields = type(self).model_fields
+        return [k for k in keys if getattr(self, k) != fields[k].get_default(call_default_factory=True)]
+
     @model_validator(mode="after")
     def _one_source(self) -> CapabilityConfig:
         if [self.builtin, self.path, self.dataset].count(None) != 2:
             raise ValueError(f"capability {self.name!r} needs exactly one of `builtin`, `path` or `dataset`")
-        # Compared with the defaults, not model_fields_set: a run's saved config.yaml lists every key.
-        only_dataset = [k for k, default in (("dataset_config", None), ("split", "train"), ("test_split", None)) if getattr(self, k) != default]
-        if self.dataset is None and only_dataset:
-            raise ValueError(f"capability {self.name!r}: `{only_dataset[0]}` needs `dataset` (a file has no configs or splits)")
+        if self.builtin is not None:
+            for key in self.changed(DATA_KEYS):
+                owns = "verifier" if key == "verifier" else "samples and test split"
+                raise KeyProblem((key,), f"capability {self.name!r}: `{key}` applies to data files; the built-in {self.builtin!r} has its own {owns}")
+            return self
+        if self.options:
+            raise KeyProblem(("options",), f"capability {self.name!r}: `options` applies to built-in capabilities, not to a data file")
+        if self.dataset is None:
+            for key in self.changed(DATASET_KEYS):
+                raise KeyProblem((key,), f"capability {self.name!r}: `{key}` needs `dataset` (a file has no configs or splits)")
         if self.test_path is not None and self.test_split is not None:
-            raise ValueError(f"capability {self.name!r}: give `test_path` or `test_split`, not both")
+            raise KeyProblem(("test_split",), f"capability {self.name!r}: give `test_path` or `test_split`, not both")
+        held_out = "test_path" if self.test_path is not None else "test_split" if self.test_split is not None else None
+        if held_out and self.changed(["test_ratio"]):
+            raise KeyProblem(("test_ratio",), f"capability {self.name!r}: give `{held_out}` or `test_ratio`, not both")
         return self
 
 
 class BranchConfig(Section):
     name: str = Field(description="branch name")
     capabilities: list[str] = Field(min_length=1, description="capabilities this branch trains on (RL data D_k)")
-    beta: float = Field(0.1, ge=0, description="OPD advantage scale beta_k (METHOD.md, OPD)")
+    beta: float = Field(0.1, ge=0, description="OPD advantage scale beta_k (docs/method.md §4)")
     weight: float = Field(1.0, ge=0, description="merge weight w_k (normalised)")
     distill_from: list[str] = Field(default_factory=list, description="teachers of a student that only distils after the experts trained (plans static_opd, mopd)")
     fork_of: str | None = Field(None, description="a distilling student starts as a copy of this branch (static OPD); unset: from the base (MOPD)")
 
 
 class TopologyConfig(Section):
-    kind: Literal["pair", "hub", "mesh", "oneway"] = Field(
-        "pair", description="pair (K=2, both directions), hub (hub-and-spoke), mesh (all pairs), oneway (first branch learns from the second)"
+    kind: TopologyName = Field(
+        "pair", description="who teaches whom: pair (K=2, both directions), hub (hub-and-spoke), mesh (all pairs), oneway (first branch learns from the second)"
     )
     hub: str | None = Field(None, description="hub branch name for kind=hub")
 
 
 class ScheduleConfig(Section):
-    plan: str = Field("copd", description="plan builder: copd, experts, static_opd, mopd")
+    plan: PlanName = Field("copd", description="plan builder: copd is Algorithm 1; experts, static_opd and mopd are the baselines (static_opd and mopd need branches with `distill_from`)")
     cycles: int = Field(3, gt=0, description="N cycles of Algorithm 1")
     rl_steps: int = Field(6, ge=0, description="S_RL: Phase I steps per cycle")
     opd_steps: int = Field(4, ge=0, description="S_OPD: Phase II steps per cycle")
@@ -145,8 +244,8 @@ class ScheduleConfig(Section):
 class RLConfig(Section):
     prompts_per_step: int = Field(16, gt=0, description="prompts per branch per RL step")
     rollouts_per_prompt: int = Field(8, gt=1, description="G rollouts per prompt")
-    advantage: str = Field("grpo", description="group advantage: grpo, dr_grpo")
-    loss_aggregation: str = Field("token_mean", description="token_mean (DAPO), seq_mean, seq_sum_norm (Dr.GRPO)")
+    advantage: AdvantageName = Field("grpo", description="group advantage: grpo divides by the group's std, dr_grpo (Dr.GRPO) only centres")
+    loss_aggregation: LossAggregationName = Field("token_mean", description="how token losses are averaged: token_mean (DAPO), seq_mean (GRPO), seq_sum_norm (Dr.GRPO)")
     eps_low: float = Field(0.2, ge=0, description="lower clip range")
     eps_high: float = Field(0.28, ge=0, description="upper clip range (clip-higher)")
     filter_zero_signal: bool = Field(False, description="drop groups whose rewards are all equal (DAPO)")
@@ -154,12 +253,18 @@ class RLConfig(Section):
 
 
 class OPDConfig(Section):
-    estimator: str = Field("sampled", description="sampled (paper), baseline (per-position baseline), exact_kl (full reverse KL)")
+    estimator: EstimatorName = Field("sampled", description="OPD advantage: sampled (the paper's, per sampled token), baseline (minus a per-position baseline), exact_kl (reverse KL on the top-k support)")
     prompts_per_step: int = Field(16, gt=0, description="teacher-data prompts per edge per OPD step")
     rollouts_per_prompt: int = Field(2, gt=0, description="student rollouts per teacher prompt")
     overlap_k: int = Field(4, gt=0, description="k of the top-k overlap diagnostic (at most `topk`)")
     topk: int | None = Field(16, gt=0, description="teacher scores beyond the sampled token are log-probs on the union of the student's and the teacher's top-`topk` ids per position (what baseline, exact_kl and the diagnostics use); null: the whole vocabulary, which makes every KL exact (cheap for small vocabularies only)")
     diagnostics_every: int = Field(1, ge=0, description="compute top-k overlap and symmetric KL on every this many-th OPD step (0: never); on other steps the `sampled` estimator receives only the teacher's log-prob of each sampled token")
+
+    @model_validator(mode="after")
+    def _overlap_within_topk(self) -> OPDConfig:
+        if self.topk is not None and self.overlap_k > self.topk:
+            raise KeyProblem(("overlap_k",), f"must be at most opd.topk ({self.topk}), got {self.overlap_k}: the top-k overlap compares ids from the top-`topk` support")
+        return self
 
 
 class SamplingConfig(Section):
@@ -181,7 +286,7 @@ class EvalConfig(Section):
 
 
 class MergeConfig(Section):
-    method: str = Field("mean", description="mean, weighted, task_arithmetic, ties")
+    method: MergeMethodName = Field("mean", description="how branches are merged: weighted and task_arithmetic use each branch's `weight`, task_arithmetic and ties work on task vectors from the base")
     branches: list[str] | None = Field(None, description="branches merged into RUN/final (default: all)")
     scale: float = Field(1.0, gt=0, description="task-vector scale (task_arithmetic, ties)")
     density: float = Field(0.2, gt=0, le=1, description="fraction of task-vector entries kept (ties)")
@@ -215,21 +320,31 @@ class Config(Section):
     def _cross_references(self) -> Config:
         known = [c.name for c in self.capabilities]
         names = [b.name for b in self.branches]
-        if len(set(names)) != len(names):
-            raise ValueError(f"branch names must be unique, got {names}")
-        for b in self.branches:
+        for i, cap in enumerate(self.capabilities):
+            if cap.name in known[:i]:
+                raise KeyProblem(("capabilities", i, "name"), f"capability names must be unique, {cap.name!r} is defined twice")
+        for i, b in enumerate(self.branches):
+            if b.name in names[:i]:
+                raise KeyProblem(("branches", i, "name"), f"branch names must be unique, got {names}")
+        for i, b in enumerate(self.branches):
             for cap in b.capabilities:
                 if cap not in known:
-                    raise ValueError(f"branch {b.name!r} uses unknown capability {cap!r}; defined: {known}")
-        for b in self.branches:
-            for ref in [*b.distill_from, *([b.fork_of] if b.fork_of else [])]:
-                if ref not in names or ref == b.name:
-                    raise ValueError(f"branch {b.name!r} refers to {ref!r}, which is not another branch {names}")
+                    near = difflib.get_close_matches(cap, known, n=1, cutoff=0.5)
+                    hint = f" (did you mean {near[0]!r}?)" if near else ""
+                    raise KeyProblem(("branches", i, "capabilities"), f"branch {b.name!r} uses unknown capability {cap!r}{hint}; defined: {known}")
+        for i, b in enumerate(self.branches):
+            for key, refs in (("distill_from", b.distill_from), ("fork_of", [b.fork_of] if b.fork_of else [])):
+                for ref in refs:
+                    if ref not in names or ref == b.name:
+                        raise KeyProblem(("branches", i, key), f"branch {b.name!r} refers to {ref!r}, which is not another branch {names}")
         for ref in self.merge.branches or []:
             if ref not in names:
-                raise ValueError(f"merge.branches names unknown branch {ref!r}; branches: {names}")
+                raise KeyProblem(("merge", "branches"), f"merge.branches names unknown branch {ref!r}; branches: {names}")
+        merged = [b for b in self.branches if b.name in (self.merge.branches or names)]
+        if MERGE_METHODS[self.merge.method].weights != "forbidden" and sum(b.weight for b in merged) <= 0:
+            raise KeyProblem(("merge", "method"), f"merge method {self.merge.method!r} weighs the merged branches by `weight`, which sum to 0")
         if self.topology.kind == "hub" and self.topology.hub not in names:
-            raise ValueError(f"topology.hub must name a branch {names}, got {self.topology.hub!r}")
+            raise KeyProblem(("topology", "hub"), f"topology.hub must name a branch {names}, got {self.topology.hub!r}")
         return self
 
     def to_yaml_dict(self) -> dict[str, Any]:

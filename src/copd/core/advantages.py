@@ -1,6 +1,6 @@
 """Per-token advantages: GRPO group normalisation (RLVR part) and OPD (distillation part).
 
-Equations refer to METHOD.md: "GRPO" gives A_i = (r_i - mean(r)) / (std(r) + eps);
+Equations refer to docs/method.md: §3 gives A_i = (r_i - mean(r)) / (std(r) + eps);
 "OPD" gives A_t = beta * (log pi_teacher(y_t) - log pi_student(y_t)).
 """
 
@@ -73,7 +73,7 @@ def opd_sampled_advantage(
     """OPD advantage at the sampled tokens: beta * (log p_t(y_t) - log p_s(y_t)).
 
     Its expectation over y_t ~ p_s is -beta * KL(p_s || p_t): a one-sample estimate of
-    the negative reverse KL (METHOD.md, "OPD"). Advantages are constants in the policy
+    the negative reverse KL (docs/method.md §4). Advantages are constants in the policy
     gradient, so inputs are detached.
     """
     delta_B_T = teacher_logprobs_B_T.detach() - student_logprobs_B_T.detach()
@@ -105,7 +105,7 @@ def opd_baseline_advantage(
     E_{y~p_s}[b_t * grad log p_s(y)] = b_t * grad sum_y p_s(y) = b_t * grad 1 = 0:
     subtracting it keeps the gradient estimate unbiased while centring the advantage
     (its mean over y ~ p_s becomes 0), which removes the systematic push-down of
-    sampled tokens the plain estimator has (METHOD.md, "small run").
+    sampled tokens the plain estimator has (docs/method.md §4).
     """
     delta_B_T = teacher_logprobs_B_T.detach() - student_logprobs_B_T.detach()
     baseline_B_T = _neg_reverse_kl_B_T(teacher_dist_B_T_V.detach(), student_dist_B_T_V.detach())

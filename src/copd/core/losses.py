@@ -1,6 +1,6 @@
 """Policy-gradient loss, its aggregation over tokens, and KL helpers.
 
-Token loss (METHOD.md, "GRPO"): -min(rho_t * A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) * A_t)
+Token loss (docs/method.md §3): -min(rho_t * A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) * A_t)
 with rho_t = pi_theta(y_t) / pi_old(y_t). The same loss serves RLVR and OPD advantages.
 """
 

@@ -1,4 +1,4 @@
-"""Parameter merging of branch state dicts (METHOD.md, "final: theta* = sum_k w_k theta_k").
+"""Parameter merging of branch state dicts (docs/method.md §6, "final: theta* = sum_k w_k theta_k").
 
 Works on plain dicts name -> Tensor. Each method is a small per-tensor function in
 MERGE_METHODS; merge_state_dicts validates inputs once, then applies it key by key.

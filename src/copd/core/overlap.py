@@ -1,4 +1,4 @@
-"""Behavioural-overlap diagnostics on student-visited states (METHOD.md, "Diagnostics").
+"""Behavioural-overlap diagnostics on student-visited states (docs/method.md §7).
 
 All inputs are computed on the student's own rollouts; positions where mask is 0
 (prompt, padding) are ignored. Results are scalars for logging.

@@ -11,20 +11,39 @@ import json
 import statistics
 from pathlib import Path
 
-from copd.config.schema import Config
+from pydantic import ValidationError
+
+from copd.config.loader import describe_error
+from copd.config.schema import Config, unknown_name
 from copd.errors import CopdError
-from copd.schedule.methods import METHODS
+from copd.schedule.methods import BASE_ROW, METHODS, ORDERINGS, group_of
 from copd.driver.pipeline import run_training
+from copd.driver.trainer import plan_of
 from copd.reporting.progress import QuietReporter, Reporter
 from copd.reporting.run_report import load_metrics
 
 
 def parse_methods(text: str) -> list[str]:
     names = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in names if m not in METHODS]
-    if unknown or not names:
-        raise CopdError(f"--methods: unknown {unknown or 'none given'}; valid: {', '.join(METHODS)}")
+    if not names:
+        raise CopdError(f"--methods: none given; valid: {', '.join(METHODS)}")
+    for name in names:
+        if name not in METHODS:
+            raise CopdError(f"--methods: {unknown_name('method', name, METHODS)}")
     return names
+
+
+def check_methods(base: Config, methods: list[str]) -> None:
+    """Derive every method's config and plan before anything trains, so a mistake costs no training time."""
+    for name in methods:
+        try:
+            config = METHODS[name].transform(base)
+        except ValidationError as err:
+            raise CopdError(describe_error(err, f"method {name!r} (derived from the config)")) from None
+        try:
+            plan_of(config)
+        except CopdError as err:
+            raise CopdError(f"method {name!r}: {err}") from None
 
 
 def run_dir_of(out: Path, run: str, seed: int) -> Path:
@@ -57,7 +76,7 @@ def compute_of(run_dir: Path) -> dict[str, float]:
 def collect(base: Config, methods: list[str], seeds: list[int], out: Path) -> dict:
     """compare.json's content: per row and seed, per-capability greedy accuracy and overall."""
     capabilities = sorted({c for b in base.branches if not b.distill_from for c in b.capabilities})
-    rows: dict[str, dict] = {"base": {"run": METHODS[methods[0]].run, "seeds": {}}}
+    rows: dict[str, dict] = {BASE_ROW: {"run": METHODS[methods[0]].run, "seeds": {}}}
     compute: dict[str, dict] = {}
     for name in methods:
         method = METHODS[name]
@@ -66,7 +85,7 @@ def collect(base: Config, methods: list[str], seeds: list[int], out: Path) -> di
             run_dir = run_dir_of(out, method.run, seed)
             models = json.loads((run_dir / "eval.json").read_text())["models"]
             compute[f"{method.run}-seed{seed}"] = compute_of(run_dir)
-            rows["base"]["seeds"].setdefault(str(seed), _scores(models["base"], capabilities))
+            rows[BASE_ROW]["seeds"].setdefault(str(seed), _scores(models["base"], capabilities))
             for label, model in method.outputs(config).items():
                 rows.setdefault(label, {"run": method.run, "method": name, "seeds": {}})
                 rows[label]["seeds"][str(seed)] = _scores(models[model], capabilities)
@@ -89,24 +108,17 @@ def _mean_std(per_seed: dict, keys: list[str]) -> tuple[dict, dict]:
 
 
 def orderings(result: dict) -> list[tuple[str, bool, str]]:
-    """METHOD.md's orderings, checked on mean overall accuracy: (claim, held, numbers)."""
+    """The paper's orderings (copd.schedule.methods.ORDERINGS), checked on mean overall accuracy: (claim, held, numbers)."""
     overall = {label: row["mean"]["overall"] for label, row in result["rows"].items()}
     spread = {label: row.get("std", {}).get("overall", 0.0) for label, row in result["rows"].items()}
-    groups = {
-        "CoPD": [l for l in overall if l == "CoPD"],
-        "static OPD / MOPD": [l for l in overall if l.startswith("static OPD") or l == "MOPD"],
-        "mixed RLVR": [l for l in overall if l == "mixed RLVR"],
-        "experts merged": [l for l in overall if l == "experts merged"],
-        "CoPD one-way": [l for l in overall if l == "CoPD one-way"],
-        "CoPD overlap trigger": [l for l in overall if l == "CoPD overlap trigger"],
-        "base": ["base"],
-    }
-    best = {g: max(labels, key=overall.get) for g, labels in groups.items() if labels}
-    claims = [("CoPD", "static OPD / MOPD"), ("static OPD / MOPD", "mixed RLVR"), ("mixed RLVR", "base"),
-              ("CoPD", "mixed RLVR"), ("CoPD", "experts merged"), ("CoPD", "CoPD one-way"), ("CoPD", "base"),
-              ("CoPD overlap trigger", "CoPD")]
+    groups: dict[str, list[str]] = {}
+    for label, row in result["rows"].items():
+        group = group_of(label, row)
+        if group is not None:
+            groups.setdefault(group, []).append(label)
+    best = {g: max(labels, key=overall.get) for g, labels in groups.items()}
     found = []
-    for high, low in claims:
+    for high, low in ORDERINGS:
         if high in best and low in best:
             a, b = best[high], best[low]
             numbers = f"{100 * overall[a]:.1f} vs {100 * overall[b]:.1f}"
@@ -121,6 +133,7 @@ def run_compare(base: Config, methods: list[str], seeds: int, out: Path, reporte
 
     if seeds < 1:
         raise CopdError("--seeds must be at least 1")
+    check_methods(base, methods)
     out.mkdir(parents=True, exist_ok=True)
     seed_list = [base.run.seed + i for i in range(seeds)]
     train_all(base, methods, seed_list, out, reporter or QuietReporter(), base_dir)

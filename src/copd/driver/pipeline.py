@@ -1,7 +1,7 @@
 """A whole run: prepare the base, train the plan, save branches, merge, evaluate, report.
 
 This is what `copd train` and `copd demo` call. Everything lands in the run directory
-(DESIGN.md, "The run directory").
+(README, "The run directory").
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from copd.config.schema import Config
 from copd.config.loader import dump_config
 from copd.errors import CopdError
 from copd.evaluation.evaluate import evaluate_policy
+from copd.driver.checkpoint import check_resumable
 from copd.driver.merging import merge_branches
 from copd.models.sources import check_model_source, load_pretrained
 from copd.backends.roles import SamplingParams
 from copd.reporting.progress import QuietReporter, Reporter
 from copd.capabilities import Capability, load_capability
-from copd.capabilities.loader import capability_spec
-from copd.driver.trainer import Trainer
+from copd.driver.trainer import Trainer, plan_of
 from copd.multimodal.processor import VLProcessor
 from copd.driver.warmstart import prepare_base
 
@@ -50,7 +50,7 @@ def check_modalities(capabilities: dict[str, Capability], tokenizer) -> None:
 
 
 def load_capabilities(config: Config, base_dir: Path | None = None) -> dict[str, Capability]:
-    return {c.name: load_capability(capability_spec(c), base_dir) for c in config.capabilities}
+    return {c.name: load_capability(c, base_dir) for c in config.capabilities}
 
 
 def check_run_dir(config: Config, run_dir: Path, resume: bool) -> None:
@@ -89,7 +89,9 @@ def run_training(config: Config, resume: bool = False, reporter: Reporter | None
     """Run the config end to end; returns the run directory."""
     reporter = reporter or QuietReporter()
     run_dir = Path(config.run.out).expanduser()
-    # Data, device and model-path errors surface before anything is written.
+    # Plan, data, device and model-path errors surface before anything is written (names of
+    # plans, estimators and merge methods were checked when the config loaded).
+    plan_of(config)
     capabilities = load_capabilities(config, base_dir)
     device = resolve_device(config.run.device)
     base_folder = run_dir / "base"
@@ -97,6 +99,8 @@ def run_training(config: Config, resume: bool = False, reporter: Reporter | None
     if not reuse_base:
         check_model_source(config.model)
     check_run_dir(config, run_dir, resume)
+    if resume:
+        check_resumable(run_dir, [b.name for b in config.branches])
     timing, t0 = {}, time.perf_counter()
     if reuse_base:
         model, tokenizer = load_pretrained(base_folder, config.model.dtype)
@@ -105,7 +109,7 @@ def run_training(config: Config, resume: bool = False, reporter: Reporter | None
     timing["warmup_seconds"] = round(time.perf_counter() - t0, 2)
     check_modalities(capabilities, tokenizer)
     policies, base_policy = build_branches(config, model, tokenizer, device)
-    reporter.print(describe_branches(policies, base_policy))
+    reporter.print(describe_branches(policies))
     # The run folder is written only now, so a mistake found while building the base or the
     # branches (a bad lora.target_modules, say) leaves no half-made run behind.
     prepare_run_dir(config, run_dir, resume)

@@ -70,7 +70,7 @@ def collect_rl(
     advantage: str = "grpo",
     filter_zero_signal: bool = False,
 ) -> RLBatch:
-    """x ~ D_k; G rollouts per prompt; verifier rewards; group advantages (METHOD.md, GRPO)."""
+    """x ~ D_k; G rollouts per prompt; verifier rewards; group advantages (docs/method.md §3)."""
     drawn = sampler.draw(prompts)
     rollouts = policy.generate([Prompt.of(s) for _, s in drawn], group_size, params, seed)
     rewards = [cap.score(rollouts.completions[i], s) for i, (cap, s) in enumerate(_repeat(drawn, group_size))]

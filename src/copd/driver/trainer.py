@@ -23,7 +23,7 @@ from copd.backends.roles import BranchRoles, LossSpec, OPDPart, Policy, Rollouts
 from copd.capabilities import Capability
 from copd.config.schema import Config
 from copd.core.opd import OPD_ESTIMATORS
-from copd.driver.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from copd.driver.checkpoint import latest_checkpoint, load_latest_intact, save_checkpoint
 from copd.driver.rollout import MixtureSampler, collect_opd_part, collect_opd_rollouts, collect_rl, derived_seed
 from copd.errors import CopdError
 from copd.evaluation.diagnose import measure_pair
@@ -230,7 +230,7 @@ class Trainer:
         if folder is None:  # killed before the first cycle ended: start over from the base
             self.metrics.truncate(0)  # and drop the records of the lost steps, or they would repeat
             return
-        state = load_checkpoint(folder, self.learners)
+        folder, state = load_latest_intact(self.run_dir, self.learners, self.reporter.print)
         for b, s in state.pop("rl_samplers").items():
             self.rl_samplers[b].load_state_dict(s)
         for e, s in state.pop("opd_samplers").items():

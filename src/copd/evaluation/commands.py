@@ -15,13 +15,11 @@ from copd.capabilities import BUILTIN_CAPABILITIES, Capability, load_capability
 
 def resolve_tasks(names: str, verifier: str, run_config=None) -> list[Capability]:
     """A run's own capability names first (same options as in training), then built-ins, then data files (.jsonl, .json, .parquet, .csv)."""
-    from copd.capabilities.loader import capability_spec
-
     own = {c.name: c for c in run_config.capabilities} if run_config else {}
     caps = []
     for name in [n.strip() for n in names.split(",") if n.strip()]:
         if name in own:
-            caps.append(load_capability(capability_spec(own[name])))
+            caps.append(load_capability(own[name]))
         elif name in BUILTIN_CAPABILITIES:
             caps.append(load_capability({"name": name, "builtin": name}))
         elif name.endswith(".jsonl") or Path(name).exists():

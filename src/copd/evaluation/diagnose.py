@@ -1,4 +1,4 @@
-"""`copd diagnose`: how close two models are on the states one of them visits (METHOD.md, "Diagnostics").
+"""`copd diagnose`: how close two models are on the states one of them visits (docs/method.md §7).
 
 Model A is the student: it samples its own completions to the test prompts, both models
 score those rollouts, and the top-k overlap, symmetric KL and mean delta are read off on
@@ -19,7 +19,7 @@ from copd.capabilities import Capability
 
 BATCH_SIZE = 64
 DEFAULT_TOPK = 16  # support size when none is given: opd.topk's default
-MERGE_THRESHOLD = 0.90  # METHOD.md: under CoPD O_k stays above 0.90 throughout training
+MERGE_THRESHOLD = 0.90  # docs/method.md §7: under CoPD O_k stays above 0.90 throughout training
 DEFAULT_MAX_NEW_TOKENS = 16
 METRICS = ("overlap", "sym_kl", "mean_delta")
 
@@ -92,7 +92,7 @@ def verdict(result: dict, threshold: float = MERGE_THRESHOLD) -> str:
         return f"overall top-{k} overlap {overlap:.2f} >= {threshold:.2f}: close enough to merge or distil"
     return (
         f"overall top-{k} overlap {overlap:.2f} < {threshold:.2f}: far apart; distillation gains are likely "
-        "smaller (METHOD.md: gain correlates with overlap)"
+        "smaller (docs/method.md §7: gain correlates with overlap)"
     )
 
 

@@ -9,13 +9,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from copd.reporting.run_report import load_metrics
-
-ROW_ORDER = ["base", "expert", "mixed RLVR", "static OPD", "MOPD", "experts merged", "CoPD no merge", "CoPD one-way",
-             "CoPD overlap trigger", "CoPD"]
-
-
-def _rank(label: str) -> int:
-    return next((i for i, p in enumerate(ROW_ORDER) if label.startswith(p)), len(ROW_ORDER))
+from copd.schedule.methods import rank_of
 
 
 def _cell(row: dict, key: str, n_seeds: int) -> str:
@@ -26,7 +20,8 @@ def _cell(row: dict, key: str, n_seeds: int) -> str:
 def score_table(result: dict) -> list[str]:
     caps, n = result["capabilities"], len(result["seeds"])
     lines = ["| method | " + " | ".join(caps) + " | overall | run |", "|---" * (len(caps) + 3) + "|"]
-    for label in sorted(result["rows"], key=lambda l: (_rank(l), l)):
+    # Rows in their methods' rank (copd.schedule.methods), then by label.
+    for label in sorted(result["rows"], key=lambda l: (rank_of(result["rows"][l]), l)):
         row = result["rows"][label]
         cells = [_cell(row, c, n) for c in caps] + [_cell(row, "overall", n)]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {row['run']} |")
@@ -95,7 +90,7 @@ def write_compare_report(out: Path, result: dict) -> Path:
         "",
         *score_table(result),
         "",
-        "## Orderings (METHOD.md), on mean overall accuracy",
+        "## Orderings (docs/method.md §9), on mean overall accuracy",
         "",
         *[f"- {'held' if o['held'] else 'did NOT hold'}: {o['claim']} ({o['numbers']})" for o in result["orderings"]],
         "",

@@ -4,11 +4,15 @@ Every method trains from the same base config (capabilities, base model, schedul
 the only differences are the ones the method is about. Methods that come out of the same
 training run (experts and their merge; CoPD with and without merging) share that run.
 
-Compute matching (METHOD.md: "total steps of CoPD = sum of the single-domain experts'
+Compute matching (docs/method.md §8: "total steps of CoPD = sum of the single-domain experts'
 steps"): every trained branch gets cycles x (S_RL + S_OPD) updates, mixed RLVR gets K
 times as many on its single policy, and the distillation phase of static OPD / MOPD has
 cycles x S_OPD steps. Rollout tokens differ by method (OPD samples extra rollouts); they
 are counted from metrics.jsonl and shown beside the scores.
+
+Each method also carries its row label, its place in the table and its orderings group:
+`copd compare` (copd.driver.compare) and its report (copd.reporting.compare_report) read
+them from here and nowhere else.
 """
 
 from __future__ import annotations
@@ -22,9 +26,22 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Method:
+    """One row (or one row per branch) of the comparison, and how its models are trained.
+
+    `label` names the row (a row per branch adds the branch after it), `rank` places the rows
+    in compare.md's table, `group` is the name the orderings (ORDERINGS) compare it under.
+    """
+
     run: str  # name of the training run; methods with the same run share it
     transform: Callable[[Config], Config]
-    outputs: Callable[[Config], dict[str, str]]  # row label -> eval.json model label
+    label: str
+    rank: int
+    rows: Callable[[str, Config], dict[str, str]]  # (label, transformed config) -> {row label: eval.json model label}
+    group: str | None = None
+
+    def outputs(self, config: Config) -> dict[str, str]:
+        """Row label -> eval.json model label, for the config this method trained."""
+        return self.rows(self.label, config)
 
 
 def _copy(config: Config, **sections) -> Config:
@@ -87,19 +104,54 @@ def _mopd(config: Config) -> Config:
     return _copy(config, branches=[b.model_dump() for b in experts] + [student], schedule={**config.schedule.model_dump(), "plan": "mopd"}, merge=merge)
 
 
-def _branch_rows(prefix: str) -> Callable[[Config], dict[str, str]]:
-    return lambda config: {f"{prefix} {b.name}": f"branch:{b.name}" for b in _experts(config)}
+def _model(model: str) -> Callable[[str, Config], dict[str, str]]:
+    """One row: the run's model `model` (merged, or branch:NAME)."""
+    return lambda label, config: {label: model}
 
+
+def _per_expert(sep: str) -> Callable[[str, Config], dict[str, str]]:
+    """A row per expert branch, labelled LABEL<sep>BRANCH."""
+    return lambda label, config: {f"{label}{sep}{b.name}": f"branch:{b.name}" for b in _experts(config)}
+
+
+def _per_student(label: str, config: Config) -> dict[str, str]:
+    """A row per forked student: LABEL EXPERT<-TEACHER."""
+    return {f"{label} {b.fork_of}<-{b.distill_from[0]}": f"branch:{b.name}" for b in config.branches if b.fork_of}
+
+
+# The base model's row: every run evaluates it; it ranks first.
+BASE_ROW = "base"
 
 METHODS: dict[str, Method] = {
-    "copd": Method("copd", _copd, lambda c: {"CoPD": "merged"}),
-    "copd_nomerge": Method("copd", _copd, _branch_rows("CoPD no merge:")),
-    "copd_oneway": Method("copd_oneway", _copd_oneway, lambda c: {"CoPD one-way": "merged"}),
-    "copd_overlap": Method("copd_overlap", _copd_overlap, lambda c: {"CoPD overlap trigger": "merged"}),
-    "experts": Method("experts", _experts_run, _branch_rows("expert")),
-    "experts_merge": Method("experts", _experts_run, lambda c: {"experts merged": "merged"}),
-    "mixed": Method("mixed", _mixed, lambda c: {"mixed RLVR": "branch:mixed"}),
-    "static_opd": Method("static_opd", _static_opd, lambda c: {
-        f"static OPD {b.fork_of}<-{b.distill_from[0]}": f"branch:{b.name}" for b in c.branches if b.fork_of}),
-    "mopd": Method("mopd", _mopd, lambda c: {"MOPD": "branch:student"}),
+    "copd": Method("copd", _copd, "CoPD", 8, _model("merged"), group="CoPD"),
+    "copd_nomerge": Method("copd", _copd, "CoPD no merge", 5, _per_expert(": ")),
+    "copd_oneway": Method("copd_oneway", _copd_oneway, "CoPD one-way", 6, _model("merged"), group="CoPD one-way"),
+    "copd_overlap": Method("copd_overlap", _copd_overlap, "CoPD overlap trigger", 7, _model("merged"), group="CoPD overlap trigger"),
+    "experts": Method("experts", _experts_run, "expert", 1, _per_expert(" ")),
+    # Ranked with the experts it merges, so the table lists them together.
+    "experts_merge": Method("experts", _experts_run, "experts merged", 1, _model("merged"), group="experts merged"),
+    "mixed": Method("mixed", _mixed, "mixed RLVR", 2, _model("branch:mixed"), group="mixed RLVR"),
+    "static_opd": Method("static_opd", _static_opd, "static OPD", 3, _per_student, group="static OPD / MOPD"),
+    "mopd": Method("mopd", _mopd, "MOPD", 4, _model("branch:student"), group="static OPD / MOPD"),
 }
+
+# The paper's claims, as (higher group, lower group) on mean overall accuracy; "base" is the base row.
+ORDERINGS: list[tuple[str, str]] = [
+    ("CoPD", "static OPD / MOPD"), ("static OPD / MOPD", "mixed RLVR"), ("mixed RLVR", "base"),
+    ("CoPD", "mixed RLVR"), ("CoPD", "experts merged"), ("CoPD", "CoPD one-way"), ("CoPD", "base"),
+    ("CoPD overlap trigger", "CoPD"),
+]
+
+
+def rank_of(row: dict) -> int:
+    """Where a compare.json row goes in the table: its method's rank; the base row (no method) first."""
+    if "method" not in row:
+        return 0
+    method = METHODS.get(row["method"])
+    return method.rank if method else max(m.rank for m in METHODS.values()) + 1
+
+
+def group_of(label: str, row: dict) -> str | None:
+    """The orderings group of a compare.json row (the base row is "base")."""
+    method = METHODS.get(row.get("method", ""))
+    return method.group if method else BASE_ROW if label == BASE_ROW else None

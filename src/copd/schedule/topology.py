@@ -1,4 +1,4 @@
-"""Who teaches whom: directed edges (student <- teacher) between branches (METHOD.md, Topology)."""
+"""Who teaches whom: directed edges (student <- teacher) between branches (docs/method.md §5)."""
 
 from __future__ import annotations
 
