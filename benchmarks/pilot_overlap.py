@@ -31,9 +31,9 @@ from copd.evaluation.diagnose import diagnose_models
 from copd.evaluation.evaluate import evaluate_policy
 from copd.models.sources import load_pretrained
 from copd.driver.pipeline import load_capabilities
-from copd.backends.roles import OPDPart, SamplingParams
+from copd.backends.roles import SamplingParams
 from copd.backends.local.hf import HFPolicy
-from copd.driver.rollout import MixtureSampler, collect_opd_rollouts, derived_seed
+from copd.driver.rollout import MixtureSampler, collect_opd_part, derived_seed
 from copd.driver.trainer import loss_spec
 
 QUICK = {"steps": 5, "samples": 16, "eval_samples": 64, "max_pairs": 4}
@@ -108,9 +108,9 @@ def opd_gain(student: HFPolicy, teacher: HFPolicy, cap, config, args, params: Sa
     spec, beta = loss_spec(config), config.branches[0].beta
     skipped, adv = 0, []
     for step in range(args.steps):
-        rollouts = collect_opd_rollouts(s, sampler, config.opd.prompts_per_step, config.opd.rollouts_per_prompt,
-                                        params, derived_seed(args.seed, "pilot-step", step))
-        part = OPDPart(rollouts, teacher.score(rollouts, full=True), beta, "S<-T")
+        support = spec.opd_estimator != "sampled" or config.opd.diagnostics_every > 0
+        part = collect_opd_part(s, teacher, sampler, config.opd.prompts_per_step, config.opd.rollouts_per_prompt, params,
+                                derived_seed(args.seed, "pilot-step", step), beta, "S<-T", support, config.opd.topk)
         result = s.update([], [part], spec)
         skipped += int(result.skipped)
         adv.extend(v["opd_adv_mean"] for v in result.edge_metrics.values() if "opd_adv_mean" in v)

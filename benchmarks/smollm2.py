@@ -31,8 +31,8 @@ import torch
 from copd.backends.local.branches import build_branches
 from copd.config.loader import validate_config
 from copd.models.sources import load_pretrained
-from copd.backends.roles import LossSpec, OPDPart, SamplingParams
-from copd.driver.rollout import MixtureSampler, collect_opd_rollouts, collect_rl
+from copd.backends.roles import LossSpec, SamplingParams
+from copd.driver.rollout import MixtureSampler, collect_opd_part, collect_rl
 from copd.schedule.topology import build_edges
 from copd.capabilities import load_capability
 from speed import cpu_model, table
@@ -109,9 +109,9 @@ def branch_round(policies, config, samplers, params, seed: int) -> dict:
         tokens, gen_seconds = tokens + (batch.part.rollouts.num_tokens if batch.part else 0), gen_seconds + t1 - t0
     for edge in build_edges(config.topology.kind, [b.name for b in config.branches]):
         t0 = time.perf_counter()
-        rollouts = collect_opd_rollouts(policies[edge.student], samplers[edge.teacher], 2, 2, params, seed + 1)
-        scores = policies[edge.teacher].score(rollouts)
-        policies[edge.student].update([], [OPDPart(rollouts, scores, 0.1, edge.label)], LossSpec())
+        part = collect_opd_part(policies[edge.student], policies[edge.teacher], samplers[edge.teacher], 2, 2, params, seed + 1,
+                                0.1, edge.label, support=True, topk=16)
+        policies[edge.student].update([], [part], LossSpec())
         opd_times.append(time.perf_counter() - t0)
     return {"rl": sum(rl_times) / len(rl_times), "opd": sum(opd_times) / max(len(opd_times), 1),
             "edges": len(opd_times), "rollout_tok_s": tokens / gen_seconds}

@@ -31,9 +31,9 @@ import torch
 
 from copd.config.loader import load_config
 from copd.models.sources import build_char_tokenizer, build_tiny_model
-from copd.backends.roles import LossSpec, OPDPart, RLPart, SamplingParams
+from copd.backends.roles import LossSpec, RLPart, SamplingParams
 from copd.backends.local.hf import HFPolicy
-from copd.driver.rollout import MixtureSampler
+from copd.driver.rollout import MixtureSampler, collect_opd_part
 from copd.capabilities import load_capability
 from copd.driver.warmstart import TINY_ALPHABET
 
@@ -106,14 +106,14 @@ def opd_step(student, teacher, rl_sampler, opd_sampler, s: Sizes, params, seed: 
     t0 = time.perf_counter()
     rollouts = student.generate([x.prompt for _, x in rl_sampler.draw(s.prompts)], s.samples, params, seed)
     t1 = time.perf_counter()
-    opd_rollouts = student.generate([x.prompt for _, x in opd_sampler.draw(s.opd_prompts)], s.opd_samples, params, seed + 1)
-    t2 = time.perf_counter()
-    scores = teacher.score(opd_rollouts)
+    # As the driver does on a diagnostics step: the teacher sends its top-16 support too.
+    timer: dict[str, float] = {}
+    opd = collect_opd_part(student, teacher, opd_sampler, s.opd_prompts, s.opd_samples, params, seed + 1, 0.1, "a<-b",
+                           support=True, topk=16, timer=timer)
     t3 = time.perf_counter()
-    opd = OPDPart(opd_rollouts, scores, beta=0.1, edge="a<-b")
     student.update([random_part(rollouts, seed)], [opd], LossSpec())
     t4 = time.perf_counter()
-    return {"gen_rl": t1 - t0, "gen_opd": t2 - t1, "score": t3 - t2, "update": t4 - t3, "step": t4 - t0}
+    return {"gen_rl": t1 - t0, "gen_opd": timer["sample"], "score": timer["score"], "update": t4 - t3, "step": t4 - t0}
 
 
 def mean_of(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -215,7 +215,7 @@ def report(results: list[dict], args) -> None:
                 breakdown_rows(results)))
     print("\nMeans over the repeats after one warm-up (demo 5, 100m 2; quick 1), float32, temperature 1.0.")
     print("tok/s counts generated completion tokens. RL step = generate + update(RL part, random advantages);")
-    print("OPD step = RL rollouts + OPD rollouts + teacher.score + update(RL part + OPDPart, beta 0.1).")
+    print("OPD step = RL rollouts + OPD rollouts + teacher.score (sampled tokens and the top-16 support) + update(RL part + OPDPart, beta 0.1).")
     print("Peak RSS is per model (own process) and includes the teacher copy; params+AdamW is the student's.")
 
 

@@ -94,7 +94,7 @@ def rollout(model, samples, n: int, params: SamplingParams = sampling) -> dict:
     ids, mask = encode([s.prompt for s in samples for _ in range(n)])
     model.eval()
     sampled = sample_completions(model, ids, mask, params, EOS, PAD, generator)
-    comp, comp_mask = sampled[0], sampled[1]  # ids [B, T] and mask (1 up to and including EOS)
+    comp, comp_mask = sampled.ids_B_T, sampled.mask_B_T  # mask: 1 up to and including EOS
     return {"ids": torch.cat([ids, comp], 1), "mask": torch.cat([mask, comp_mask.long()], 1), "prompt_len": ids.shape[1],
             "comp": comp, "comp_mask": comp_mask, "texts": tokenizer.batch_decode(comp, skip_special_tokens=True)}
 
