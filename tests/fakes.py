@@ -80,13 +80,17 @@ class FakePolicy:
             tokens += part.rollouts.num_tokens
         new = torch.tensor(self.state["logits"], dtype=torch.float64)
         for part in opd:
-            teacher = teacher_distribution(part.teacher)
-            new = new + 0.1 * (1 + part.beta) * (teacher - logp)
             delta = part.teacher.token_logprobs_B_T - logp[part.rollouts.completion_ids_B_T]
-            kl = float(((logp.exp() - teacher.exp()) * (logp - teacher)).sum())
-            same = len(set(logp.topk(2).indices.tolist()) & set(teacher.topk(2).indices.tolist())) / 2
-            edges[part.edge] = {"overlap_topk": same, "sym_kl": kl, "delta_mean": float(delta.mean()),
-                                "tokens": part.rollouts.num_tokens}
+            edge = {"delta_mean": float(delta.mean()), "tokens": part.rollouts.num_tokens}
+            if part.teacher.support_ids_B_T_S is None:  # sampled tokens' log-probs only
+                new = new + 0.1 * (1 + part.beta) * float(delta.mean())
+            else:
+                teacher = teacher_distribution(part.teacher)
+                new = new + 0.1 * (1 + part.beta) * (teacher - logp)
+                kl = float(((logp.exp() - teacher.exp()) * (logp - teacher)).sum())
+                same = len(set(logp.topk(2).indices.tolist()) & set(teacher.topk(2).indices.tolist())) / 2
+                edge.update(overlap_topk=same, sym_kl=kl)
+            edges[part.edge] = edge
             tokens += part.rollouts.num_tokens
         self.state["logits"] = new.tolist()
         return UpdateResult({"loss": float(-logp.max()), "tokens": float(tokens)}, edges)

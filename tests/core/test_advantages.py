@@ -8,7 +8,6 @@ import torch
 from copd.core.advantages import (
     GROUP_ADVANTAGES,
     group_advantages,
-    opd_baseline_advantage,
     opd_sampled_advantage,
     zero_signal_groups,
 )
@@ -83,30 +82,3 @@ def test_opd_sampled_advantage_per_row_beta():
     mask = torch.ones(2, 2)
     adv = opd_sampled_advantage(teacher, student, mask, torch.tensor([1.0, 0.1]))
     torch.testing.assert_close(adv, torch.tensor([[1.0, -1.0], [0.2, 0.4]]))
-
-
-def test_opd_baseline_advantage_hand_values():
-    # p_s = [0.5, 0.5], p_t = [0.8, 0.2].
-    # b = 0.5 ln(0.8/0.5) + 0.5 ln(0.2/0.5) = 0.5 ln(0.64) = ln 0.8 = -0.22314 (= -KL(s||t)).
-    # Sampled token 0: delta = ln 1.6 -> A = ln 1.6 - ln 0.8 = ln 2.
-    # Sampled token 1: delta = ln 0.4 -> A = ln 0.4 - ln 0.8 = ln 0.5 = -ln 2.
-    # E_{y~p_s}[A] = 0.5 ln2 - 0.5 ln2 = 0: the baseline centres the advantage.
-    log_s = torch.tensor([0.5, 0.5]).log().expand(1, 3, 2)
-    log_t = torch.tensor([0.8, 0.2]).log().expand(1, 3, 2)
-    sampled = torch.tensor([[0, 1, 0]])
-    s_tok = log_s.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
-    t_tok = log_t.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
-    mask = torch.tensor([[1, 1, 0]])
-    adv = opd_baseline_advantage(t_tok, s_tok, log_t, log_s, mask, 2.0)
-    ln2 = math.log(2.0)
-    torch.testing.assert_close(adv, torch.tensor([[2 * ln2, -2 * ln2, 0.0]]))
-
-
-def test_opd_baseline_zero_student_prob_is_finite():
-    # p_s = [1, 0] (log 0 = -inf), p_t = [0.5, 0.5]: b = 1 * ln(0.5/1) = -ln 2;
-    # the v=1 term is 0 * (...) = 0 by convention. Sampled token 0: delta = ln 0.5,
-    # A = ln 0.5 - (-ln 2) = 0 (the student's only choice gets no push).
-    log_s = torch.tensor([[[0.0, float("-inf")]]])
-    log_t = torch.tensor([[[0.5, 0.5]]]).log()
-    adv = opd_baseline_advantage(log_t[..., 0], log_s[..., 0], log_t, log_s, torch.ones(1, 1), 1.0)
-    torch.testing.assert_close(adv, torch.zeros(1, 1))

@@ -11,7 +11,6 @@ from copd.core.losses import (
     approx_kl,
     clipped_pg_loss,
     masked_mean,
-    restricted_log_softmax,
     reverse_kl_per_token,
 )
 
@@ -106,12 +105,6 @@ def test_reverse_kl_zero_student_prob_is_finite():
     assert kl.item() == pytest.approx(math.log(2))
     kl.sum().backward()
     assert torch.isfinite(log_s.grad).all()
-
-
-def test_restricted_log_softmax():
-    # Gathered probs [0.2, 0.3] renormalise to [0.4, 0.6].
-    out = restricted_log_softmax(torch.tensor([[[0.2, 0.3]]]).log())
-    torch.testing.assert_close(out.exp(), torch.tensor([[[0.4, 0.6]]]))
 
 
 def test_approx_kl_k3():

@@ -149,3 +149,44 @@ def test_baseline_estimator_subtracts_the_support_kl():
     delta = x.teacher_logprobs_B_T - x.student_logprobs_B_T
     expected = 0.5 * (delta + support_kl(x.student_support_B_T_S, x.teacher_support_B_T_S, x.keep_B_T_S))
     torch.testing.assert_close(adv, expected)
+
+
+def whole_vocabulary(log_s, log_t, sampled, mask, beta):
+    """OPDInputs with the support = every id (so the support KL is the exact one)."""
+    ids = torch.arange(log_s.shape[-1]).expand(*log_s.shape[:2], -1)
+    s_tok = log_s.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
+    t_tok = log_t.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
+    return OPDInputs(s_tok, s_tok, t_tok, mask, beta, 0.2, 0.28, log_s, log_t, first_occurrence(ids))
+
+
+def test_baseline_estimator_by_hand():
+    # p_s = [0.5, 0.5], p_t = [0.8, 0.2]: b = -KL(s||t) = 0.5 ln(0.8/0.5) + 0.5 ln(0.2/0.5) = ln 0.8.
+    # Token 0: delta = ln 1.6, A = beta (ln 1.6 - ln 0.8) = beta ln 2; token 1: delta = ln 0.4, A = -beta ln 2.
+    # E_{y~p_s}[A] = 0: the baseline centres the advantage.
+    log_s = torch.tensor([0.5, 0.5]).log().expand(1, 3, 2)
+    log_t = torch.tensor([0.8, 0.2]).log().expand(1, 3, 2)
+    x = whole_vocabulary(log_s, log_t, torch.tensor([[0, 1, 0]]), torch.tensor([[1, 1, 0]]), 2.0)
+    _, _, adv = opd_estimate("baseline", x)
+    ln2 = math.log(2.0)
+    torch.testing.assert_close(adv, torch.tensor([[2 * ln2, -2 * ln2, 0.0]]))
+
+
+def test_baseline_with_a_zero_student_probability_is_finite():
+    # p_s = [1, 0], p_t = [0.5, 0.5]: b = ln 0.5; token 0: delta = ln 0.5, so A = 0.
+    log_s = torch.tensor([[[0.0, float("-inf")]]])
+    log_t = torch.tensor([[[0.5, 0.5]]]).log()
+    x = whole_vocabulary(log_s, log_t, torch.tensor([[0]]), torch.ones(1, 1), 1.0)
+    _, _, adv = opd_estimate("baseline", x)
+    torch.testing.assert_close(adv, torch.zeros(1, 1))
+
+
+def test_first_occurrence_is_linear_in_memory_on_a_whole_vocabulary():
+    # A support as large as a real vocabulary must not build an S x S table.
+    ids = torch.randint(0, 151_936, (1, 2, 151_936 + 16))
+    keep = first_occurrence(ids)
+    for row in range(2):
+        seen, expected = set(), []
+        for v in ids[0, row, :2000].tolist():
+            expected.append(v not in seen)
+            seen.add(v)
+        assert keep[0, row, :2000].tolist() == expected

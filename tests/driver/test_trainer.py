@@ -184,3 +184,30 @@ def test_one_non_finite_loss_does_not_stop_the_run(tmp_path):
     assert [s for s, skipped in rev.items() if skipped] == [2, 5, 6] and len(rev) == 8
     assert trainer.state["nan_skipped"] == {"add": 0, "rev": 3}
     assert trainer.state["nan_in_row"] == {"add": 0, "rev": 0}
+
+
+@pytest.mark.parametrize("every", [0, 2])
+def test_diagnostics_every_n_opd_steps_and_only_token_logprobs_in_between(tmp_path, every):
+    trainer, _ = make_trainer(tmp_path, opd={"diagnostics_every": every})
+    trainer.run()
+    edges = [r for r in records(trainer.run_dir) if r["type"] == "edge"]
+    opd_steps = sorted({r["step"] for r in edges})
+    assert opd_steps == [3, 4, 7, 8]
+    rows = 2 * 3  # opd prompts x rollouts per prompt; the fake scores in float64, 3 tokens a row
+    for r in edges:
+        due = every > 0 and opd_steps.index(r["step"]) % every == 0
+        assert ("overlap_topk" in r) == due and ("sym_kl" in r) == due
+        # Token log-probs only, or plus the support: the teacher's top-16 (5 ids here) and the student's 5.
+        assert r["score_bytes"] == rows * 3 * 8 + (rows * 3 * 10 * (4 + 8) if due else 0)
+
+
+def test_resume_replays_the_diagnostics_steps(tmp_path):
+    full, _ = make_trainer(tmp_path, "full", opd={"diagnostics_every": 3})
+    full.run()
+    broken, _ = make_trainer(tmp_path, "run", policy_kw={"rev": {"crash_after": 6}}, opd={"diagnostics_every": 3})
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        broken.run()
+    resumed, _ = make_trainer(tmp_path, "run", opd={"diagnostics_every": 3})
+    resumed.run(resume=True)
+    assert plain(records(resumed.run_dir)) == plain(records(full.run_dir))
+

@@ -256,9 +256,9 @@ class OPDConfig(Section):
     estimator: EstimatorName = Field("sampled", description="OPD advantage: sampled (the paper's, per sampled token), baseline (minus a per-position baseline), exact_kl (reverse KL on the top-k support)")
     prompts_per_step: int = Field(16, gt=0, description="teacher-data prompts per edge per OPD step")
     rollouts_per_prompt: int = Field(2, gt=0, description="student rollouts per teacher prompt")
-    overlap_k: int = Field(4, gt=0, description="k of the top-k overlap diagnostic (at most `topk`)")
-    topk: int | None = Field(16, gt=0, description="teacher scores beyond the sampled token are log-probs on the union of the student's and the teacher's top-`topk` ids per position (what baseline, exact_kl and the diagnostics use); null: the whole vocabulary, which makes every KL exact (cheap for small vocabularies only)")
-    diagnostics_every: int = Field(1, ge=0, description="compute top-k overlap and symmetric KL on every this many-th OPD step (0: never); on other steps the `sampled` estimator receives only the teacher's log-prob of each sampled token")
+    overlap_k: int = Field(4, gt=0, strict=True, description="k of the top-k overlap diagnostic (at most `topk`)")
+    topk: int | None = Field(16, gt=0, strict=True, description="teacher scores beyond the sampled token are log-probs on the union of the student's and the teacher's top-`topk` ids per position (what baseline, exact_kl and the diagnostics use); null: the whole vocabulary, which makes every KL exact (cheap for small vocabularies only)")
+    diagnostics_every: int = Field(1, ge=0, strict=True, description="compute top-k overlap and symmetric KL on OPD steps 1, 1 + N, 1 + 2N, ... of the run (0: never); on other steps a `sampled` teacher sends only its log-prob of each sampled token (baseline and exact_kl need the support on every step, so they get the diagnostics on every step)")
 
     @model_validator(mode="after")
     def _overlap_within_topk(self) -> OPDConfig:

@@ -57,7 +57,7 @@ def zero_signal_groups(rewards_N_G: Tensor) -> Tensor:
     return (rewards_N_G == rewards_N_G[..., :1]).all(dim=-1)
 
 
-def _beta_B_1(beta: float | Tensor, like_B_T: Tensor) -> Tensor | float:
+def beta_per_row(beta: float | Tensor, like_B_T: Tensor) -> Tensor | float:
     # beta is per branch (a float) or per row (Tensor[B]) when a batch mixes edges.
     if isinstance(beta, Tensor) and beta.dim() == 1:
         return beta.to(like_B_T).unsqueeze(-1)
@@ -77,37 +77,5 @@ def opd_sampled_advantage(
     gradient, so inputs are detached.
     """
     delta_B_T = teacher_logprobs_B_T.detach() - student_logprobs_B_T.detach()
-    adv_B_T = _beta_B_1(beta, delta_B_T) * delta_B_T
-    return torch.where(mask_B_T.bool(), adv_B_T, torch.zeros_like(adv_B_T))
-
-
-def _neg_reverse_kl_B_T(teacher_dist_B_T_V: Tensor, student_dist_B_T_V: Tensor) -> Tensor:
-    # b_t = sum_v p_s(v) (log p_t(v) - log p_s(v)) = -KL(p_s || p_t) at each position.
-    # Where p_s(v) = 0 the term is 0 by convention (avoids 0 * inf = NaN).
-    p_s = student_dist_B_T_V.exp()
-    diff = torch.where(p_s > 0, teacher_dist_B_T_V - student_dist_B_T_V, torch.zeros_like(p_s))
-    return (p_s * diff).sum(dim=-1)
-
-
-def opd_baseline_advantage(
-    teacher_logprobs_B_T: Tensor,
-    student_logprobs_B_T: Tensor,
-    teacher_dist_B_T_V: Tensor,
-    student_dist_B_T_V: Tensor,
-    mask_B_T: Tensor,
-    beta: float | Tensor,
-) -> Tensor:
-    """OPD advantage with a per-position baseline: beta * ((t - s) - b_t).
-
-    dist tensors are log-probabilities over the vocabulary, or over a shared restricted
-    support (renormalised, see losses.restricted_log_softmax). b_t = -KL(p_s || p_t)
-    depends only on the context, not on the sampled y_t, so
-    E_{y~p_s}[b_t * grad log p_s(y)] = b_t * grad sum_y p_s(y) = b_t * grad 1 = 0:
-    subtracting it keeps the gradient estimate unbiased while centring the advantage
-    (its mean over y ~ p_s becomes 0), which removes the systematic push-down of
-    sampled tokens the plain estimator has (docs/method.md §4).
-    """
-    delta_B_T = teacher_logprobs_B_T.detach() - student_logprobs_B_T.detach()
-    baseline_B_T = _neg_reverse_kl_B_T(teacher_dist_B_T_V.detach(), student_dist_B_T_V.detach())
-    adv_B_T = _beta_B_1(beta, delta_B_T) * (delta_B_T - baseline_B_T)
+    adv_B_T = beta_per_row(beta, delta_B_T) * delta_B_T
     return torch.where(mask_B_T.bool(), adv_B_T, torch.zeros_like(adv_B_T))

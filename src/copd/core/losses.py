@@ -100,15 +100,6 @@ def reverse_kl_per_token(student_logprobs_B_T_V: Tensor, teacher_logprobs_B_T_V:
     return (p_s_B_T_V * log_ratio_B_T_V).sum(dim=-1)
 
 
-def restricted_log_softmax(logprobs_B_T_K: Tensor) -> Tensor:
-    """Renormalise log-probs gathered on a restricted support (e.g. top-k ids).
-
-    log q(v) = log p(v) - logsumexp_{v' in support} log p(v'), so two distributions
-    gathered on the same k ids can be compared as proper distributions on that support.
-    """
-    return logprobs_B_T_K - torch.logsumexp(logprobs_B_T_K, dim=-1, keepdim=True)
-
-
 def approx_kl(logprobs_B_T: Tensor, old_logprobs_B_T: Tensor, mask_B_T: Tensor) -> Tensor:
     """Schulman's k3 estimate of KL(pi_old || pi_theta) over masked tokens (a diagnostic).
 

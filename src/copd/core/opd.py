@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .advantages import opd_sampled_advantage
+from .advantages import beta_per_row, opd_sampled_advantage
 from .losses import clipped_pg_loss, masked_mean
 
 # Mass outside the support below this counts as none. A float32 sum of probabilities is only
@@ -38,10 +38,16 @@ REST_FLOOR = 1e-6
 
 
 def first_occurrence(ids_B_T_S: Tensor) -> Tensor:
-    """True at the first copy of each id along the last axis (S is small: an S x S compare)."""
-    same_B_T_S_S = ids_B_T_S.unsqueeze(-1) == ids_B_T_S.unsqueeze(-2)
-    earlier_S_S = torch.ones(same_B_T_S_S.shape[-2:], dtype=torch.bool, device=ids_B_T_S.device).tril(-1)
-    return ~(same_B_T_S_S & earlier_S_S).any(-1)
+    """True at the first copy of each id along the last axis.
+
+    A stable sort puts copies side by side in their original order, so a copy is any entry
+    equal to its left neighbour in sorted order: O(S log S), whatever the support's size
+    (the whole vocabulary included).
+    """
+    sorted_B_T_S, order_B_T_S = ids_B_T_S.sort(dim=-1, stable=True)
+    repeat_B_T_S = torch.zeros_like(sorted_B_T_S, dtype=torch.bool)
+    repeat_B_T_S[..., 1:] = sorted_B_T_S[..., 1:] == sorted_B_T_S[..., :-1]
+    return torch.zeros_like(repeat_B_T_S).scatter(-1, order_B_T_S, ~repeat_B_T_S)
 
 
 def _with_rest(logprobs_B_T_S: Tensor, keep_B_T_S: Tensor) -> tuple[Tensor, Tensor]:
@@ -125,7 +131,7 @@ def _baseline(x: OPDInputs) -> Estimate:
     # A_t = beta (delta_t - b_t) with b_t = -KL_S(pi_s || pi_t): context-only, so unbiased (§4).
     baseline_B_T = -support_kl(x.student_support_B_T_S.detach(), x.teacher_support_B_T_S, x.keep_B_T_S)
     delta_B_T = x.teacher_logprobs_B_T - x.old_logprobs_B_T.detach()
-    adv_B_T = _beta(x.beta, delta_B_T) * (delta_B_T - baseline_B_T)
+    adv_B_T = beta_per_row(x.beta, delta_B_T) * (delta_B_T - baseline_B_T)
     return _pg(x, torch.where(x.mask_B_T.bool(), adv_B_T, torch.zeros_like(adv_B_T)))
 
 
@@ -133,12 +139,8 @@ def _exact_kl(x: OPDInputs) -> Estimate:
     # loss_t = beta KL_S(pi_s || pi_t), the gradient through the student's distribution on S
     # (exact over the whole vocabulary when S is all of it, i.e. opd.topk: null).
     kl_B_T = support_kl(x.student_support_B_T_S, x.teacher_support_B_T_S, x.keep_B_T_S)
-    scaled_B_T = _beta(x.beta, kl_B_T) * kl_B_T
+    scaled_B_T = beta_per_row(x.beta, kl_B_T) * kl_B_T
     return scaled_B_T, torch.zeros_like(kl_B_T, dtype=torch.bool), -scaled_B_T.detach()
-
-
-def _beta(beta: float | Tensor, like_B_T: Tensor) -> float | Tensor:
-    return beta.to(like_B_T).unsqueeze(-1) if isinstance(beta, Tensor) and beta.dim() == 1 else beta
 
 
 @dataclass(frozen=True)

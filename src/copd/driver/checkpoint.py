@@ -15,7 +15,7 @@ import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from copd.backends.roles import Policy
+from copd.backends.roles import Learner
 from copd.errors import CopdError
 
 PREFIX = "cycle_"
@@ -23,7 +23,7 @@ PREFIX = "cycle_"
 STATE_KEYS = ("cycle", "metrics_lines", "rl_samplers", "opd_samplers")
 
 
-def save_checkpoint(run_dir: Path, cycle: int, policies: dict[str, Policy], state: dict, keep: int) -> Path:
+def save_checkpoint(run_dir: Path, cycle: int, policies: dict[str, Learner], state: dict, keep: int) -> Path:
     root = run_dir / "checkpoints"
     final = root / f"{PREFIX}{cycle:04d}"
     tmp = root / f".tmp-{PREFIX}{cycle:04d}"
@@ -49,7 +49,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(folder: Path, policies: dict[str, Policy]) -> dict:
+def load_checkpoint(folder: Path, policies: dict[str, Learner]) -> dict:
     """Load every policy's weights and optimizer state; a damaged file is a CopdError naming it."""
     problem = damage(folder, policies)
     if problem is None:
@@ -64,7 +64,7 @@ def load_checkpoint(folder: Path, policies: dict[str, Policy]) -> dict:
     return json.loads((folder / "state.json").read_text())
 
 
-def load_latest_intact(run_dir: Path, policies: dict[str, Policy], log: Callable[[str], None] = print) -> tuple[Path, dict] | None:
+def load_latest_intact(run_dir: Path, policies: dict[str, Learner], log: Callable[[str], None] = print) -> tuple[Path, dict] | None:
     """(folder, state) of the newest checkpoint that loads, after loading it into `policies`.
 
     A damaged newer checkpoint is skipped with one line to `log`; None when the run has no

@@ -10,11 +10,10 @@ import json
 import time
 from pathlib import Path
 
-import yaml
 
 from copd.backends.local.branches import build_branches, describe_branches
 from copd.config.schema import Config
-from copd.config.loader import dump_config
+from copd.config.loader import dump_config, load_config
 from copd.errors import CopdError
 from copd.evaluation.evaluate import evaluate_policy
 from copd.driver.checkpoint import check_resumable
@@ -76,7 +75,8 @@ def prepare_run_dir(config: Config, run_dir: Path, resume: bool) -> None:
 
 
 def _check_same_run(config: Config, saved: Path) -> None:
-    old = yaml.safe_load(saved.read_text())
+    # Read through the schema, so a run saved before a key existed compares with its default.
+    old = load_config(saved).to_yaml_dict()
     new = config.to_yaml_dict()
     old["run"].pop("out", None)
     new["run"].pop("out", None)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from copd.core.advantages import group_advantages, zero_signal_groups
-from copd.backends.roles import OPDPart, Policy, Prompt, RLPart, Rollouts, Sampler, SamplingParams, Scorer, ScoreRequest
+from copd.backends.roles import OPDPart, Prompt, RLPart, Rollouts, Sampler, SamplingParams, Scorer, ScoreRequest
 from copd.capabilities import Capability, Sample
 
 
@@ -61,7 +61,7 @@ class RLBatch:
 
 
 def collect_rl(
-    policy: Policy,
+    policy: Sampler,
     sampler: MixtureSampler,
     prompts: int,
     group_size: int,
@@ -110,7 +110,7 @@ def collect_opd_part(student: Sampler, teacher: Scorer, teacher_sampler: Mixture
 
 
 def collect_opd_rollouts(
-    student: Policy, teacher_sampler: MixtureSampler, prompts: int, samples: int, params: SamplingParams, seed: int
+    student: Sampler, teacher_sampler: MixtureSampler, prompts: int, samples: int, params: SamplingParams, seed: int
 ) -> Rollouts:
     """x' ~ D_teacher; the STUDENT samples (on-policy states for the teacher to score)."""
     drawn = teacher_sampler.draw(prompts)

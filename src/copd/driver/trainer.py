@@ -85,7 +85,7 @@ class Trainer:
         self.sampling = SamplingParams.from_config(config.sampling)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self.score_bytes: dict[str, int] = {}  # bytes of teacher scores per edge, this step
-        self.state = {"next_phase": 0, "global_step": 0, "nan_in_row": dict.fromkeys(names, 0), "nan_skipped": dict.fromkeys(names, 0)}
+        self.state = {"next_phase": 0, "global_step": 0, "opd_steps": 0, "nan_in_row": dict.fromkeys(names, 0), "nan_skipped": dict.fromkeys(names, 0)}
 
     # ---- running the plan --------------------------------------------------------------
     def run(self, resume: bool = False) -> None:
@@ -126,7 +126,7 @@ class Trainer:
                                self.sampling, derived_seed(seed, "rl", b, step), cfg.rl.advantage, cfg.rl.filter_zero_signal)
             timer[b] += time.perf_counter() - t0
         opd_parts: dict[str, list[OPDPart]] = {b: [] for b in timer}
-        support = self._needs_support(step)
+        support = self._needs_support(phase)
         for edge in phase.edges:
             t0 = time.perf_counter()
             # Scored before any branch updates this step: the teacher is a snapshot.
@@ -149,10 +149,18 @@ class Trainer:
             shown.append(self._record(phase, b, batch, result, timer[b]))
         self.reporter.advance(f"cycle {phase.cycle}/{self.config.schedule.cycles} {phase.name}", "  ".join(shown))
 
-    def _needs_support(self, step: int) -> bool:
-        """Whether this step's teachers send the top-k support: the estimator needs it, or diagnostics are due."""
+    def _needs_support(self, phase: Phase) -> bool:
+        """Whether this step's teachers send the top-k support: the estimator needs it, or diagnostics are due.
+
+        Diagnostics come on OPD steps 1, 1 + every, 1 + 2 every, ... (counted over the run and
+        checkpointed with it, so a resumed run measures on the same steps).
+        """
+        if not phase.edges:
+            return False
+        self.state["opd_steps"] = self.state.get("opd_steps", 0) + 1
         every = self.config.opd.diagnostics_every
-        return OPD_ESTIMATORS[self.spec.opd_estimator].needs_support or (every > 0 and step % every == 0)
+        due = every > 0 and (self.state["opd_steps"] - 1) % every == 0
+        return OPD_ESTIMATORS[self.spec.opd_estimator].needs_support or due
 
     def _probe(self, phase: Phase) -> float:
         """Mean top-k overlap over the phase's probe edges on the students' own rollouts (logged)."""
@@ -198,7 +206,7 @@ class Trainer:
         self.metrics.write(record)
         if result is not None:  # after writing, so the step that stops the run is on record too
             self._count_nan(branch, result.skipped)
-        overlaps = [e["overlap_topk"] for e in result.edge_metrics.values()] if result else []
+        overlaps = [e["overlap_topk"] for e in result.edge_metrics.values() if "overlap_topk" in e] if result else []
         shown = f"{branch} r={record['reward']:.2f}" if "reward" in record else branch
         return shown + (f" ov={sum(overlaps) / len(overlaps):.2f}" if overlaps else "")
 

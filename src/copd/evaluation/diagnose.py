@@ -34,10 +34,12 @@ def measure_pair(student: Scorer, teacher: Scorer, rollouts: Rollouts, k: int, t
     request = ScoreRequest.support(topk, rollouts.topk_ids_B_T_K)
     teacher_scores = teacher.score(rollouts, request)
     student_scores = student.score(rollouts, ScoreRequest(k, teacher_scores.support_ids_B_T_S))
+    if min(teacher_scores.topk, student_scores.topk) < k:
+        raise ValueError(f"top-{k} overlap needs k ids from both sides, got {teacher_scores.topk} and {student_scores.topk}")
     mask = rollouts.completion_mask_B_T
-    found = support_diagnostics(student_scores.topk_ids_B_T_K, teacher_scores.topk_ids_B_T_K[..., :k],
-                                student_scores.support_logprobs_B_T_S[..., k:], teacher_scores.support_logprobs_B_T_S,
-                                teacher_scores.support_ids_B_T_S.long(), mask)
+    found = support_diagnostics(student_scores.topk_ids_B_T_K[..., :k], teacher_scores.topk_ids_B_T_K[..., :k],
+                                student_scores.support_logprobs_B_T_S[..., student_scores.topk:],
+                                teacher_scores.support_logprobs_B_T_S, teacher_scores.support_ids_B_T_S.long(), mask)
     delta = masked_mean(teacher_scores.token_logprobs_B_T - student_scores.token_logprobs_B_T, mask).item()
     return {**found, "delta_mean": delta, "tokens": float(mask.sum().item()),
             "score_bytes": teacher_scores.nbytes + student_scores.nbytes}

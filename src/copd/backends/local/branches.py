@@ -18,7 +18,6 @@ import torch
 from copd.config.schema import Config
 from copd.backends.roles import Learner, Policy
 from copd.backends.local.factory import make_lora_policy, make_policy
-from copd.backends.local.hf import HFPolicy
 from copd.backends.local.lora import SharedBase, adapter_name
 
 logger = logging.getLogger("copd")
