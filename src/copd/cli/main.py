@@ -127,9 +127,6 @@ def cmd_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from copd.core.merge import MERGE_METHODS
-    from copd.schedule.methods import METHODS
-
     parser = argparse.ArgumentParser(
         prog="copd",
         description="Co-Evolving Policy Distillation: train capability branches with RLVR (GRPO), "
@@ -139,6 +136,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"copd {__import__('copd').__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from copd.evaluation.diagnose import add_parser as add_diagnose
+    from copd.models.fetch import add_parser as add_models
+
+    parsers = [*_add_run_commands(sub), *_add_result_commands(sub)]
+    diagnose = add_diagnose(sub)
+    add_models(sub)
+
+    report = sub.add_parser("report", help="(re)write RUN/report.md and RUN/plots/")
+    report.add_argument("run", metavar="RUN", help="a run directory")
+    report.set_defaults(func=cmd_report)
+    for p in (*parsers, diagnose, report):
+        p.add_argument("--threads", type=int, help="torch CPU threads")
+    return parser
+
+
+def _add_run_commands(sub) -> list[argparse.ArgumentParser]:
+    """`copd demo` and `copd train`."""
     demo = sub.add_parser("demo", help="run the embedded demo end to end (tiny model, CPU, a few minutes)", epilog=EPILOG)
     demo.add_argument("--out", help="run directory (default: runs/demo-TIMESTAMP)")
     demo.add_argument("--quiet", action="store_true", help="no progress display")
@@ -153,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress display")
     train.set_defaults(func=cmd_train)
+    return [demo, train]
+
+
+def _add_result_commands(sub) -> list[argparse.ArgumentParser]:
+    """`copd eval`, `copd merge` and `copd compare`."""
+    from copd.core.merge import MERGE_METHODS
+    from copd.schedule.methods import METHODS
 
     ev = sub.add_parser("eval", help="score a run or a model folder on capabilities' test splits")
     ev.add_argument("target", metavar="RUN_OR_MODEL", help="a run directory (base, branches, final) or a transformers model folder")
@@ -177,19 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", help="comparison directory (default: runs/compare-TIMESTAMP); finished runs in it are reused")
     compare.add_argument("--quiet", action="store_true", help="no progress display")
     compare.set_defaults(func=cmd_compare)
-
-    from copd.evaluation.diagnose import add_parser as add_diagnose
-    from copd.models.fetch import add_parser as add_models
-
-    diagnose = add_diagnose(sub)
-    add_models(sub)
-
-    report = sub.add_parser("report", help="(re)write RUN/report.md and RUN/plots/")
-    report.add_argument("run", metavar="RUN", help="a run directory")
-    report.set_defaults(func=cmd_report)
-    for p in (demo, train, ev, merge, compare, diagnose, report):
-        p.add_argument("--threads", type=int, help="torch CPU threads")
-    return parser
+    return [ev, merge, compare]
 
 
 def main(argv: list[str] | None = None) -> int:

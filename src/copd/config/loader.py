@@ -39,7 +39,7 @@ def validate_config(raw: dict[str, Any], source: str = "<config>", lines: dict |
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
-        raise CopdError(_describe(err, source, lines or {})) from None
+        raise CopdError(describe_error(err, source, lines or {})) from None
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -73,10 +73,6 @@ def _index(node: list, part: str, trail: list[str]) -> int:
     if not part.isdigit() or int(part) >= len(node):
         raise CopdError(f"override key {'.'.join(trail)!r}: expected an index below {len(node)}")
     return int(part)
-
-
-def _describe(err: ValidationError, source: str, lines: dict) -> str:
-    return describe_error(err, source, lines)
 
 
 def error_location(error: dict) -> tuple:

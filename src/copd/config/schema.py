@@ -344,7 +344,7 @@ class Config(Section):
         if MERGE_METHODS[self.merge.method].weights != "forbidden" and sum(b.weight for b in merged) <= 0:
             raise KeyProblem(("merge", "method"), f"merge method {self.merge.method!r} weighs the merged branches by `weight`, which sum to 0")
         if self.topology.kind == "hub" and self.topology.hub not in names:
-            raise KeyProblem(("topology", "hub"), f"topology.hub must name a branch {names}, got {self.topology.hub!r}")
+            raise KeyProblem(("topology", "hub"), f"must name a branch {names}, got {self.topology.hub!r}")
         return self
 
     def to_yaml_dict(self) -> dict[str, Any]:

@@ -27,7 +27,6 @@ from copd.multimodal.processor import VLProcessor
 from copd.driver.warmstart import prepare_base
 
 
-
 def resolve_device(name: str) -> str:
     import torch
 

@@ -249,7 +249,6 @@ class Trainer:
         self.reporter.print(f"resumed from {folder}")
 
 
-
 def plan_of(config: Config) -> list[Phase]:
     """The config's plan: topology edges among the experts for CoPD, named teachers otherwise."""
     names = [b.name for b in config.branches]
