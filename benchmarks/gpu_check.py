@@ -39,7 +39,7 @@ def check_seam(device: str) -> None:
     student = HFPolicy("s", model, tokenizer, lr=1e-3, device=device)
     teacher = HFPolicy("t", copy.deepcopy(model), tokenizer, device=device)
     rollouts = student.generate(["rev:abc=", "12+3="], 4, SamplingParams(max_new_tokens=6, record_topk=16), seed=0)
-    scores = teacher.score(rollouts, ScoreRequest.support(16, rollouts.topk_ids_B_T_K))
+    scores = teacher.score(rollouts, ScoreRequest.support(16))
     advantages = torch.linspace(-1, 1, rollouts.completion_mask_B_T.shape[0])[:, None] * rollouts.completion_mask_B_T
     result = student.update([RLPart(rollouts, advantages)], [OPDPart(rollouts, scores, 0.1, "s<-t")], LossSpec())
     weights = student.get_weights()

@@ -58,6 +58,8 @@ class FakePolicy:
             return Scores(logp[ids])
         k = min(request.topk, V)
         support = [logp.topk(k).indices.expand(*ids.shape, k)] if k else []
+        if request.student_topk and rollouts.topk_ids_B_T_K is not None:
+            support.append(rollouts.topk_ids_B_T_K.long())
         if request.ids_B_T_J is not None:
             support.append(request.ids_B_T_J.long())
         support = torch.cat(support, -1)
@@ -73,7 +75,7 @@ class FakePolicy:
         if self.skip(n):
             return UpdateResult({"loss": float("nan")}, {}, skipped=True)
         logp, edges, tokens = self._logp(), {}, 0
-        for part in rl:
+        for part in (p.resolved() for p in rl):
             self.state["skill"] = round(self.state["skill"] + 0.01 * part.advantages_B_T.shape[0], 6)
             first = int(part.rollouts.completion_ids_B_T[0, 0])
             self.state["logits"][first] += 0.01

@@ -96,7 +96,7 @@ def test_rl_update_raises_the_probability_of_positive_advantage_samples():
 def test_exact_kl_distillation_moves_the_student_towards_the_teacher(topk):
     student, teacher = tiny_policy("s", seed=0), tiny_policy("t", seed=1)
     rollouts = student.generate(PROMPTS, 2, SamplingParams(max_new_tokens=4, record_topk=topk or 0), seed=3)
-    part = OPDPart(rollouts, teacher.score(rollouts, ScoreRequest.support(topk, rollouts.topk_ids_B_T_K)), beta=1.0, edge="s<-t")
+    part = OPDPart(rollouts, teacher.score(rollouts, ScoreRequest.support(topk)), beta=1.0, edge="s<-t")
     spec = LossSpec(opd_estimator="exact_kl")
     first = student.update([], [part], spec).edge_metrics["s<-t"]
     for _ in range(5):

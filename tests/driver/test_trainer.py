@@ -9,6 +9,7 @@ from copd.errors import CopdError
 from copd.driver.pipeline import load_capabilities
 from copd.schedule.plan import Phase
 from copd.schedule.topology import Edge
+from copd.backends.roles import OPDPart, RLPart
 from copd.driver.trainer import Trainer
 from tests.fakes import BRANCHES, V, FakePolicy, make_config  # noqa: F401  (imported from here by other tests)
 
@@ -211,3 +212,39 @@ def test_resume_replays_the_diagnostics_steps(tmp_path):
     resumed.run(resume=True)
     assert plain(records(resumed.run_dir)) == plain(records(full.run_dir))
 
+
+
+class Opaque:
+    """Rollouts as the driver sees them from a remote sampler: only the completions' texts are readable."""
+
+    def __init__(self, inner):
+        self.inner, self.completions = inner, inner.completions
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the driver read rollouts.{name}")
+
+
+class RemoteLike(FakePolicy):
+    """A fake whose rollouts never show their tensors to the driver (as with rollouts kept in another process)."""
+
+    def generate(self, prompts, n, params, seed):
+        return Opaque(super().generate(prompts, n, params, seed))
+
+    def score(self, rollouts, request=None):
+        return super().score(rollouts.inner, request)
+
+    def update(self, rl, opd, spec):
+        rl = [RLPart(p.rollouts.inner, p.advantages, p.rows) for p in rl]
+        opd = [OPDPart(p.rollouts.inner, p.teacher, p.beta, p.edge) for p in opd]
+        return super().update(rl, opd, spec)
+
+
+def test_the_driver_needs_only_the_completions_texts(tmp_path):
+    config = make_config(tmp_path / "run", rl={"filter_zero_signal": True})
+    (tmp_path / "run").mkdir()
+    log = []
+    policies = {b.name: RemoteLike(b.name, log, SKILL[b.name], [SKILL[b.name] * i for i in range(V)]) for b in config.branches}
+    Trainer(config, tmp_path / "run", policies, load_capabilities(config)).run()
+    plain_run, _ = make_trainer(tmp_path, "plain", rl={"filter_zero_signal": True})
+    plain_run.run()
+    assert plain(records(tmp_path / "run")) == plain(records(plain_run.run_dir))

@@ -158,20 +158,23 @@ class ScoreRequest:
     """What a scorer sends beyond the sampled tokens' log-probs (docs/method.md §4, sparse scores).
 
     topk: its own top-k ids per position and its log-probs there (0: none).
-    ids_B_T_J: further ids whose log-probs are wanted, e.g. the student's top-k.
+    ids_B_T_J: further ids whose log-probs are wanted.
+    student_topk: also the ids the sampler recorded in the rollouts (Rollouts.topk_ids_B_T_K),
+        so the asker needs nothing of the rollouts' tensors.
     """
 
     topk: int = 0
     ids_B_T_J: torch.Tensor | None = None
+    student_topk: bool = False
 
     @classmethod
-    def support(cls, topk: int | None, student_ids_B_T_K: torch.Tensor | None = None) -> ScoreRequest:
-        """A teacher's request: its top-k (the whole vocabulary when topk is None) and the student's top-k ids."""
-        return cls(sys.maxsize if topk is None else topk, student_ids_B_T_K)
+    def support(cls, topk: int | None) -> ScoreRequest:
+        """A teacher's request: its top-k (the whole vocabulary when topk is None) and the student's recorded top-k."""
+        return cls(sys.maxsize if topk is None else topk, student_topk=True)
 
     @property
     def wants_support(self) -> bool:
-        return self.topk > 0 or self.ids_B_T_J is not None
+        return self.topk > 0 or self.ids_B_T_J is not None or self.student_topk
 
 
 @dataclass
@@ -204,13 +207,32 @@ class Scores:
 
 @dataclass
 class RLPart:
-    """Rollouts with per-token advantages, trained with the clipped policy gradient."""
+    """Rollouts with their advantages, trained with the clipped policy gradient.
+
+    `advantages` are per token [B, T], or per rollout [B] (every token of a sequence shares
+    its advantage, as in GRPO). With `rows`, only those rows of the rollouts are trained on
+    (e.g. zero-signal groups dropped) and `advantages` belong to them. The learner applies
+    both (`resolved`), so whoever builds a part needs the rollouts' texts only, never their
+    tensors: rollouts can stay where they were sampled (another process, say).
+    """
 
     rollouts: Rollouts
-    advantages_B_T: torch.Tensor
+    advantages: torch.Tensor
+    rows: torch.Tensor | None = None
+
+    def resolved(self) -> RLPart:
+        """The same part with the rows applied and one advantage per token."""
+        kept = self.rollouts if self.rows is None else self.rollouts.select(self.rows)
+        per_token = self.advantages.dim() == 2
+        return RLPart(kept, self.advantages if per_token else self.advantages[:, None] * kept.completion_mask_B_T)
+
+    @property
+    def advantages_B_T(self) -> torch.Tensor:
+        return self.resolved().advantages
 
     def to(self, device) -> RLPart:
-        return RLPart(self.rollouts.to(device), self.advantages_B_T.to(device))
+        rows = None if self.rows is None else self.rows.to(device)
+        return RLPart(self.rollouts.to(device), self.advantages.to(device), rows)
 
 
 @dataclass

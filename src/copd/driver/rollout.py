@@ -82,10 +82,9 @@ def collect_rl(
     if not bool(keep_N.any()):
         return RLBatch(None, rewards, filtered, per_cap)
     rows = keep_N.repeat_interleave(group_size).nonzero().squeeze(-1)
-    kept = rollouts if filtered == 0 else rollouts.select(rows)
-    # Every token of a rollout shares its sequence's advantage.
-    adv_B_T = adv_N_G.reshape(-1)[rows][:, None] * kept.completion_mask_B_T
-    return RLBatch(RLPart(kept, adv_B_T), rewards, filtered, per_cap)
+    # One advantage per rollout, shared by its tokens; the learner applies rows and mask, so
+    # only the completions' texts are needed here.
+    return RLBatch(RLPart(rollouts, adv_N_G.reshape(-1)[rows], None if filtered == 0 else rows), rewards, filtered, per_cap)
 
 
 def collect_opd_part(student: Sampler, teacher: Scorer, teacher_sampler: MixtureSampler, prompts: int, samples: int,
@@ -102,7 +101,7 @@ def collect_opd_part(student: Sampler, teacher: Scorer, teacher_sampler: Mixture
         params = dataclasses.replace(params, record_topk=topk)
     rollouts = collect_opd_rollouts(student, teacher_sampler, prompts, samples, params, seed)
     t1 = time.perf_counter()
-    scores = teacher.score(rollouts, ScoreRequest.support(topk, rollouts.topk_ids_B_T_K) if support else None)
+    scores = teacher.score(rollouts, ScoreRequest.support(topk) if support else None)
     if timer is not None:
         timer["sample"] = timer.get("sample", 0.0) + t1 - t0
         timer["score"] = timer.get("score", 0.0) + time.perf_counter() - t1

@@ -31,7 +31,7 @@ def measure_pair(student: Scorer, teacher: Scorer, rollouts: Rollouts, k: int, t
     the student then sends its own top-k and its log-probs on the teacher's support, so
     both sides of every KL term are known (docs/method.md §4, §7).
     """
-    request = ScoreRequest.support(topk, rollouts.topk_ids_B_T_K)
+    request = ScoreRequest.support(topk)
     teacher_scores = teacher.score(rollouts, request)
     student_scores = student.score(rollouts, ScoreRequest(k, teacher_scores.support_ids_B_T_S))
     if min(teacher_scores.topk, student_scores.topk) < k:

@@ -129,6 +129,8 @@ class HFPolicy:
             return Scores(tokens.cpu())
         topk = min(request.topk, dist.shape[-1])
         ids = [dist.topk(topk, dim=-1).indices] if topk else []
+        if request.student_topk and rollouts.topk_ids_B_T_K is not None:
+            ids.append(rollouts.topk_ids_B_T_K.to(self.device).long())
         if request.ids_B_T_J is not None:
             ids.append(request.ids_B_T_J.to(self.device).long())
         support = torch.cat(ids, -1)
@@ -180,7 +182,7 @@ class HFPolicy:
         """`spec.epochs` optimizer steps on all parts together; old log-probs from the first pass."""
         self.activate()
         self.model.train()
-        rl, opd = [p.to(self.device) for p in rl], [p.to(self.device) for p in opd]
+        rl, opd = [p.resolved().to(self.device) for p in rl], [p.to(self.device) for p in opd]
         olds: list[torch.Tensor | None] = [None] * (len(rl) + len(opd))
         result = UpdateResult()
         for _ in range(spec.epochs):
@@ -258,7 +260,7 @@ class HFPolicy:
 def _request_rows(request: ScoreRequest | None, rows: torch.Tensor) -> ScoreRequest | None:
     if request is None or request.ids_B_T_J is None:
         return request
-    return ScoreRequest(request.topk, request.ids_B_T_J[rows])
+    return ScoreRequest(request.topk, request.ids_B_T_J[rows], request.student_topk)
 
 
 def _cat_scores(chunks: list[Scores]) -> Scores:
