@@ -10,7 +10,7 @@ $(BIN)/copd: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev,math,lora,data,models,video]"
+	$(BIN)/pip install -q -e ".[dev,math,lora,data,models,video,ray]"
 	touch $@
 
 setup: $(BIN)/copd

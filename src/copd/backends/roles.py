@@ -270,6 +270,22 @@ class UpdateResult:
     skipped: bool = False
 
 
+class Pending:
+    """An answer still being computed elsewhere (a remote call); `settle` waits for it.
+
+    A role may return one instead of a value, so that a driver can start every branch's
+    work before waiting for any; an in-process role answers at once with the value itself.
+    """
+
+    def result(self):
+        raise NotImplementedError
+
+
+def settle(value):
+    """The value itself, or the finished answer of a pending one."""
+    return value.result() if isinstance(value, Pending) else value
+
+
 class Sampler(Protocol):
     """Sampling: rollouts of prompts (a rollout engine can play this role)."""
 

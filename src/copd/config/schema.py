@@ -292,8 +292,28 @@ class MergeConfig(Section):
     density: float = Field(0.2, gt=0, le=1, description="fraction of task-vector entries kept (ties)")
 
 
+class BranchResources(Section):
+    cpus: float | None = Field(None, gt=0, description="CPUs of this branch's actor (default: resources.cpus_per_branch)")
+    gpus: float | None = Field(None, ge=0, description="GPUs of this branch's actor (default: resources.gpus_per_branch)")
+
+
+class ResourcesConfig(Section):
+    """What each branch's actor reserves with run.backend: ray (one bundle of a placement group per branch)."""
+
+    cpus_per_branch: float = Field(1.0, gt=0, description="CPUs per branch actor; its torch threads are this, rounded down (at least 1)")
+    gpus_per_branch: float = Field(0.0, ge=0, description="GPUs per branch actor (0: the branch runs on CPU)")
+    branches: dict[str, BranchResources] = Field(default_factory=dict, description="per-branch overrides, e.g. {text: {gpus: 2}} for a hub")
+
+    def of(self, branch: str) -> tuple[float, float]:
+        """(cpus, gpus) of one branch."""
+        own = self.branches.get(branch, BranchResources())
+        return (own.cpus or self.cpus_per_branch, self.gpus_per_branch if own.gpus is None else own.gpus)
+
+
 class RunConfig(Section):
     out: str = Field("runs/copd", description="run directory")
+    backend: Literal["local", "ray"] = Field("local", description="local: every branch in this process (the reference); ray: one Ray actor per branch (needs copd[ray])")
+    ray_address: str | None = Field(None, description="with backend ray: the address of a running cluster (`ray start --head` prints it); unset: start a local Ray")
     seed: int = Field(0, description="seed of sampling, data order and initialisation")
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where branches train; auto picks cuda when available")
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")
@@ -314,6 +334,7 @@ class Config(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 
     @model_validator(mode="after")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 
 from copd.backends.local.branches import build_branches, describe_branches
+from copd.backends.local.factory import make_policy
 from copd.config.schema import Config
 from copd.config.loader import dump_config, load_config
 from copd.errors import CopdError
@@ -107,14 +108,21 @@ def run_training(config: Config, resume: bool = False, reporter: Reporter | None
         model, tokenizer, info = prepare_base(config, capabilities, reporter)
     timing["warmup_seconds"] = round(time.perf_counter() - t0, 2)
     check_modalities(capabilities, tokenizer)
-    policies, base_policy = build_branches(config, model, tokenizer, device)
-    reporter.print(describe_branches(policies))
+    remote = config.run.backend == "ray"
+    # With Ray the branches are built inside their actors, from the saved base folder.
+    policies, base_policy = (({}, make_policy("base", model, tokenizer, device=device, **config.model.policy_options())) if remote
+                             else build_branches(config, model, tokenizer, device))
     # The run folder is written only now, so a mistake found while building the base or the
     # branches (a bad lora.target_modules, say) leaves no half-made run behind.
     prepare_run_dir(config, run_dir, resume)
     if not reuse_base:
         base_policy.save_pretrained(base_folder)
         (run_dir / "warmup.json").write_text(json.dumps(info, indent=1))
+    if remote:
+        from copd.backends.ray_backend import ray_branches
+
+        policies = {name: roles.learner for name, roles in ray_branches(config, base_folder, device).items()}
+    reporter.print(describe_branches(policies))
     t1 = time.perf_counter()
     Trainer(config, run_dir, policies, capabilities, reporter).run(resume=resume)
     timing["train_seconds"] = round(time.perf_counter() - t1, 2)

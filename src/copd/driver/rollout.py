@@ -71,8 +71,18 @@ def collect_rl(
     filter_zero_signal: bool = False,
 ) -> RLBatch:
     """x ~ D_k; G rollouts per prompt; verifier rewards; group advantages (docs/method.md §3)."""
+    return finish_rl(start_rl(policy, sampler, prompts, group_size, params, seed), group_size, advantage, filter_zero_signal)
+
+
+def start_rl(policy: Sampler, sampler: MixtureSampler, prompts: int, group_size: int, params: SamplingParams, seed: int) -> tuple:
+    """x ~ D_k and the request for G rollouts each: (drawn samples, rollouts, perhaps still pending)."""
     drawn = sampler.draw(prompts)
-    rollouts = policy.generate([Prompt.of(s) for _, s in drawn], group_size, params, seed)
+    return drawn, policy.generate([Prompt.of(s) for _, s in drawn], group_size, params, seed)
+
+
+def finish_rl(started: tuple, group_size: int, advantage: str = "grpo", filter_zero_signal: bool = False) -> RLBatch:
+    """Verifier rewards of the completions, group advantages, and the RL part."""
+    drawn, rollouts = started
     rewards = [cap.score(rollouts.completions[i], s) for i, (cap, s) in enumerate(_repeat(drawn, group_size))]
     rewards_N_G = torch.tensor(rewards, dtype=torch.float32).view(len(drawn), group_size)
     adv_N_G = group_advantages(rewards_N_G, advantage)

@@ -19,12 +19,12 @@ import json
 import time
 from pathlib import Path
 
-from copd.backends.roles import BranchRoles, LossSpec, OPDPart, Policy, Rollouts, SamplingParams
+from copd.backends.roles import BranchRoles, LossSpec, OPDPart, Policy, Rollouts, SamplingParams, settle
 from copd.capabilities import Capability
 from copd.config.schema import Config
 from copd.core.opd import OPD_ESTIMATORS
 from copd.driver.checkpoint import latest_checkpoint, load_latest_intact, save_checkpoint
-from copd.driver.rollout import MixtureSampler, collect_opd_part, collect_opd_rollouts, collect_rl, derived_seed
+from copd.driver.rollout import MixtureSampler, collect_opd_part, collect_opd_rollouts, derived_seed, finish_rl, start_rl
 from copd.errors import CopdError
 from copd.evaluation.diagnose import measure_pair
 from copd.reporting.progress import QuietReporter, Reporter
@@ -119,11 +119,13 @@ class Trainer:
         self.state["global_step"] += 1
         step, seed, cfg = self.state["global_step"], self.config.run.seed, self.config
         timer = {b: 0.0 for b in self._active(phase)}
-        rl = {}
+        # Stage 1 and 2: every branch samples, every teacher scores. Remote roles answer at once
+        # (pending), so all branches work side by side until the driver needs an answer.
+        started = {}
         for b in phase.rl_branches:
             t0 = time.perf_counter()
-            rl[b] = collect_rl(self.roles[b].sampler, self.rl_samplers[b], cfg.rl.prompts_per_step, cfg.rl.rollouts_per_prompt,
-                               self.sampling, derived_seed(seed, "rl", b, step), cfg.rl.advantage, cfg.rl.filter_zero_signal)
+            started[b] = start_rl(self.roles[b].sampler, self.rl_samplers[b], cfg.rl.prompts_per_step, cfg.rl.rollouts_per_prompt,
+                                  self.sampling, derived_seed(seed, "rl", b, step))
             timer[b] += time.perf_counter() - t0
         opd_parts: dict[str, list[OPDPart]] = {b: [] for b in timer}
         support = self._needs_support(phase)
@@ -133,10 +135,19 @@ class Trainer:
             part = collect_opd_part(self.roles[edge.student].sampler, self.roles[edge.teacher].scorer, self.opd_samplers[edge.label],
                                     cfg.opd.prompts_per_step, cfg.opd.rollouts_per_prompt, self.sampling,
                                     derived_seed(seed, "opd", edge.label, step), self.beta[edge.student], edge.label, support, cfg.opd.topk)
-            self.score_bytes[edge.label] = part.teacher.nbytes
             opd_parts[edge.student].append(part)
             timer[edge.student] += time.perf_counter() - t0
-        shown = []
+        rl = {}
+        for b, begun in started.items():
+            t0 = time.perf_counter()
+            rl[b] = finish_rl(begun, cfg.rl.rollouts_per_prompt, cfg.rl.advantage, cfg.rl.filter_zero_signal)
+            timer[b] += time.perf_counter() - t0
+        for parts in opd_parts.values():
+            for part in parts:
+                self.score_bytes[part.edge] = part.teacher.nbytes
+        # Stage 3: every branch updates. Every score was asked for above, before any update,
+        # so teachers score as they were at the start of the step.
+        pending = {}
         for b in timer:
             t0 = time.perf_counter()
             batch = rl.get(b)
@@ -144,9 +155,14 @@ class Trainer:
             # A canonical order of a student's edges, so listing branches differently cannot
             # change the floating-point sum of its losses.
             opd = sorted(opd_parts[b], key=lambda part: part.edge)
-            result = self.learners[b].update(parts, opd, self.spec) if parts or opd else None
+            pending[b] = self.learners[b].update(parts, opd, self.spec) if parts or opd else None
             timer[b] += time.perf_counter() - t0
-            shown.append(self._record(phase, b, batch, result, timer[b]))
+        shown = []
+        for b in timer:
+            t0 = time.perf_counter()
+            result = settle(pending[b])
+            timer[b] += time.perf_counter() - t0
+            shown.append(self._record(phase, b, rl.get(b), result, timer[b]))
         self.reporter.advance(f"cycle {phase.cycle}/{self.config.schedule.cycles} {phase.name}", "  ".join(shown))
 
     def _needs_support(self, phase: Phase) -> bool:

@@ -1,0 +1,202 @@
+"""Branches on Ray: one actor per branch, holding its policy; the driver holds proxies of its roles.
+
+Each actor builds its branch from the run's saved base folder, on its own resources (a
+bundle of a placement group: `resources.cpus_per_branch` / `gpus_per_branch`, overridable
+per branch). The proxies below play the three roles of copd.backends.roles without pulling
+tensors into the driver: `generate` returns rollouts that stay in the object store (only
+their completion texts come back, for the verifiers), `score` returns scores that stay
+there too (and their size in bytes), and an update receives both as object references.
+Calls return at once; `settle` waits. A synchronous actor runs its tasks in submission
+order, so when the driver submits every score of a step before any update, every teacher
+scores as the snapshot Algorithm 1 asks for.
+
+LoRA branches: every actor holds its own copy of the frozen base with all K adapters
+(initialised from the same seed, so each matches the in-process run) and trains its own
+adapter. One actor holding every adapter would serialise all branches on one device;
+with a base per actor, branches run side by side on their own GPUs, at the cost of one
+base per GPU group, which is small beside full-weight branches and their AdamW state.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from copd.backends.roles import BranchRoles, OPDPart, Pending, RLPart
+from copd.errors import CopdError
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise CopdError("run.backend: ray needs the ray package: pip install 'copd[ray]'") from None
+    return ray
+
+
+class BranchWorker:
+    """What runs inside a branch's actor: its policy, built there from the base folder."""
+
+    def __init__(self, build, threads: int):
+        torch.set_num_threads(threads)
+        self.policy = build()
+
+    def generate(self, prompts, n, params, seed):
+        rollouts = self.policy.generate(prompts, n, params, seed)
+        return rollouts, rollouts.completions
+
+    def score(self, rollouts, request):
+        scores = self.policy.score(rollouts, request)
+        return scores, scores.nbytes
+
+    def update(self, rl, opd, spec):
+        ray = _ray()
+        # Parts arrive with object references inside them (rollouts, scores): fetched here, in the actor.
+        get = lambda x: ray.get(x) if isinstance(x, ray.ObjectRef) else x  # noqa: E731
+        rl = [RLPart(get(p.rollouts), p.advantages, p.rows) for p in rl]
+        opd = [OPDPart(get(p.rollouts), get(p.teacher), p.beta, p.edge) for p in opd]
+        t0 = time.perf_counter()
+        result = self.policy.update(rl, opd, spec)
+        result.metrics["actor_update_seconds"] = time.perf_counter() - t0
+        return result
+
+    def call(self, method: str, *args):
+        return getattr(self.policy, method)(*args)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class RemoteValue(Pending):
+    """The answer of one remote call, fetched when needed."""
+
+    def __init__(self, ref):
+        self.ref = ref
+
+    def result(self):
+        return _ray().get(self.ref)
+
+
+class RemoteRollouts(Pending):
+    """Rollouts kept in the object store; the completion texts come to the driver on first use."""
+
+    def __init__(self, ref, completions_ref):
+        self.ref, self._completions = ref, completions_ref
+
+    @cached_property
+    def completions(self) -> list[str]:
+        return _ray().get(self._completions)
+
+    def result(self):
+        return _ray().get(self.ref)
+
+
+class RemoteScores(Pending):
+    """A teacher's scores kept in the object store; their size comes to the driver."""
+
+    def __init__(self, ref, nbytes_ref):
+        self.ref, self._nbytes = ref, nbytes_ref
+
+    @cached_property
+    def nbytes(self) -> int:
+        return _ray().get(self._nbytes)
+
+    def result(self):
+        return _ray().get(self.ref)
+
+
+def _ref(x):
+    return x.ref if isinstance(x, (RemoteRollouts, RemoteScores)) else x
+
+
+class RemoteBranch:
+    """The driver's handle on a branch actor; plays sampler, scorer and learner."""
+
+    def __init__(self, name: str, actor):
+        self.name, self.actor = name, actor
+
+    def generate(self, prompts, n, params, seed) -> RemoteRollouts:
+        return RemoteRollouts(*self.actor.generate.options(num_returns=2).remote(prompts, n, params, seed))
+
+    def score(self, rollouts, request=None) -> RemoteScores:
+        return RemoteScores(*self.actor.score.options(num_returns=2).remote(_ref(rollouts), request))
+
+    def update(self, rl, opd, spec) -> RemoteValue:
+        rl = [RLPart(_ref(p.rollouts), p.advantages, p.rows) for p in rl]
+        opd = [OPDPart(_ref(p.rollouts), _ref(p.teacher), p.beta, p.edge) for p in opd]
+        return RemoteValue(self.actor.update.remote(rl, opd, spec))
+
+    def _call(self, method: str, *args):
+        return _ray().get(self.actor.call.remote(method, *args))
+
+    def parameter_counts(self):
+        return self._call("parameter_counts")
+
+    def get_weights(self):
+        return self._call("get_weights")
+
+    def set_weights(self, weights) -> None:
+        self._call("set_weights", weights)
+
+    def save_checkpoint(self, folder: Path) -> None:
+        self._call("save_checkpoint", folder)
+
+    def load_checkpoint(self, folder: Path) -> None:
+        self._call("load_checkpoint", folder)
+
+    def save_pretrained(self, folder: Path) -> None:
+        self._call("save_pretrained", folder)
+
+    def pid(self) -> int:
+        return _ray().get(self.actor.pid.remote())
+
+
+def build_branch(config, base_folder: Path, name: str, device: str):
+    """One branch of the run, as the local backend builds it (run inside its actor)."""
+    from copd.backends.local.branches import build_branches
+    from copd.models.sources import load_pretrained
+
+    model, tokenizer = load_pretrained(base_folder, config.model.dtype)
+    if config.lora.enabled:  # every adapter, as in one process, so the seeded initialisation matches
+        return build_branches(config, model, tokenizer, device)[0][name]
+    from copd.backends.local.factory import make_policy
+
+    optim = config.optim
+    return make_policy(name, model, tokenizer, optim.lr, optim.weight_decay, device, **config.model.policy_options())
+
+
+def start_ray(config) -> None:
+    """Join run.ray_address, or start a local Ray with this machine's CPUs (and GPUs)."""
+    ray = _ray()
+    if ray.is_initialized():
+        return
+    if config.run.ray_address:
+        ray.init(address=config.run.ray_address, include_dashboard=False)
+    else:
+        ray.init(include_dashboard=False)
+
+
+def ray_branches(config, base_folder: Path, device: str) -> dict[str, BranchRoles]:
+    """One actor per branch, each in its bundle of one placement group (PACK: as few nodes as fit)."""
+    ray = _ray()
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    start_ray(config)
+    wants = [config.resources.of(b.name) for b in config.branches]
+    bundles = [{"CPU": cpus, **({"GPU": gpus} if gpus else {})} for cpus, gpus in wants]
+    group = placement_group(bundles, strategy="PACK")
+    if not group.wait(timeout_seconds=120):
+        raise CopdError(f"ray: the cluster cannot place the branches' bundles {bundles} (see `ray status`)")
+    worker = ray.remote(BranchWorker)
+    branches = {}
+    for index, (branch, (cpus, gpus)) in enumerate(zip(config.branches, wants)):
+        strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)
+        actor = worker.options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy=strategy, name=None).remote(
+            lambda name=branch.name: build_branch(config, base_folder, name, device), max(1, int(cpus)))
+        branches[branch.name] = BranchRoles.of(RemoteBranch(branch.name, actor))
+    return branches
