@@ -3,3 +3,11 @@
 
 class CopdError(Exception):
     """A problem with the user's input (config, data, paths), reported without a traceback."""
+
+
+class BranchLost(CopdError):
+    """A branch's worker is gone (its process was killed, say); the run can go on from its last checkpoint."""
+
+    def __init__(self, branch: str, where: str):
+        self.branch, self.where = branch, where
+        super().__init__(f"branch {branch!r} was lost during {where}")

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import os
 import time
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import torch
 
 from copd.backends.roles import BranchRoles, OPDPart, Pending, RLPart
-from copd.errors import CopdError
+from copd.errors import BranchLost, CopdError
 
 
 def _ray():
@@ -71,42 +71,47 @@ class BranchWorker:
         return os.getpid()
 
 
+def fetch(ref, branch: str, where: str):
+    """ray.get, with a lost actor (or a lost object it made) reported as the branch it was."""
+    ray = _ray()
+    try:
+        return ray.get(ref)
+    except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as err:
+        raise BranchLost(branch, where) from err
+
+
 class RemoteValue(Pending):
     """The answer of one remote call, fetched when needed."""
 
-    def __init__(self, ref):
-        self.ref = ref
+    def __init__(self, ref, branch: str, where: str):
+        self.ref, self.branch, self.where = ref, branch, where
 
     def result(self):
-        return _ray().get(self.ref)
+        return fetch(self.ref, self.branch, self.where)
 
 
-class RemoteRollouts(Pending):
+class RemoteRollouts(RemoteValue):
     """Rollouts kept in the object store; the completion texts come to the driver on first use."""
 
-    def __init__(self, ref, completions_ref):
-        self.ref, self._completions = ref, completions_ref
+    def __init__(self, ref, completions_ref, branch: str):
+        super().__init__(ref, branch, "sampling")
+        self._completions = completions_ref
 
     @cached_property
     def completions(self) -> list[str]:
-        return _ray().get(self._completions)
-
-    def result(self):
-        return _ray().get(self.ref)
+        return fetch(self._completions, self.branch, self.where)
 
 
-class RemoteScores(Pending):
+class RemoteScores(RemoteValue):
     """A teacher's scores kept in the object store; their size comes to the driver."""
 
-    def __init__(self, ref, nbytes_ref):
-        self.ref, self._nbytes = ref, nbytes_ref
+    def __init__(self, ref, nbytes_ref, branch: str):
+        super().__init__(ref, branch, "scoring")
+        self._nbytes = nbytes_ref
 
     @cached_property
     def nbytes(self) -> int:
-        return _ray().get(self._nbytes)
-
-    def result(self):
-        return _ray().get(self.ref)
+        return fetch(self._nbytes, self.branch, self.where)
 
 
 def _ref(x):
@@ -116,22 +121,28 @@ def _ref(x):
 class RemoteBranch:
     """The driver's handle on a branch actor; plays sampler, scorer and learner."""
 
-    def __init__(self, name: str, actor):
-        self.name, self.actor = name, actor
+    def __init__(self, name: str, start):
+        self.name, self.start = name, start  # start() makes a fresh actor of this branch
+        self.actor = start()
+
+    def restart(self) -> None:
+        """A new actor built from the base folder (its predecessor is killed if still there)."""
+        _ray().kill(self.actor, no_restart=True)
+        self.actor = self.start()
 
     def generate(self, prompts, n, params, seed) -> RemoteRollouts:
-        return RemoteRollouts(*self.actor.generate.options(num_returns=2).remote(prompts, n, params, seed))
+        return RemoteRollouts(*self.actor.generate.options(num_returns=2).remote(prompts, n, params, seed), self.name)
 
     def score(self, rollouts, request=None) -> RemoteScores:
-        return RemoteScores(*self.actor.score.options(num_returns=2).remote(_ref(rollouts), request))
+        return RemoteScores(*self.actor.score.options(num_returns=2).remote(_ref(rollouts), request), self.name)
 
     def update(self, rl, opd, spec) -> RemoteValue:
         rl = [RLPart(_ref(p.rollouts), p.advantages, p.rows) for p in rl]
         opd = [OPDPart(_ref(p.rollouts), _ref(p.teacher), p.beta, p.edge) for p in opd]
-        return RemoteValue(self.actor.update.remote(rl, opd, spec))
+        return RemoteValue(self.actor.update.remote(rl, opd, spec), self.name, "its update")
 
     def _call(self, method: str, *args):
-        return _ray().get(self.actor.call.remote(method, *args))
+        return fetch(self.actor.call.remote(method, *args), self.name, method.replace("_", " "))
 
     def parameter_counts(self):
         return self._call("parameter_counts")
@@ -152,7 +163,7 @@ class RemoteBranch:
         self._call("save_pretrained", folder)
 
     def pid(self) -> int:
-        return _ray().get(self.actor.pid.remote())
+        return fetch(self.actor.pid.remote(), self.name, "pid")
 
 
 def build_branch(config, base_folder: Path, name: str, device: str):
@@ -180,8 +191,8 @@ def start_ray(config) -> None:
         ray.init(include_dashboard=False)
 
 
-def ray_branches(config, base_folder: Path, device: str) -> dict[str, BranchRoles]:
-    """One actor per branch, each in its bundle of one placement group (PACK: as few nodes as fit)."""
+def ray_branches(config, base_folder: Path, device: str) -> tuple[dict[str, BranchRoles], object]:
+    """(roles of one actor per branch, their placement group): each actor in its bundle (PACK: as few nodes as fit)."""
     ray = _ray()
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -196,7 +207,18 @@ def ray_branches(config, base_folder: Path, device: str) -> dict[str, BranchRole
     branches = {}
     for index, (branch, (cpus, gpus)) in enumerate(zip(config.branches, wants)):
         strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)
-        actor = worker.options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy=strategy, name=None).remote(
-            lambda name=branch.name: build_branch(config, base_folder, name, device), max(1, int(cpus)))
-        branches[branch.name] = BranchRoles.of(RemoteBranch(branch.name, actor))
-    return branches
+        options = worker.options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy=strategy)
+        build = partial(build_branch, config, base_folder, branch.name, device)
+        start = partial(options.remote, build, max(1, int(cpus)))
+        branches[branch.name] = BranchRoles.of(RemoteBranch(branch.name, start))
+    return branches, group
+
+
+def release(branches: dict[str, BranchRoles], group) -> None:
+    """Stop the branch actors and free their placement group (a run's end, or its failure)."""
+    ray = _ray()
+    from ray.util.placement_group import remove_placement_group
+
+    for roles in branches.values():
+        ray.kill(roles.learner.actor, no_restart=True)
+    remove_placement_group(group)

@@ -314,6 +314,7 @@ class RunConfig(Section):
     out: str = Field("runs/copd", description="run directory")
     backend: Literal["local", "ray"] = Field("local", description="local: every branch in this process (the reference); ray: one Ray actor per branch (needs copd[ray])")
     ray_address: str | None = Field(None, description="with backend ray: the address of a running cluster (`ray start --head` prints it); unset: start a local Ray")
+    max_restarts: int = Field(3, ge=0, strict=True, description="when a branch's worker dies, restart every branch from the last checkpoint all of them completed, up to this many times")
     seed: int = Field(0, description="seed of sampling, data order and initialisation")
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where branches train; auto picks cuda when available")
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")

@@ -118,10 +118,25 @@ def run_training(config: Config, resume: bool = False, reporter: Reporter | None
     if not reuse_base:
         base_policy.save_pretrained(base_folder)
         (run_dir / "warmup.json").write_text(json.dumps(info, indent=1))
-    if remote:
-        from copd.backends.ray_backend import ray_branches
+    if not remote:
+        _train_and_evaluate(config, run_dir, policies, base_policy, capabilities, reporter, resume, timing)
+    else:
+        from copd.backends.ray_backend import ray_branches, release
 
-        policies = {name: roles.learner for name, roles in ray_branches(config, base_folder, device).items()}
+        branches, group = ray_branches(config, base_folder, device)
+        try:
+            policies = {name: roles.learner for name, roles in branches.items()}
+            _train_and_evaluate(config, run_dir, policies, base_policy, capabilities, reporter, resume, timing)
+        finally:
+            release(branches, group)
+    timing["total_seconds"] = round(time.perf_counter() - t0, 2)
+    (run_dir / "timing.json").write_text(json.dumps(timing, indent=1))
+    return run_dir
+
+
+def _train_and_evaluate(config: Config, run_dir: Path, policies: dict, base_policy, capabilities: dict, reporter: Reporter,
+                        resume: bool, timing: dict) -> None:
+    """Train the plan, save the branches, merge them, evaluate every model (timings into `timing`)."""
     reporter.print(describe_branches(policies))
     t1 = time.perf_counter()
     Trainer(config, run_dir, policies, capabilities, reporter).run(resume=resume)
@@ -132,9 +147,6 @@ def run_training(config: Config, resume: bool = False, reporter: Reporter | None
     t2 = time.perf_counter()
     evaluate_run(config, run_dir, capabilities, {"base": base_policy, **{f"branch:{n}": p for n, p in policies.items()}, "merged": merged}, reporter)
     timing["eval_seconds"] = round(time.perf_counter() - t2, 2)
-    timing["total_seconds"] = round(time.perf_counter() - t0, 2)
-    (run_dir / "timing.json").write_text(json.dumps(timing, indent=1))
-    return run_dir
 
 
 def evaluate_run(config: Config, run_dir: Path, capabilities: dict[str, Capability], policies: dict, reporter: Reporter) -> dict:

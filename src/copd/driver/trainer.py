@@ -25,7 +25,7 @@ from copd.config.schema import Config
 from copd.core.opd import OPD_ESTIMATORS
 from copd.driver.checkpoint import latest_checkpoint, load_latest_intact, save_checkpoint
 from copd.driver.rollout import MixtureSampler, collect_opd_part, collect_opd_rollouts, derived_seed, finish_rl, start_rl
-from copd.errors import CopdError
+from copd.errors import BranchLost, CopdError
 from copd.evaluation.diagnose import measure_pair
 from copd.reporting.progress import QuietReporter, Reporter
 from copd.schedule.plan import TOPOLOGY_PLANS, Phase, Roles, build_plan, with_overlap_trigger, with_probes
@@ -85,12 +85,53 @@ class Trainer:
         self.sampling = SamplingParams.from_config(config.sampling)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self.score_bytes: dict[str, int] = {}  # bytes of teacher scores per edge, this step
-        self.state = {"next_phase": 0, "global_step": 0, "opd_steps": 0, "nan_in_row": dict.fromkeys(names, 0), "nan_skipped": dict.fromkeys(names, 0)}
+        self.state = self._initial_state()
+        self.initial_samplers = self._sampler_states()
+
+    def _initial_state(self) -> dict:
+        names = [b.name for b in self.config.branches]
+        return {"next_phase": 0, "global_step": 0, "opd_steps": 0, "nan_in_row": dict.fromkeys(names, 0),
+                "nan_skipped": dict.fromkeys(names, 0)}
+
+    def _sampler_states(self) -> dict:
+        return {"rl_samplers": {b: s.state_dict() for b, s in self.rl_samplers.items()},
+                "opd_samplers": {e: s.state_dict() for e, s in self.opd_samplers.items()}}
+
+    def _load_samplers(self, states: dict) -> None:
+        for b, s in states["rl_samplers"].items():
+            self.rl_samplers[b].load_state_dict(s)
+        for e, s in states["opd_samplers"].items():
+            self.opd_samplers[e].load_state_dict(s)
 
     # ---- running the plan --------------------------------------------------------------
     def run(self, resume: bool = False) -> None:
+        """Run the plan; a lost branch worker restarts every branch from the last checkpoint (run.max_restarts)."""
         if resume:
             self._restore()
+        restarts = 0
+        while True:
+            try:
+                return self._run_plan()
+            except BranchLost as lost:
+                if restarts >= self.config.run.max_restarts:
+                    raise CopdError(f"{lost} (step {self.state['global_step']}); {restarts} restarts used (run.max_restarts); "
+                                    f"resume with --resume {self.run_dir}") from None
+                restarts += 1
+                self.reporter.stop()
+                self.reporter.print(f"{lost} (step {self.state['global_step']}); restarting every branch from the last "
+                                    f"checkpoint ({restarts}/{self.config.run.max_restarts})")
+                self._start_over()
+
+    def _start_over(self) -> None:
+        """Fresh workers for every branch, then the state of the last checkpoint (or of the start)."""
+        for roles in self.roles.values():
+            for player in {id(p): p for p in (roles.sampler, roles.scorer, roles.learner)}.values():
+                getattr(player, "restart", lambda: None)()
+        self.state = self._initial_state()
+        self._load_samplers(self.initial_samplers)
+        self._restore()
+
+    def _run_plan(self) -> None:
         total = sum(p.steps for p in self.plan)
         done = sum(p.steps for p in self.plan[: self.state["next_phase"]])
         self.reporter.start("training", total)
@@ -240,13 +281,9 @@ class Trainer:
 
     # ---- checkpoints ---------------------------------------------------------------------
     def _checkpoint(self, cycle: int) -> None:
-        state = {
-            **self.state,
-            "cycle": cycle,
-            "metrics_lines": self.metrics.lines,
-            "rl_samplers": {b: s.state_dict() for b, s in self.rl_samplers.items()},
-            "opd_samplers": {e: s.state_dict() for e, s in self.opd_samplers.items()},
-        }
+        # Every branch saves and confirms before the manifest (state.json) is written and the
+        # folder renamed into place: a checkpoint is a consistent cut of all branches.
+        state = {**self.state, "cycle": cycle, "metrics_lines": self.metrics.lines, **self._sampler_states()}
         save_checkpoint(self.run_dir, cycle, self.learners, state, self.config.run.keep_checkpoints)
 
     def _restore(self) -> None:
@@ -255,10 +292,7 @@ class Trainer:
             self.metrics.truncate(0)  # and drop the records of the lost steps, or they would repeat
             return
         folder, state = load_latest_intact(self.run_dir, self.learners, self.reporter.print)
-        for b, s in state.pop("rl_samplers").items():
-            self.rl_samplers[b].load_state_dict(s)
-        for e, s in state.pop("opd_samplers").items():
-            self.opd_samplers[e].load_state_dict(s)
+        self._load_samplers({"rl_samplers": state.pop("rl_samplers"), "opd_samplers": state.pop("opd_samplers")})
         self.metrics.truncate(state.pop("metrics_lines"))
         state.pop("cycle")
         self.state = state
