@@ -39,7 +39,7 @@ def records(run_dir):
 
 
 def plain(recs):
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in recs]  # without the wall clock
+    return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in recs]  # without the wall clock
 
 
 def keyed(recs):

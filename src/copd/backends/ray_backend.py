@@ -30,6 +30,11 @@ from copd.backends.roles import BranchRoles, OPDPart, Pending, RLPart
 from copd.errors import BranchLost, CopdError
 
 
+def require_ray() -> None:
+    """A one-line error now, before anything is written, when Ray is missing."""
+    _ray()
+
+
 def _ray():
     try:
         import ray

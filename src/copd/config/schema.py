@@ -367,6 +367,9 @@ class Config(Section):
             raise KeyProblem(("merge", "method"), f"merge method {self.merge.method!r} weighs the merged branches by `weight`, which sum to 0")
         if self.topology.kind == "hub" and self.topology.hub not in names:
             raise KeyProblem(("topology", "hub"), f"must name a branch {names}, got {self.topology.hub!r}")
+        for ref in self.resources.branches:
+            if ref not in names:
+                raise KeyProblem(("resources", "branches", ref), f"names no branch; branches: {names}")
         return self
 
     def to_yaml_dict(self) -> dict[str, Any]:

@@ -94,6 +94,10 @@ def run_training(config: Config, resume: bool = False, reporter: Reporter | None
     plan_of(config)
     capabilities = load_capabilities(config, base_dir)
     device = resolve_device(config.run.device)
+    if config.run.backend == "ray":
+        from copd.backends.ray_backend import require_ray
+
+        require_ray()
     base_folder = run_dir / "base"
     reuse_base = resume and (base_folder / "config.json").is_file()
     if not reuse_base:

@@ -160,6 +160,7 @@ class Trainer:
         self.state["global_step"] += 1
         step, seed, cfg = self.state["global_step"], self.config.run.seed, self.config
         timer = {b: 0.0 for b in self._active(phase)}
+        begin, waited = time.perf_counter(), 0.0  # waited: the driver at the step's barriers
         # Stage 1 and 2: every branch samples, every teacher scores. Remote roles answer at once
         # (pending), so all branches work side by side until the driver needs an answer.
         started = {}
@@ -179,6 +180,7 @@ class Trainer:
             opd_parts[edge.student].append(part)
             timer[edge.student] += time.perf_counter() - t0
         rl = {}
+        t_barrier = time.perf_counter()
         for b, begun in started.items():
             t0 = time.perf_counter()
             rl[b] = finish_rl(begun, cfg.rl.rollouts_per_prompt, cfg.rl.advantage, cfg.rl.filter_zero_signal)
@@ -186,6 +188,7 @@ class Trainer:
         for parts in opd_parts.values():
             for part in parts:
                 self.score_bytes[part.edge] = part.teacher.nbytes
+        waited += time.perf_counter() - t_barrier
         # Stage 3: every branch updates. Every score was asked for above, before any update,
         # so teachers score as they were at the start of the step.
         pending = {}
@@ -198,12 +201,13 @@ class Trainer:
             opd = sorted(opd_parts[b], key=lambda part: part.edge)
             pending[b] = self.learners[b].update(parts, opd, self.spec) if parts or opd else None
             timer[b] += time.perf_counter() - t0
-        shown = []
+        shown, t_barrier = [], time.perf_counter()
+        results = {b: settle(pending[b]) for b in timer}
+        waited += time.perf_counter() - t_barrier
+        # With remote branches, `waited` is how long the driver stood at the step's barriers.
+        step_times = {"step_seconds": round(time.perf_counter() - begin, 4), "barrier_seconds": round(waited, 4)}
         for b in timer:
-            t0 = time.perf_counter()
-            result = settle(pending[b])
-            timer[b] += time.perf_counter() - t0
-            shown.append(self._record(phase, b, rl.get(b), result, timer[b]))
+            shown.append(self._record(phase, b, rl.get(b), results[b], timer[b], step_times))
         self.reporter.advance(f"cycle {phase.cycle}/{self.config.schedule.cycles} {phase.name}", "  ".join(shown))
 
     def _needs_support(self, phase: Phase) -> bool:
@@ -246,11 +250,11 @@ class Trainer:
         return [b.name for b in self.config.branches if b.name in phase.rl_branches or b.name in students]
 
     # ---- logging and failure handling -------------------------------------------------------
-    def _record(self, phase: Phase, branch: str, batch, result, seconds: float) -> str:
+    def _record(self, phase: Phase, branch: str, batch, result, seconds: float, step_times: dict) -> str:
         """Write the branch's (and its edges') records; return a short summary for the progress bar."""
         step = self.state["global_step"]
         base = {"step": step, "cycle": phase.cycle, "phase": phase.name}
-        record = {**base, "type": "branch", "branch": branch, "seconds": round(seconds, 4)}
+        record = {**base, "type": "branch", "branch": branch, "seconds": round(seconds, 4), **step_times}
         if batch is not None:
             record.update(reward=sum(batch.rewards) / len(batch.rewards), filtered_groups=batch.filtered_groups,
                           **{f"reward/{k}": v for k, v in batch.by_capability.items()})

@@ -80,7 +80,7 @@ def _mixed(config: Config) -> Config:
     schedule = {**config.schedule.model_dump(), "plan": "experts", "cycles": config.schedule.cycles * k}
     # One policy has no edges; a mesh of one branch is valid whatever the CoPD topology was (a hub names a branch gone here).
     return _copy(config, branches=[{"name": "mixed", "capabilities": caps}], schedule=schedule, merge={**config.merge.model_dump(), "branches": None},
-                 topology={"kind": "mesh", "hub": None})
+                 topology={"kind": "mesh", "hub": None}, resources={**config.resources.model_dump(), "branches": {}})
 
 
 def _static_opd(config: Config) -> Config:
