@@ -67,3 +67,24 @@ def test_a_killed_branch_restarts_every_branch_from_the_last_checkpoint(tmp_path
     assert killed
     assert records(remote) == records(local)
     assert (remote / "eval.json").read_text() == (local / "eval.json").read_text()
+
+
+def test_ctrl_c_releases_the_actors_and_the_run_resumes(tmp_path, local_ray, local_run, monkeypatch):
+    local, cache = local_run
+    step = trainer_module.Trainer.step
+
+    def interrupted(self, phase):
+        if self.state["global_step"] == 5:
+            raise KeyboardInterrupt
+        return step(self, phase)
+
+    monkeypatch.setattr(trainer_module.Trainer, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ray_run(tmp_path, cache, "stopped")
+    assert all(group["state"] == "REMOVED" for group in ray.util.placement_group_table().values())
+    assert (tmp_path / "stopped" / "checkpoints" / "cycle_0001" / "state.json").is_file()
+    monkeypatch.setattr(trainer_module.Trainer, "step", step)
+    config = load_config(DEMO, [*SHORT, cache, f"run.out={tmp_path / 'stopped'}", "run.backend=ray", "resources.gpus_per_branch=1"])
+    resumed = run_training(config, resume=True)
+    assert records(resumed) == records(local)
+    assert (resumed / "eval.json").read_text() == (local / "eval.json").read_text()
