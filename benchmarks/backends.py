@@ -48,9 +48,15 @@ def run_case(config: Path, branches: int, case: str, out: Path, cache: Path, cyc
     score_bytes = sum(r.get("score_bytes", 0) for r in rows if r.get("type") == "edge" and not r.get("probe"))
     barrier = sum(r["barrier_seconds"] for r in steps.values())
     step_total = sum(r["step_seconds"] for r in steps.values())
+    rollout_bytes = sum(r.get("rollout_bytes", 0) for r in rows if r.get("type") == "branch")
+    branch_seconds = {}
+    for r in rows:
+        if r.get("type") == "branch":
+            branch_seconds[r["branch"]] = branch_seconds.get(r["branch"], 0.0) + r["seconds"]
     return {"case": case, "cycle_s": timing["train_seconds"] / cycles, "barrier_s_per_step": barrier / len(steps),
             "driver_s_per_step": (step_total - barrier) / len(steps), "score_kib_per_step": score_bytes / len(steps) / 1024,
-            "total_s": timing["total_seconds"]}
+            "rollout_kib_per_step": rollout_bytes / len(steps) / 1024,
+            "branch_s_per_step": {b: s / len(steps) for b, s in branch_seconds.items()}, "total_s": timing["total_seconds"]}
 
 
 def main() -> None:
@@ -65,12 +71,13 @@ def main() -> None:
             results = [run_case(config, branches, case, tmp / f"{label[:4]}-{case.replace(' ', '')}", tmp / "cache", args.cycles)
                        for case in ("local x2", "local x1", "ray")]
             print(f"\n{label}")
-            print(f"| case | s / cycle | barrier s / step | driver s / step | score KiB / step | vs local x2 |")
-            print("|---|---|---|---|---|---|")
+            print("| case | s / cycle | barrier s / step | driver s / step | rollout KiB / step | score KiB / step | branch s / step | vs local x2 |")
+            print("|---|---|---|---|---|---|---|---|")
             base = results[0]["cycle_s"]
             for r in results:
+                per_branch = ", ".join(f"{b} {s:.3f}" for b, s in r["branch_s_per_step"].items())
                 print(f"| {r['case']} | {r['cycle_s']:.2f} | {r['barrier_s_per_step']:.3f} | {r['driver_s_per_step']:.3f} | "
-                      f"{r['score_kib_per_step']:.1f} | {base / r['cycle_s']:.2f}x |")
+                      f"{r['rollout_kib_per_step']:.1f} | {r['score_kib_per_step']:.1f} | {per_branch} | {base / r['cycle_s']:.2f}x |")
             print(json.dumps(results))
 
 

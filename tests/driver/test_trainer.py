@@ -215,10 +215,10 @@ def test_resume_replays_the_diagnostics_steps(tmp_path):
 
 
 class Opaque:
-    """Rollouts as the driver sees them from a remote sampler: only the completions' texts are readable."""
+    """Rollouts as the driver sees them from a remote sampler: only the completions' texts (and the size) are readable."""
 
     def __init__(self, inner):
-        self.inner, self.completions = inner, inner.completions
+        self.inner, self.completions, self.nbytes = inner, inner.completions, inner.nbytes
 
     def __getattr__(self, name):
         raise AssertionError(f"the driver read rollouts.{name}")

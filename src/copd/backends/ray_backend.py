@@ -51,12 +51,14 @@ class BranchWorker:
         self.policy = build()
 
     def generate(self, prompts, n, params, seed):
+        t0 = time.perf_counter()
         rollouts = self.policy.generate(prompts, n, params, seed)
-        return rollouts, rollouts.completions
+        return rollouts, rollouts.completions, {"seconds": time.perf_counter() - t0, "nbytes": rollouts.nbytes}
 
     def score(self, rollouts, request):
+        t0 = time.perf_counter()
         scores = self.policy.score(rollouts, request)
-        return scores, scores.nbytes
+        return scores, {"seconds": time.perf_counter() - t0, "nbytes": scores.nbytes}
 
     def update(self, rl, opd, spec):
         ray = _ray()
@@ -95,11 +97,31 @@ class RemoteValue(Pending):
         return fetch(self.ref, self.branch, self.where)
 
 
-class RemoteRollouts(RemoteValue):
+class RemoteWork(RemoteValue):
+    """A result kept in the object store, with its size and the seconds its actor spent on it."""
+
+    def __init__(self, ref, meta_ref, branch: str, where: str):
+        super().__init__(ref, branch, where)
+        self._meta = meta_ref
+
+    @cached_property
+    def meta(self) -> dict:
+        return fetch(self._meta, self.branch, self.where)
+
+    @property
+    def nbytes(self) -> int:
+        return self.meta["nbytes"]
+
+    @property
+    def seconds(self) -> float:
+        return self.meta["seconds"]
+
+
+class RemoteRollouts(RemoteWork):
     """Rollouts kept in the object store; the completion texts come to the driver on first use."""
 
-    def __init__(self, ref, completions_ref, branch: str):
-        super().__init__(ref, branch, "sampling")
+    def __init__(self, ref, completions_ref, meta_ref, branch: str):
+        super().__init__(ref, meta_ref, branch, "sampling")
         self._completions = completions_ref
 
     @cached_property
@@ -107,16 +129,11 @@ class RemoteRollouts(RemoteValue):
         return fetch(self._completions, self.branch, self.where)
 
 
-class RemoteScores(RemoteValue):
-    """A teacher's scores kept in the object store; their size comes to the driver."""
+class RemoteScores(RemoteWork):
+    """A teacher's scores kept in the object store."""
 
-    def __init__(self, ref, nbytes_ref, branch: str):
-        super().__init__(ref, branch, "scoring")
-        self._nbytes = nbytes_ref
-
-    @cached_property
-    def nbytes(self) -> int:
-        return fetch(self._nbytes, self.branch, self.where)
+    def __init__(self, ref, meta_ref, branch: str):
+        super().__init__(ref, meta_ref, branch, "scoring")
 
 
 def _ref(x):
@@ -136,7 +153,7 @@ class RemoteBranch:
         self.actor = self.start()
 
     def generate(self, prompts, n, params, seed) -> RemoteRollouts:
-        return RemoteRollouts(*self.actor.generate.options(num_returns=2).remote(prompts, n, params, seed), self.name)
+        return RemoteRollouts(*self.actor.generate.options(num_returns=3).remote(prompts, n, params, seed), self.name)
 
     def score(self, rollouts, request=None) -> RemoteScores:
         return RemoteScores(*self.actor.score.options(num_returns=2).remote(_ref(rollouts), request), self.name)
@@ -193,7 +210,7 @@ def start_ray(config) -> None:
     if config.run.ray_address:
         ray.init(address=config.run.ray_address, include_dashboard=False)
     else:
-        ray.init(include_dashboard=False)
+        ray.init(include_dashboard=False, log_to_driver=False)  # the actors' library warnings stay in Ray's logs
 
 
 def ray_branches(config, base_folder: Path, device: str) -> tuple[dict[str, BranchRoles], object]:

@@ -131,6 +131,13 @@ class Rollouts:
     def num_tokens(self) -> int:
         return int(self.completion_mask_B_T.sum().item())
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rollouts' tensors (what a remote sampler keeps in the object store)."""
+        tensors = [self.input_ids_B_L, self.attention_mask_B_L, self.completion_mask_B_T, self.topk_ids_B_T_K]
+        tensors += list(self.vision.tensors.values()) if self.vision is not None else []
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
     def select(self, rows: torch.Tensor) -> Rollouts:
         """Keep the given row indices (used to drop zero-signal groups)."""
         keep = rows.tolist()

@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from copd.backends.roles import BranchRoles, LossSpec, OPDPart, Policy, Rollouts, SamplingParams, settle
+from copd.backends.roles import BranchRoles, LossSpec, OPDPart, Pending, Policy, Rollouts, SamplingParams, settle
 from copd.capabilities import Capability
 from copd.config.schema import Config
 from copd.core.opd import OPD_ESTIMATORS
@@ -206,8 +206,9 @@ class Trainer:
         waited += time.perf_counter() - t_barrier
         # With remote branches, `waited` is how long the driver stood at the step's barriers.
         step_times = {"step_seconds": round(time.perf_counter() - begin, 4), "barrier_seconds": round(waited, 4)}
+        seconds, sampled = branch_costs(timer, started, opd_parts, results)
         for b in timer:
-            shown.append(self._record(phase, b, rl.get(b), results[b], timer[b], step_times))
+            shown.append(self._record(phase, b, rl.get(b), results[b], seconds[b], {**step_times, "rollout_bytes": sampled[b]}))
         self.reporter.advance(f"cycle {phase.cycle}/{self.config.schedule.cycles} {phase.name}", "  ".join(shown))
 
     def _needs_support(self, phase: Phase) -> bool:
@@ -301,6 +302,31 @@ class Trainer:
         state.pop("cycle")
         self.state = state
         self.reporter.print(f"resumed from {folder}")
+
+
+def branch_costs(timer: dict, started: dict, opd_parts: dict, results: dict) -> tuple[dict, dict]:
+    """(seconds, bytes of sampled rollouts) per branch in one step.
+
+    In one process a branch's seconds are the driver's time in its calls (`timer`). With
+    remote branches the calls return at once, so they are the actor's own: its sampling,
+    its scoring as a teacher and its update.
+    """
+    samples = [(b, r) for b, (_, r) in started.items()] + [(s, p.rollouts) for s, parts in opd_parts.items() for p in parts]
+    sampled = dict.fromkeys(timer, 0)
+    for b, rollouts in samples:
+        sampled[b] += rollouts.nbytes
+    if not any(isinstance(r, Pending) for _, r in samples):
+        return timer, sampled
+    seconds = dict.fromkeys(timer, 0.0)
+    for b, rollouts in samples:
+        seconds[b] += rollouts.seconds
+    for parts in opd_parts.values():
+        for part in parts:
+            teacher = part.edge.split("<-")[1]
+            seconds[teacher] = seconds.get(teacher, 0.0) + part.teacher.seconds
+    for b, result in results.items():
+        seconds[b] += result.metrics.get("actor_update_seconds", 0.0) if result is not None else 0.0
+    return {b: seconds[b] for b in timer}, sampled
 
 
 def plan_of(config: Config) -> list[Phase]:
