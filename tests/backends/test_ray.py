@@ -88,3 +88,13 @@ def test_ctrl_c_releases_the_actors_and_the_run_resumes(tmp_path, local_ray, loc
     resumed = run_training(config, resume=True)
     assert records(resumed) == records(local)
     assert (resumed / "eval.json").read_text() == (local / "eval.json").read_text()
+
+
+def test_lora_branches_on_ray_match_the_local_run(tmp_path, local_ray):
+    pytest.importorskip("peft")
+    cache = f"model.cache_dir={tmp_path / 'cache'}"
+    lora = [*SHORT, cache, "lora.enabled=true", "lora.r=4", "optim.lr=2e-3"]
+    local = run_training(load_config(DEMO, [*lora, f"run.out={tmp_path / 'local'}"]))
+    remote = run_training(load_config(DEMO, [*lora, f"run.out={tmp_path / 'ray'}", "run.backend=ray"]))
+    assert records(remote) == records(local)
+    assert (remote / "eval.json").read_text() == (local / "eval.json").read_text()
