@@ -86,8 +86,6 @@ def child(args) -> dict:
     before = args.case == "before"
     if before:
         sys.path.insert(0, args.before)
-    from copd import __file__ as source  # noqa: F401  (whichever tree was asked for)
-
     if before:
         from copd.models import load_pretrained
         from copd.policy.hf import HFPolicy

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from copd.errors import CopdError
 from copd.driver.pipeline import load_capabilities

@@ -137,7 +137,7 @@ class RemoteScores(RemoteWork):
 
 
 def _ref(x):
-    return x.ref if isinstance(x, (RemoteRollouts, RemoteScores)) else x
+    return x.ref if isinstance(x, RemoteWork) else x
 
 
 class RemoteBranch:

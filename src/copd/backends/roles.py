@@ -15,6 +15,7 @@ branch on a GPU (or in another process) is a drop-in for one on the CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,11 @@ class SamplingParams:
     # Also return the sampler's top-k ids at every generated position (Rollouts.topk_ids_B_T_K),
     # the student's half of a sparse teacher-score support; 0: none.
     record_topk: int = 0
+
+    def recording(self, topk: int | None) -> SamplingParams:
+        """The same sampling, also recording the sampler's top-`topk` ids: the student half of a
+        top-k support. A whole-vocabulary support (topk None) needs none."""
+        return self if topk is None else dataclasses.replace(self, record_topk=topk)
 
     @classmethod
     def from_config(cls, sampling) -> SamplingParams:

@@ -7,7 +7,6 @@ depends on the order in which branches are visited, and a resumed run replays ex
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import zlib
 from dataclasses import dataclass
@@ -107,9 +106,7 @@ def collect_opd_part(student: Sampler, teacher: Scorer, teacher_sampler: Mixture
     log-probs (docs/method.md §4). `timer` collects the seconds of sampling and scoring.
     """
     t0 = time.perf_counter()
-    if support and topk is not None:
-        params = dataclasses.replace(params, record_topk=topk)
-    rollouts = collect_opd_rollouts(student, teacher_sampler, prompts, samples, params, seed)
+    rollouts = collect_opd_rollouts(student, teacher_sampler, prompts, samples, params.recording(topk) if support else params, seed)
     t1 = time.perf_counter()
     scores = teacher.score(rollouts, ScoreRequest.support(topk) if support else None)
     if timer is not None:

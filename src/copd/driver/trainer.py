@@ -14,7 +14,6 @@ diagnostics need it; each edge record says how many bytes crossed (`score_bytes`
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -170,7 +169,9 @@ class Trainer:
                                   self.sampling, derived_seed(seed, "rl", b, step))
             timer[b] += time.perf_counter() - t0
         opd_parts: dict[str, list[OPDPart]] = {b: [] for b in timer}
-        support = self._needs_support(phase)
+        if phase.edges:  # counted over the run and checkpointed, so a resumed run measures on the same steps
+            self.state["opd_steps"] = self.state.get("opd_steps", 0) + 1
+        support = bool(phase.edges) and self._needs_support()
         for edge in phase.edges:
             t0 = time.perf_counter()
             # Scored before any branch updates this step: the teacher is a snapshot.
@@ -211,15 +212,9 @@ class Trainer:
             shown.append(self._record(phase, b, rl.get(b), results[b], seconds[b], {**step_times, "rollout_bytes": sampled[b]}))
         self.reporter.advance(f"cycle {phase.cycle}/{self.config.schedule.cycles} {phase.name}", "  ".join(shown))
 
-    def _needs_support(self, phase: Phase) -> bool:
-        """Whether this step's teachers send the top-k support: the estimator needs it, or diagnostics are due.
-
-        Diagnostics come on OPD steps 1, 1 + every, 1 + 2 every, ... (counted over the run and
-        checkpointed with it, so a resumed run measures on the same steps).
-        """
-        if not phase.edges:
-            return False
-        self.state["opd_steps"] = self.state.get("opd_steps", 0) + 1
+    def _needs_support(self) -> bool:
+        """Whether this OPD step's teachers send the top-k support: the estimator needs it, or diagnostics
+        are due (on OPD steps 1, 1 + every, 1 + 2 every, ...)."""
         every = self.config.opd.diagnostics_every
         due = every > 0 and (self.state["opd_steps"] - 1) % every == 0
         return OPD_ESTIMATORS[self.spec.opd_estimator].needs_support or due
@@ -229,17 +224,12 @@ class Trainer:
         step, cfg, values = self.state["global_step"], self.config, []
         for edge in phase.probe_edges:
             rollouts = collect_opd_rollouts(self.roles[edge.student].sampler, self.opd_samplers[f"probe:{edge.label}"], cfg.schedule.probe_prompts,
-                                            1, self._probe_sampling(), derived_seed(cfg.run.seed, "probe", edge.label, step))
+                                            1, self.sampling.recording(cfg.opd.topk), derived_seed(cfg.run.seed, "probe", edge.label, step))
             found = self._measure(edge, rollouts)
             self.metrics.write({"step": step, "cycle": phase.cycle, "phase": phase.name, "type": "edge", "probe": True, "edge": edge.label,
                                 "student": edge.student, "teacher": edge.teacher, **found})
             values.append(found["overlap_topk"])
         return sum(values) / len(values)
-
-    def _probe_sampling(self) -> SamplingParams:
-        # The student's top-k ids are the student half of the support; the whole vocabulary needs none.
-        topk = self.config.opd.topk
-        return self.sampling if topk is None else dataclasses.replace(self.sampling, record_topk=topk)
 
     def _measure(self, edge, rollouts: Rollouts) -> dict[str, float]:
         """An OPD step's diagnostics on rollouts that are measured but never trained on."""

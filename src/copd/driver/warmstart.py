@@ -16,8 +16,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from copd.config.schema import Config, TinyModelConfig
 from copd.evaluation.evaluate import pass_rates
 from copd.models.sources import build_char_tokenizer, build_tiny_model, load_base_model, load_pretrained, save_pretrained

@@ -7,7 +7,6 @@ A's completion tokens. High overlap means the two are close enough to merge or d
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -48,7 +47,7 @@ def measure_pair(student: Scorer, teacher: Scorer, rollouts: Rollouts, k: int, t
 def _batch_sums(policy_a: Policy, policy_b: Policy, prompts: list[str], params: SamplingParams, k: int, seed: int) -> dict:
     """Token-weighted sums of the three metrics on one batch of A's own rollouts."""
     topk = max(k, DEFAULT_TOPK)
-    rollouts = policy_a.generate(prompts, 1, dataclasses.replace(params, record_topk=topk), seed)
+    rollouts = policy_a.generate(prompts, 1, params.recording(topk), seed)
     found = measure_pair(policy_a, policy_b, rollouts, k, topk)
     tokens = int(found["tokens"])
     values = {"overlap": found["overlap_topk"], "sym_kl": found["sym_kl"], "mean_delta": found["delta_mean"]}
