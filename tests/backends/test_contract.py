@@ -19,7 +19,7 @@ from copd.backends.roles import BranchRoles, LossSpec, OPDPart, Prompt, RLPart, 
 from copd.config.schema import TinyModelConfig
 from copd.driver.warmstart import TINY_ALPHABET
 from copd.models.sources import build_char_tokenizer, build_tiny_model
-from copd.multimodal.processor import build_tiny_vl
+from copd.multimodal.tiny import build_tiny_vl
 from tests.fakes import FakePolicy
 
 TEXT = ["rev:abc=", "12+3="]

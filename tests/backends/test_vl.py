@@ -13,7 +13,7 @@ from copd.models.sources import load_pretrained
 from copd.backends.roles import LossSpec, OPDPart, Prompt, RLPart, SamplingParams, ScoreRequest
 from copd.backends.local.factory import make_policy
 from copd.backends.local.vl import VLPolicy
-from copd.multimodal.processor import build_tiny_vl
+from copd.multimodal.tiny import build_tiny_vl
 import copy
 
 
@@ -155,17 +155,17 @@ def test_lora_branches_on_a_vision_language_base(media, tmp_path):
     torch.testing.assert_close(again.score(rollouts).token_logprobs_B_T, a.score(rollouts).token_logprobs_B_T, atol=1e-5, rtol=1e-5)
 
 
-def test_a_qwen3_vl_folder_is_refused_in_one_line(tmp_path):
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-
-    from copd.errors import CopdError
-    from copd.multimodal.processor import build_vl_tokenizer
-
-    tokenizer = build_vl_tokenizer()
-    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                num_key_value_heads=1, head_dim=16, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3]})
-    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, deepstack_visual_indexes=[0])
-    Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text, vision_config=vision)).save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    with pytest.raises(CopdError, match="Qwen3-VL is not supported yet"):
-        load_pretrained(tmp_path)
+def test_a_qwen3_vl_video_prompt_carries_its_timestamps(media, tmp_path):
+    model, processor = build_tiny_vl(seed=0, arch="qwen3_vl", init_std=0.3)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded, loaded_processor = load_pretrained(tmp_path)
+    assert loaded_processor.family.model_type == "qwen3_vl"
+    policy = make_policy("q3", loaded, loaded_processor, folder_fps=2.0)
+    rollouts = policy.generate([Prompt("where?", videos=(media[1],))], 2, SamplingParams(max_new_tokens=4), seed=0)
+    text = loaded_processor.tokenizer.decode(rollouts.input_ids_B_L[0, : rollouts.prompt_len])
+    # Four frames at 2 fps make two steps, at (0 + 1) / 2 / 2 = 0.25 s and (2 + 3) / 2 / 2 = 1.25 s.
+    step = "<|vision_start|>" + "<|video_pad|>" * 4 + "<|vision_end|>"
+    assert f"<|vision_start|><0.2 seconds>{step}<1.2 seconds>{step}<|vision_end|>where?" in text
+    assert rollouts.vision.tensors["video_grid_thw"].tolist() == [[2, 4, 4]]
+    assert policy.score(rollouts).token_logprobs_B_T.shape == rollouts.completion_mask_B_T.shape

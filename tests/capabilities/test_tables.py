@@ -88,8 +88,10 @@ def _picture(path, frames=1):
 
 def test_system_images_videos_mapping(tmp_path):
     _picture(tmp_path / "d/img/a.png")
-    _picture(tmp_path / "d/v/1.gif", frames=3)
-    absolute = _picture(tmp_path / "abs/2/frame1.png").parent  # a folder of frames
+    _picture(tmp_path / "d/v/1.gif", frames=4)
+    absolute = _picture(tmp_path / "abs/2/frame1.png").parent  # a folder of frames (a video needs 4)
+    for i in (2, 3, 4):
+        _picture(absolute / f"frame{i}.png")
     rows = [
         {"question": "a", "answer": "1", "sys": "be brief", "img": "img/a.png", "vid": None},
         {"question": "b", "answer": "2", "sys": None, "img": None, "vid": ["v/1.gif", str(absolute)]},

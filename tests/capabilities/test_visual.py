@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from copd.errors import CopdError
-from copd.multimodal.media import check_image, check_video, load_image, load_video
+from copd.multimodal.media import VideoSampling, check_image, check_video, load_image, load_video
 from copd.capabilities import BUILTIN_CAPABILITIES, load_capability
 from copd.capabilities.sources import split_key
 from copd.capabilities.visual import COLOUR_PROMPT, COUNT_PROMPT, MOTION_PROMPT, PALETTE
@@ -86,7 +86,7 @@ def test_dot_moves_in_the_named_direction(tmp_path, frames, dot):
     assert {s.answer for s in samples} == set(MOVES)
     for s in samples:
         assert (s.prompt, s.images, len(s.videos)) == (MOTION_PROMPT, (), 1)
-        video = load_video(s.videos[0])
+        video = load_video(s.videos[0], VideoSampling(num_frames=frames)).frames
         assert len(video) == frames and {f.size for f in video} == {(56, 56)}
         for frame in video:
             pixels = _pixels(frame)
@@ -104,10 +104,10 @@ def test_dot_moves_in_the_named_direction(tmp_path, frames, dot):
 
 def test_video_frames_are_timed(tmp_path):
     (s,) = _draw(_cap("motion", tmp_path), 1)
-    assert len(load_video(s.videos[0], fps=4)) == 4  # 250 ms per frame
-    first, third = load_video(s.videos[0], fps=2)
-    assert _centroid(first) == _centroid(load_video(s.videos[0])[0])
-    assert _centroid(third) == _centroid(load_video(s.videos[0])[2])
+    video = load_video(s.videos[0])  # 250 ms per frame: 4 fps
+    assert (video.fps, video.total_frames, video.indices) == (4.0, 4, [0, 1, 2, 3])
+    first, last = load_video(s.videos[0], VideoSampling(min_frames=2)).frames  # 1 s at 2 fps
+    assert (_centroid(first), _centroid(last)) == (_centroid(video.frames[0]), _centroid(video.frames[3]))
 
 
 def test_same_seed_same_files_anywhere(tmp_path):

@@ -1,4 +1,4 @@
-"""A tiny Qwen2-VL end to end: text, image-file and video-folder branches, hub-and-spoke, merge, eval, resume."""
+"""A tiny Qwen3-VL (and Qwen2-VL, Qwen2.5-VL) end to end: text, image-file and video-folder branches, hub-and-spoke, merge, eval, resume."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from copd.multimodal.processor import VLProcessor
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-def write_config(tmp_path: Path, architecture: str = "qwen2_vl") -> Path:
+def write_config(tmp_path: Path, architecture: str = "qwen3_vl") -> Path:
     data = tmp_path / "data"
     if not data.exists():
         shutil.copytree(EXAMPLES / "data" / "multimodal", data)
@@ -49,7 +49,7 @@ run: {{out: {tmp_path / 'run'}, seed: 0}}
     return path
 
 
-@pytest.mark.parametrize("architecture", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("architecture", ["qwen3_vl", "qwen2_vl", "qwen2_5_vl"])
 def test_three_modalities_train_merge_and_evaluate(tmp_path, architecture):
     path = write_config(tmp_path, architecture)
     run_dir = run_training(load_config(path), base_dir=path.parent)
@@ -62,7 +62,8 @@ def test_three_modalities_train_merge_and_evaluate(tmp_path, architecture):
     assert set(scores["merged"]["greedy"]) == {"sort", "shapes", "motion"}
     model, processor = load_pretrained(run_dir / "final")
     assert model.config.model_type == architecture and isinstance(processor, VLProcessor)
-    assert (run_dir / "final" / "preprocessor_config.json").is_file()
+    assert (run_dir / "final" / "processor_config.json").is_file()
+    assert (run_dir / "final" / "preprocessor_config.json").is_file()  # the layout older tools read
     assert write_report(run_dir).is_file()
 
 
@@ -76,8 +77,8 @@ def test_a_missing_image_fails_before_anything_is_written(tmp_path):
 
 def test_an_unreadable_video_fails_before_anything_is_written(tmp_path):
     path = write_config(tmp_path)
-    for frame in (tmp_path / "data" / "clips" / "002").iterdir():
-        frame.write_bytes(b"not a picture")
+    frames = sorted((tmp_path / "data" / "clips" / "002").iterdir())
+    frames[-1].write_bytes(b"not a picture")  # only the last frame: every frame is checked
     with pytest.raises(CopdError, match=r"motion\.jsonl:3: .*002"):
         run_training(load_config(path), base_dir=path.parent)
     assert not (tmp_path / "run").exists()
@@ -116,7 +117,15 @@ def training_records(run_dir: Path) -> list[dict]:
 
 def test_a_text_model_with_image_data_fails_before_anything_is_written(tmp_path):
     path = write_config(tmp_path)
-    path.write_text(path.read_text().replace("architecture: qwen2_vl,", "architecture: llama,"))
+    path.write_text(path.read_text().replace("architecture: qwen3_vl,", "architecture: llama,"))
     with pytest.raises(CopdError, match="capability 'shapes' has images or videos, but the base model reads text only"):
+        run_training(load_config(path), base_dir=path.parent)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_video_too_short_for_the_model_fails_before_anything_is_written(tmp_path):
+    path = write_config(tmp_path)
+    path.write_text(path.read_text().replace("vision: {video_frames: 4}", "vision: {video_frames: 4, video_min_frames: 6}"))
+    with pytest.raises(CopdError, match=r"motion\.jsonl:1: field \"video\": video .* has 4 frames; the model needs at least 6"):
         run_training(load_config(path), base_dir=path.parent)
     assert not (tmp_path / "run").exists()

@@ -70,7 +70,8 @@ class VisionInputs:
     Whoever scores or trains on the rollouts (the student's update, every teacher) reuses
     these tensors, so images and video frames are decoded once per batch: all branches
     share the base model's processor. `tensors` holds pixel_values + image_grid_thw and/or
-    pixel_values_videos + video_grid_thw, concatenated over prompts in order; prompt i owns
+    pixel_values_videos + video_grid_thw (+ second_per_grid_ts for Qwen2.5-VL), concatenated
+    over prompts in order; prompt i owns
     images_per_prompt[i] images and videos_per_prompt[i] videos, and rows
     [i*rows_per_prompt, (i+1)*rows_per_prompt) of the rollouts are its samples.
     """
@@ -98,6 +99,8 @@ class VisionInputs:
             if items:
                 tensors[grid_key] = grids[items]
                 tensors["pixel_values" + kind] = torch.cat([pixels[patch_start[j] : patch_start[j + 1]] for j in items])
+                if kind and "second_per_grid_ts" in self.tensors:  # one per video (Qwen2.5-VL)
+                    tensors["second_per_grid_ts"] = self.tensors["second_per_grid_ts"][items]
         return VisionInputs(
             tensors,
             [self.images_per_prompt[i] for i in keep],

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from copd.config.loader import error_location
 from copd.config.schema import CapabilityConfig
 from copd.errors import CopdError
+from copd.multimodal.media import VideoSampling
 from copd.capabilities.builtin import BUILTIN_CAPABILITIES
 from copd.capabilities.core import Capability, did_you_mean
 from copd.capabilities.rows import FieldMap
@@ -25,15 +26,19 @@ from copd.capabilities.tables import read_splits
 from copd.capabilities.verifiers import ANSWER_CHECKS, resolve_verifier
 
 
-def load_capability(spec: CapabilityConfig | Mapping[str, Any], base_dir: Path | None = None) -> Capability:
+def load_capability(spec: CapabilityConfig | Mapping[str, Any], base_dir: Path | None = None,
+                    video_sampling: VideoSampling | None = None) -> Capability:
     """Build a capability from a CapabilityConfig, or from a dict of its keys
     ({"name", "builtin", **options}, {"name", "path", ...} or {"name", "dataset", ...}).
 
     Relative paths are resolved against `base_dir` when given (the config file's folder),
-    otherwise against the working directory.
+    otherwise against the working directory. Every video of a data file is checked against
+    `video_sampling` (the run's model.vision), so one too short fails now.
     """
     cap = spec if isinstance(spec, CapabilityConfig) else capability_config(spec)
-    return _load_builtin(cap) if cap.builtin is not None else _load_data(cap, base_dir)
+    if cap.builtin is not None:
+        return _load_builtin(cap)
+    return _load_data(cap, base_dir, video_sampling or VideoSampling())
 
 
 def capability_config(spec: Mapping[str, Any]) -> CapabilityConfig:
@@ -87,7 +92,7 @@ def _load_builtin(cap: CapabilityConfig) -> Capability:
     return dataclasses.replace(capability, name=cap.name)
 
 
-def _load_data(cap: CapabilityConfig, base_dir: Path | None) -> Capability:
+def _load_data(cap: CapabilityConfig, base_dir: Path | None, video_sampling: VideoSampling) -> Capability:
     try:
         verifier = resolve_verifier(cap.verifier)
     except CopdError as exc:
@@ -100,6 +105,7 @@ def _load_data(cap: CapabilityConfig, base_dir: Path | None) -> Capability:
         videos=cap.videos_field,
         extra=None if cap.fields is None else tuple(cap.fields),
         check=ANSWER_CHECKS.get(cap.verifier),
+        video_sampling=video_sampling,
     )
     train, test = read_splits(cap, fields, base_dir)
     return Capability(cap.name, verifier, FileSource(cap.name, train, test))

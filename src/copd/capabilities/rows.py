@@ -9,7 +9,8 @@ from typing import Any
 
 from copd.config.schema import RESERVED_FIELDS
 from copd.errors import CopdError
-from copd.multimodal.media import check_image, check_video
+from copd.multimodal.media import VideoSampling, check_image, check_video
+from copd.multimodal.prompts import placeholder_problem
 from copd.capabilities.core import Sample
 
 # Sample.fields are passed as keywords next to the positional arguments RESERVED_FIELDS of the
@@ -36,6 +37,8 @@ class FieldMap:
     # None: every column not mapped above (minus RESERVED_FIELDS) goes to the verifier.
     extra: tuple[str, ...] | None = None
     check: AnswerCheck | None = None
+    # How videos will be sampled: a video with fewer frames than its minimum fails at load.
+    video_sampling: VideoSampling = VideoSampling()
 
     def columns(self) -> list[tuple[str, str]]:
         """(config key, column) for every column this map needs, in a stable order."""
@@ -71,14 +74,12 @@ class FieldMap:
         problem = self.check(answer) if self.check else None
         if problem:
             raise CopdError(f'{where}: field "{self.answer}" {answer!r} {problem}')
-        return Sample(
-            prompt,
-            answer,
-            self._fields(row),
-            system=self._system(row, where),
-            images=self._media(row, self.images, where, base, check_image),
-            videos=self._media(row, self.videos, where, base, check_video),
-        )
+        images = self._media(row, self.images, where, base, check_image)
+        videos = self._media(row, self.videos, where, base, lambda p: check_video(p, self.video_sampling))
+        problem = placeholder_problem(prompt, len(images), len(videos))
+        if problem:
+            raise CopdError(f'{where}: field "{self.prompt}": {problem}')
+        return Sample(prompt, answer, self._fields(row), system=self._system(row, where), images=images, videos=videos)
 
     def _fields(self, row: Mapping[str, Any]) -> dict[str, Any]:
         if self.extra is not None:

@@ -71,7 +71,7 @@ class Section(BaseModel):
 class TinyModelConfig(Section):
     """A small transformers model built from config with a locally made tokenizer."""
 
-    architecture: Literal["llama", "qwen2", "qwen2_vl", "qwen2_5_vl"] = Field("llama", description="transformers architecture of the tiny model: llama or qwen2 (text, character tokenizer), qwen2_vl or qwen2_5_vl (vision-language, byte tokenizer with Qwen's chat template and image processor)")
+    architecture: Literal["llama", "qwen2", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"] = Field("llama", description="transformers architecture of the tiny model: llama or qwen2 (text, character tokenizer), qwen3_vl, qwen2_vl or qwen2_5_vl (vision-language, byte tokenizer with Qwen's chat template and image processor)")
     hidden_size: int = Field(128, gt=0, description="width of the residual stream")
     num_layers: int = Field(4, gt=0, description="number of decoder layers")
     num_heads: int = Field(4, gt=0, description="attention heads (key/value heads equal)")
@@ -82,12 +82,28 @@ class TinyModelConfig(Section):
 
 
 class VisionConfig(Section):
-    """How a vision-language model reads images and videos (ignored by text models)."""
+    """How a vision-language model reads images and videos (ignored by text models).
 
-    video_frames: int | None = Field(4, gt=0, description="frames taken from each video, uniformly spaced (null: every frame, after video_fps)")
-    video_fps: float | None = Field(None, gt=0, description="frames per second taken from video files with timing (animated images, or any file PyAV reads); a folder of frames has no timing and ignores it")
+    Frames are sampled by Qwen's convention: video_fps frames per second of the source,
+    clamped to [video_min_frames, video_max_frames] and to the source's frames, an even count,
+    spread evenly from the first frame to the last.
+    """
+
+    video_fps: float = Field(2.0, gt=0, description="frames sampled per second of video (Qwen's convention: 2)")
+    video_min_frames: int = Field(4, ge=2, description="fewest frames a video is sampled to; a video with fewer frames is an error when the data loads")
+    video_max_frames: int = Field(768, ge=2, description="most frames a video is sampled to")
+    video_frames: int | None = Field(None, ge=2, description="a fixed number of frames per video instead of video_fps (rounded down to an even count)")
+    folder_fps: float = Field(2.0, gt=0, description="frame rate of a video given as a folder of frames (it has no timing); the timestamps Qwen3-VL sees follow from it")
     min_pixels: int | None = Field(None, gt=0, description="smallest image area after resizing (null: the image processor's own)")
     max_pixels: int | None = Field(None, gt=0, description="largest image area after resizing (null: the image processor's own; a real Qwen-VL allows 12.8M, lower it on small GPUs)")
+    video_min_pixels: int | None = Field(None, gt=0, description="smallest video area after resizing (null: the video processor's own); Qwen3-VL counts all frames together, Qwen2/2.5-VL one frame")
+    video_max_pixels: int | None = Field(None, gt=0, description="largest video area after resizing (null: the video processor's own); Qwen3-VL counts all frames together, Qwen2/2.5-VL one frame")
+
+    @model_validator(mode="after")
+    def _frame_range(self) -> VisionConfig:
+        if self.video_min_frames > self.video_max_frames:
+            raise ValueError(f"video_min_frames ({self.video_min_frames}) is above video_max_frames ({self.video_max_frames})")
+        return self
 
 
 class ModelConfig(Section):

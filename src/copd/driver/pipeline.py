@@ -24,6 +24,7 @@ from copd.backends.roles import SamplingParams
 from copd.reporting.progress import QuietReporter, Reporter
 from copd.capabilities import Capability, load_capability
 from copd.driver.trainer import Trainer, plan_of
+from copd.multimodal.media import VideoSampling
 from copd.multimodal.processor import VLProcessor
 from copd.driver.warmstart import prepare_base
 
@@ -45,11 +46,12 @@ def check_modalities(capabilities: dict[str, Capability], tokenizer) -> None:
     for cap in capabilities.values():
         if any(s.images or s.videos for s in cap.test_set(8)):
             raise CopdError(f"capability {cap.name!r} has images or videos, but the base model reads text only; use a "
-                            "vision-language model (model.tiny.architecture: qwen2_vl, or a Qwen2-VL / Qwen2.5-VL model.path)")
+                            "vision-language model (model.tiny.architecture: qwen3_vl, or a Qwen3-VL, Qwen2.5-VL or Qwen2-VL model.path)")
 
 
 def load_capabilities(config: Config, base_dir: Path | None = None) -> dict[str, Capability]:
-    return {c.name: load_capability(c, base_dir) for c in config.capabilities}
+    sampling = VideoSampling.from_options(config.model.vision.model_dump())
+    return {c.name: load_capability(c, base_dir, sampling) for c in config.capabilities}
 
 
 def check_run_dir(config: Config, run_dir: Path, resume: bool) -> None:

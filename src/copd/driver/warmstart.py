@@ -55,7 +55,7 @@ def _tiny_text(cfg: TinyModelConfig, seed: int):
 
 
 def _tiny_vision_language(cfg: TinyModelConfig, seed: int):
-    from copd.multimodal.processor import build_tiny_vl
+    from copd.multimodal.tiny import build_tiny_vl
 
     return build_tiny_vl(seed=seed, hidden=cfg.hidden_size, layers=cfg.num_layers, heads=cfg.num_heads,
                          vision_dim=cfg.vision_hidden_size, vision_layers=cfg.vision_layers, arch=cfg.architecture,
@@ -68,6 +68,7 @@ TINY_BUILDERS: dict[str, Callable[[TinyModelConfig, int], tuple]] = {
     "qwen2": _tiny_text,
     "qwen2_vl": _tiny_vision_language,
     "qwen2_5_vl": _tiny_vision_language,
+    "qwen3_vl": _tiny_vision_language,
 }
 
 

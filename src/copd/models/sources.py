@@ -70,16 +70,13 @@ def check_model_folder(path: str | Path) -> Path:
 
 
 def load_pretrained(path: str | Path, dtype: str = "float32"):
-    """Load a standard transformers folder: (model, tokenizer), or (model, VLProcessor) for Qwen2-VL / Qwen2.5-VL."""
+    """Load a standard transformers folder: (model, tokenizer), or (model, VLProcessor) for Qwen2-VL, Qwen2.5-VL or Qwen3-VL."""
     return _load(check_model_folder(path), dtype)
 
 
 def _load(source: str | Path, dtype: str):
     """(model, tokenizer), or (model, VLProcessor) for a vision-language model."""
     config = AutoConfig.from_pretrained(source)
-    if str(getattr(config, "model_type", "")).startswith("qwen3_vl"):
-        raise CopdError(f"{source}: Qwen3-VL is not supported yet (its video prompts carry frame timestamps that copd "
-                        "does not build); use a Qwen2-VL or Qwen2.5-VL checkpoint")
     if is_vision_language(config):
         model = own_memory(AutoModelForImageTextToText.from_pretrained(source, dtype=DTYPES[dtype]))
         return model, VLProcessor.from_pretrained(source)

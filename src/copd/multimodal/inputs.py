@@ -55,102 +55,101 @@ rope_deltas are repeated `rows_per_prompt` times (rows are grouped by prompt).
 
 from __future__ import annotations
 
+import math
+
 import torch
+from transformers.image_utils import PILImageResampling
+
+from copd.multimodal.families import IMAGE_PAD, VIDEO_PAD, VideoLayout, VLFamily
+from copd.multimodal.media import Video
 
 
-PIXEL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
-IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
+# What the model's forward takes of the pixel inputs; M-RoPE (get_rope_index) also reads second_per_grid_ts.
+FORWARD_PIXEL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+PIXEL_KEYS = (*FORWARD_PIXEL_KEYS, "second_per_grid_ts")
 
 
-def video_patches(frames: list, image_processor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(patches [t*h*w, C*tp*p*p], grid [t, h, w]) of one video, in the video processor's layout.
+def video_patches(video: Video, image_processor, settings: dict, fam: VLFamily) -> tuple[torch.Tensor, torch.Tensor]:
+    """(patches [t*h*w, C*tp*p*p], grid [t, h, w]) of one video, in the family's video processor layout.
 
-    The image processor fills each patch's temporal slots with copies of one frame; here the
-    frames are processed alone and consecutive groups of temporal_patch_size frames fill
-    those slots instead (the last frame is repeated to complete a group, as the video
-    processor does). All frames must have the same size.
+    The frames are resized as the family's video processor sizes them (`VLFamily.video_size`),
+    then normalised with the video settings by the image processor, which fills each patch's
+    temporal slots with copies of one frame; here consecutive groups of temporal_patch_size
+    frames fill those slots instead (the last frame is repeated to complete a group, as the
+    video processor does).
     """
-    tp, p = image_processor.temporal_patch_size, image_processor.patch_size
-    frames = list(frames) + [frames[-1]] * (-len(frames) % tp)
-    out = image_processor(images=frames, return_tensors="pt")
-    grids = out["image_grid_thw"]
-    if not (grids == grids[0]).all():
-        raise ValueError("all frames of a video must have the same size")
-    n = int(grids[0, 1] * grids[0, 2])
+    tp, p = settings["temporal_patch_size"], settings["patch_size"]
+    frames = list(video.frames)
+    width, height = frames[0].size
+    new_h, new_w = fam.video_size(len(frames), height, width, settings)
+    resample = PILImageResampling(settings.get("resample", PILImageResampling.BICUBIC))
+    frames = [f if f.size == (new_w, new_h) else f.resize((new_w, new_h), resample) for f in frames]
+    frames += [frames[-1]] * (-len(frames) % tp)
+    out = image_processor(images=frames, do_resize=False, image_mean=settings["image_mean"],
+                          image_std=settings["image_std"], return_tensors="pt")
+    grid = out["image_grid_thw"][0]
+    n = int(grid[1] * grid[2])
     channels = out["pixel_values"].shape[-1] // (tp * p * p)
     # [frame, patch, C, tp, p, p]: keep one temporal copy per frame, then regroup frames into slots.
     single = out["pixel_values"].view(len(frames), n, channels, tp, p, p)[:, :, :, 0]
     grouped = single.view(len(frames) // tp, tp, n, channels, p, p).permute(0, 2, 3, 1, 4, 5)
-    grid = torch.tensor([len(frames) // tp, int(grids[0, 1]), int(grids[0, 2])])
-    return grouped.reshape(-1, channels * tp * p * p), grid
+    return grouped.reshape(-1, channels * tp * p * p), torch.tensor([len(frames) // tp, int(grid[1]), int(grid[2])])
 
 
-def _expand_pads(ids: list[int], pad_id: int, counts: list[int]) -> list[int]:
-    """Replace the k-th `pad_id` in ids with counts[k] copies of it."""
-    if ids.count(pad_id) != len(counts):
-        raise ValueError(f"text has {ids.count(pad_id)} placeholders for {len(counts)} images/videos")
-    out, k = [], 0
-    for token in ids:
-        if token == pad_id:
-            out.extend([pad_id] * counts[k])
-            k += 1
-        else:
-            out.append(token)
-    return out
+def expand_placeholders(text: str, pad: str, expansions: list[str], what: str) -> str:
+    """`text` with its k-th `pad` replaced by expansions[k]; a count mismatch is a ValueError."""
+    parts = text.split(pad)
+    if len(parts) - 1 != len(expansions):
+        raise ValueError(f"text has {len(parts) - 1} {what} placeholders for {len(expansions)} {what}s")
+    return "".join(part + expansion for part, expansion in zip(parts, expansions + [""], strict=True))
 
 
-def _pixels(images, videos, image_processor, video_processor=None) -> dict:
-    """Pixel tensors and grids of all images (then all videos), in row order.
+def _image_features(images: list, image_processor) -> dict:
+    if not images:
+        return {}
+    out = image_processor(images=images, return_tensors="pt")
+    return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
 
-    Videos go through transformers' video processor when there is one (it needs
-    torchvision), keeping every given frame; otherwise through `video_patches`, which gives
-    the same layout from the image processor.
-    """
-    feats = {}
-    flat_images = [im for row in images for im in row]
-    if flat_images:
-        out = image_processor(images=flat_images, return_tensors="pt")
-        feats["pixel_values"], feats["image_grid_thw"] = out["pixel_values"], out["image_grid_thw"]
-    flat_videos = [video for row in videos for video in row]
-    if flat_videos and video_processor is not None:
-        out = video_processor(videos=flat_videos, return_tensors="pt", do_sample_frames=False, cap_pixels_per_frame=False)
-        feats["pixel_values_videos"], feats["video_grid_thw"] = out["pixel_values_videos"], out["video_grid_thw"]
-    elif flat_videos:
-        parts = [video_patches(video, image_processor) for video in flat_videos]
-        feats["pixel_values_videos"] = torch.cat([patches for patches, _ in parts])
-        feats["video_grid_thw"] = torch.stack([grid for _, grid in parts])
+
+def _video_features(videos: list[Video], image_processor, settings: dict, fam: VLFamily) -> dict:
+    if not videos:
+        return {}
+    parts = [video_patches(video, image_processor, settings, fam) for video in videos]
+    feats = {"pixel_values_videos": torch.cat([patches for patches, _ in parts]),
+             "video_grid_thw": torch.stack([grid for _, grid in parts])}
+    if fam.seconds_per_step:  # seconds per temporal step at the sampled frame rate
+        tp = settings["temporal_patch_size"]
+        feats["second_per_grid_ts"] = torch.tensor(
+            [tp * v.total_frames / (len(v.indices) * v.fps) for v in videos])
     return feats
 
 
-def encode_vl(texts: list[str], images: list[list] | None, videos: list[list[list]] | None, tokenizer,
-              image_processor, video_processor=None) -> dict[str, torch.Tensor]:
-    """Left-padded model inputs for texts that hold one placeholder block per image and video.
+def encode_manual(texts: list[str], images: list[list], videos: list[list[Video]], tokenizer, image_processor,
+                  video_settings: dict, fam: VLFamily) -> dict[str, torch.Tensor]:
+    """Left-padded model inputs built as the family's processor builds them, without torchvision.
 
-    images[i] / videos[i] are row i's images and videos (a video is a list of PIL frames), in
-    the order their placeholders appear. Returns input_ids, attention_mask, mm_token_type_ids
-    (0 text, 1 image, 2 video; M-RoPE needs it) and, when present, pixel_values +
-    image_grid_thw and pixel_values_videos + video_grid_thw.
+    texts[i] holds one `<|image_pad|>` per image and one `<|video_pad|>` per video of row i
+    (as the chat template writes them); each is expanded to the tokens of its grid (and, for
+    Qwen3-VL, the video's timestamps), then the texts are tokenized together. Returns
+    input_ids, attention_mask, mm_token_type_ids (0 text, 1 image, 2 video; M-RoPE needs
+    it) and the pixel tensors and grids present.
     """
-    images = images or [[] for _ in texts]
-    videos = videos or [[] for _ in texts]
-    feats = _pixels(images, videos, image_processor, video_processor)
-    per_token = image_processor.merge_size ** 2
-    image_counts = iter((feats.get("image_grid_thw", torch.zeros(0, 3)).prod(-1) // per_token).tolist())
-    video_counts = iter((feats.get("video_grid_thw", torch.zeros(0, 3)).prod(-1) // per_token).tolist())
-    image_id, video_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD), tokenizer.convert_tokens_to_ids(VIDEO_PAD)
-    rows = []
+    merge = image_processor.merge_size
+    feats = {**_image_features([im for row in images for im in row], image_processor),
+             **_video_features([v for row in videos for v in row], image_processor, video_settings, fam)}
+    image_grids = iter(feats.get("image_grid_thw", torch.zeros(0, 3, dtype=torch.long)).tolist())
+    video_grids = iter(feats.get("video_grid_thw", torch.zeros(0, 3, dtype=torch.long)).tolist())
+    expanded = []
     for text, row_images, row_videos in zip(texts, images, videos, strict=True):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids = _expand_pads(ids, image_id, [next(image_counts) for _ in row_images])
-        rows.append(_expand_pads(ids, video_id, [next(video_counts) for _ in row_videos]))
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, width - len(row):] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask,
-            "mm_token_type_ids": token_types(input_ids, image_id, video_id), **feats}
+        image_text = [IMAGE_PAD * (math.prod(next(image_grids)) // merge ** 2) for _ in row_images]
+        video_text = [fam.video_text(VideoLayout(tuple(next(video_grids)), merge, video_settings["temporal_patch_size"],
+                                                 video.indices, video.fps)) for video in row_videos]
+        text = expand_placeholders(text, IMAGE_PAD, image_text, "image")
+        expanded.append(expand_placeholders(text, VIDEO_PAD, video_text, "video"))
+    tokens = tokenizer(expanded, padding=True, padding_side="left", return_tensors="pt")
+    image_id, video_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD), tokenizer.convert_tokens_to_ids(VIDEO_PAD)
+    return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
+            "mm_token_type_ids": token_types(tokens["input_ids"], image_id, video_id), **feats}
 
 
 def token_types(input_ids: torch.Tensor, image_id: int, video_id: int) -> torch.Tensor:
@@ -161,9 +160,10 @@ def token_types(input_ids: torch.Tensor, image_id: int, video_id: int) -> torch.
 def rope_positions(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(M-RoPE position ids [3, B, L], rope_deltas [B, 1]) of left-padded prompts (see module doc)."""
     plain = model.get_base_model() if hasattr(model, "get_base_model") else model  # under PEFT adapters
+    extra = {"second_per_grid_ts": inputs["second_per_grid_ts"]} if "second_per_grid_ts" in inputs else {}
     return plain.model.get_rope_index(
         inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"),
-        video_grid_thw=inputs.get("video_grid_thw"), attention_mask=inputs["attention_mask"])
+        video_grid_thw=inputs.get("video_grid_thw"), attention_mask=inputs["attention_mask"], **extra)
 
 
 def decode_positions(attention_mask_B_L: torch.Tensor, rope_deltas_B_1: torch.Tensor, start: int) -> torch.Tensor:

@@ -2,23 +2,27 @@
 
 A video is any of
   - a folder of frame images (png, jpg, jpeg, webp, bmp, gif), in natural file-name order
-    (frame2 before frame10); a folder has no timing, so `fps` is ignored for it;
+    (frame2 before frame10); a folder has no timing and plays at a stated rate
+    (VideoSampling.folder_fps, model.vision.folder_fps in a config);
   - an animated image Pillow reads (GIF, animated WebP or PNG), timed by its frame durations;
-  - any other video file (mp4, webm, avi, mov, mkv, ...), read with PyAV (pip install copd[video]).
+  - any other video file (mp4, webm, avi, mov, mkv, ...), read with PyAV (pip install copd[video]),
+    timed by its packets.
 
-Frames come back as RGB PIL images of one size. Every problem is a one-line CopdError that
-names the file.
+A loaded video is a `Video`: the sampled frames (RGB PIL images of one size) with their
+source frame indices and the source's fps, from which a Qwen3-VL prompt's timestamps follow.
+Every problem is a one-line CopdError that names the file.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy
 from PIL import Image, ImageSequence
 
 from copd.errors import CopdError
@@ -46,41 +50,99 @@ def check_image(path: str) -> None:
     _verify(path, "image")
 
 
-def load_video(
-    path: str, num_frames: int | None = None, fps: float | None = None
-) -> list[Image.Image]:
-    """The frames of a video (see the module docstring), all RGB and of the first frame's size.
+@dataclass(frozen=True)
+class VideoSampling:
+    """Which frames of a video a model sees (Qwen's convention: 2 per second, 4 to 768, an even count).
 
-    With `fps`, the frames shown at times 0, 1/fps, 2/fps, ... are kept (each source frame at
-    most once, so an fps above the source's rate keeps every frame); then, with `num_frames`,
-    that many uniformly spaced frames including the first and the last (num_frames=1 keeps
-    the first).
+    The frame count is (source frames / source fps * fps), or `num_frames` when set, clamped
+    to [min_frames, max_frames] and to the source's frame count, then rounded down to a
+    multiple of `frame_factor` (the temporal patch: two frames make one visual step); the
+    frames are spread evenly from the first to the last. A folder of frames has no timing
+    and plays at `folder_fps`.
     """
-    if num_frames is not None and num_frames < 1:
-        raise CopdError(f"num_frames must be >= 1, got {num_frames} (reading {path})")
-    if fps is not None and not fps > 0:
-        raise CopdError(f"fps must be > 0, got {fps} (reading {path})")
+
+    fps: float = 2.0
+    min_frames: int = 4
+    max_frames: int = 768
+    num_frames: int | None = None
+    folder_fps: float = 2.0
+    frame_factor: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("fps", "folder_fps"):
+            if not getattr(self, name) > 0:
+                raise CopdError(f"video {name} must be > 0, got {getattr(self, name)}")
+        if not self.frame_factor <= self.min_frames <= self.max_frames:
+            raise CopdError(f"video frames: need {self.frame_factor} <= min_frames ({self.min_frames}) "
+                            f"<= max_frames ({self.max_frames})")
+        if self.num_frames is not None and self.num_frames < self.frame_factor:
+            raise CopdError(f"video num_frames must be >= {self.frame_factor}, got {self.num_frames}")
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> VideoSampling:
+        """From the keys of model.vision (video_fps, video_min_frames, ...); absent keys keep their defaults."""
+        names = {"video_fps": "fps", "video_min_frames": "min_frames", "video_max_frames": "max_frames",
+                 "video_frames": "num_frames", "folder_fps": "folder_fps"}
+        return cls(**{field: options[key] for key, field in names.items() if key in options})
+
+    def indices(self, total: int, source_fps: float, path: str = "") -> list[int]:
+        """Source indices of the sampled frames of a video of `total` frames at `source_fps`."""
+        if total < self.min_frames:
+            raise CopdError(f"video {path} has {total} frame{'s' * (total != 1)}; the model needs at least "
+                            f"{self.min_frames} (model.vision.video_min_frames)")
+        wanted = self.num_frames if self.num_frames is not None else total / source_fps * self.fps
+        count = min(max(wanted, self.min_frames), self.max_frames, total)
+        count = int(count // self.frame_factor * self.frame_factor)
+        return [round(i) for i in numpy.linspace(0, total - 1, count)]
+
+
+@dataclass
+class Video:
+    """The sampled frames of a video with where they came from: what the prompt's timestamps need."""
+
+    frames: list[Image.Image]
+    indices: list[int]  # source frame index of each frame
+    fps: float  # the source's frame rate
+    total_frames: int
+
+    def metadata(self) -> dict[str, Any]:
+        """transformers' video metadata (fps, frames_indices, total_num_frames)."""
+        return {"fps": self.fps, "frames_indices": list(self.indices), "total_num_frames": self.total_frames}
+
+    def seconds(self) -> list[float]:
+        """The time of each frame in the source, in seconds."""
+        return [i / self.fps for i in self.indices]
+
+
+def load_video(path: str, sampling: VideoSampling = VideoSampling()) -> Video:
+    """The frames of a video (see the module docstring) that `sampling` picks, all RGB and of the first frame's size."""
     _require(path, "video")
     if Path(path).is_dir():
         files = frame_files(path)
-        frames = [load_image(str(files[i])) for i in _uniform(len(files), num_frames)]
+        indices = sampling.indices(len(files), sampling.folder_fps, path)
+        video = Video([load_image(str(files[i])) for i in indices], indices, sampling.folder_fps, len(files))
     elif Path(path).suffix.lower() in ANIMATED_SUFFIXES:
-        frames = _animated_frames(path, num_frames, fps)
+        video = _animated_video(path, sampling)
     else:
-        frames = _pyav_frames(path, num_frames, fps)
-    return _same_size(frames)
+        video = _pyav_video(path, sampling)
+    video.frames = _same_size(video.frames)
+    return video
 
 
-def check_video(path: str) -> None:
-    """Cheap validation before training: a readable first frame, or a file that opens."""
+def check_video(path: str, sampling: VideoSampling = VideoSampling()) -> None:
+    """Validation before training: every frame readable (all of a folder's), and enough of them."""
     _require(path, "video")
     if Path(path).is_dir():
-        check_image(str(frame_files(path)[0]))
+        files = frame_files(path)
+        for file in files:
+            check_image(str(file))
+        total = len(files)
     elif Path(path).suffix.lower() in ANIMATED_SUFFIXES:
         _verify(path, "video")
+        total, _ = _animated_timing(path)
     else:
-        with _open_video(_import_av(path), path):
-            pass
+        total = _pyav_frame_count(path)
+    sampling.indices(total, sampling.folder_fps, path)
 
 
 def frame_files(folder: str) -> list[Path]:
@@ -127,48 +189,33 @@ def _reason(exc: BaseException) -> str:
     return text if len(text) <= REASON_LIMIT else text[: REASON_LIMIT - 3] + "..."
 
 
-def _uniform(count: int, num_frames: int | None) -> list[int]:
-    """Indices of `num_frames` evenly spaced items of `count`, first and last included."""
-    if num_frames is None or count <= num_frames:
-        return list(range(count))
-    if num_frames == 1:
-        return [0]
-    return [round(j * (count - 1) / (num_frames - 1)) for j in range(num_frames)]
+def _source_fps(count: int, seconds: float, fallback: float) -> float:
+    """Frames per second of `count` frames lasting `seconds`; without timing, the stated fallback."""
+    return count / seconds if seconds > 0 else fallback
 
 
-def select_frames(
-    starts: list[float], end: float | None, num_frames: int | None, fps: float | None
-) -> list[int]:
-    """Indices of the frames to keep, given each frame's start time and the video's end.
-
-    Frame i is shown during [starts[i], starts[i + 1]); it is kept at `fps` when some
-    k / fps falls in that span. Without timing (end None, or not after the first start)
-    `fps` is ignored.
-    """
-    picked = list(range(len(starts)))
-    first = starts[0] if starts else 0.0
-    if fps is not None and end is not None and end > first:
-        bounds = [t - first for t in starts[1:]] + [end - first]
-        picked = []
-        for i, t in enumerate(starts):
-            # Rounded so that 0.25 s * 4 fps lands on 1, not 0.9999999.
-            k = math.ceil(round((t - first) * fps, 6))
-            if k < round(bounds[i] * fps, 6):
-                picked.append(i)
-    return [picked[j] for j in _uniform(len(picked), num_frames)]
-
-
-def _animated_frames(path: str, num_frames: int | None, fps: float | None) -> list[Image.Image]:
+def _animated_timing(path: str) -> tuple[int, float]:
+    """(frame count, total seconds) of an animated image, from its frame durations."""
     try:
         with Image.open(path) as image:
             ms = [f.info.get("duration") or 0 for f in ImageSequence.Iterator(image)]
-            starts = [sum(ms[:i]) / 1000 for i in range(len(ms))]
-            wanted = set(select_frames(starts, sum(ms) / 1000, num_frames, fps))
-            # A second pass, as GIF frames only decode in order; only kept frames are copied.
-            frames = ImageSequence.Iterator(image)
-            return [f.convert("RGB") for i, f in enumerate(frames) if i in wanted]
     except Exception as exc:  # Pillow raises many types for broken or foreign files
         raise CopdError(f"cannot read video {path}: {_reason(exc)}") from None
+    return len(ms), sum(ms) / 1000
+
+
+def _animated_video(path: str, sampling: VideoSampling) -> Video:
+    total, seconds = _animated_timing(path)
+    fps = _source_fps(total, seconds, sampling.folder_fps)
+    indices = sampling.indices(total, fps, path)
+    wanted = set(indices)
+    try:
+        with Image.open(path) as image:
+            # GIF frames only decode in order; only kept frames are copied.
+            frames = [f.convert("RGB") for i, f in enumerate(ImageSequence.Iterator(image)) if i in wanted]
+    except Exception as exc:  # Pillow raises many types for broken or foreign files
+        raise CopdError(f"cannot read video {path}: {_reason(exc)}") from None
+    return Video(frames, indices, fps, total)
 
 
 def _import_av(path: str) -> Any:
@@ -194,18 +241,38 @@ def _open_video(av: Any, path: str) -> Iterator[tuple[Any, Any]]:
         container.close()
 
 
-def _pyav_frames(path: str, num_frames: int | None, fps: float | None) -> list[Image.Image]:
+def _pyav_video(path: str, sampling: VideoSampling) -> Video:
     av = _import_av(path)
     try:
         with _open_video(av, path) as (container, stream):
             starts, end = _packet_times(container, stream)
         with _open_video(av, path) as (container, stream):
             if not starts:
-                # No packet times (say a raw stream): decode everything, select by count.
-                frames = [f.to_image() for f in container.decode(stream)]
-                return [frames[i].convert("RGB") for i in _uniform(len(frames), num_frames)]
-            wanted = select_frames(starts, end, num_frames, fps)
-            return [f.to_image().convert("RGB") for f in _decoded(container, stream, wanted)]
+                # No packet times (say a raw stream): decode everything at the stream's stated rate.
+                frames = [f.to_image().convert("RGB") for f in container.decode(stream)]
+                fps = float(stream.average_rate or sampling.folder_fps)
+                indices = sampling.indices(len(frames), fps, path)
+                return Video([frames[i] for i in indices], indices, fps, len(frames))
+            fps = _source_fps(len(starts), (end or starts[0]) - starts[0], sampling.folder_fps)
+            indices = sampling.indices(len(starts), fps, path)
+            frames = [f.to_image().convert("RGB") for f in _decoded(container, stream, indices)]
+            return Video(frames, indices, fps, len(starts))
+    except CopdError:
+        raise
+    except Exception as exc:  # PyAV raises FFmpeg errors of many types
+        raise CopdError(f"cannot read video {path}: {_reason(exc)}") from None
+
+
+def _pyav_frame_count(path: str) -> int:
+    """Frames of a PyAV video: its timed packets, or (without packet times) its decoded frames."""
+    av = _import_av(path)
+    try:
+        with _open_video(av, path) as (container, stream):
+            count = len(_packet_times(container, stream)[0])
+        if count:
+            return count
+        with _open_video(av, path) as (container, stream):
+            return sum(1 for _ in container.decode(stream))
     except CopdError:
         raise
     except Exception as exc:  # PyAV raises FFmpeg errors of many types

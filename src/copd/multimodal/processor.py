@@ -1,153 +1,53 @@
-"""Vision-language models (Qwen2-VL, Qwen2.5-VL): tiny local builds, their processor, save and load.
+"""`VLProcessor`: what a vision-language policy holds where a text policy holds its tokenizer.
 
-The tiny model is built from config with a byte-level tokenizer carrying Qwen's special
-tokens and chat template, and the PIL image processor, so nothing needs torchvision or a
-download. `VLProcessor` is what a vision-language policy holds where a text policy holds
-its tokenizer (as a transformers processor is a trainer's `processing_class`): the
-tokenizer plus the image processor, saved to and loaded from one model folder.
-Encoding and positions live in copd.multimodal.inputs, sampling in copd.backends.local.vl_decoding.
+Two routes build the model inputs of prompts with images and videos, and give the same
+ids, token types and grids (pixels agree within resampling differences):
+  - with torchvision, the checkpoint's own processor (`AutoProcessor` from the model folder),
+    called with copd's sampled frames and their video metadata (fps and source frame
+    indices, from which Qwen3-VL's timestamps follow) and `do_sample_frames=False`;
+  - without it (the family's Processor classes need torchvision), copd.multimodal.inputs'
+    manual route: the PIL image processor, the family's frame resizing, patches arranged
+    in the video processor's layout, and the placeholders expanded as the processor does.
+Both read and write one model folder: the tokenizer with its chat template, and
+`processor_config.json` with the image processor, the video processor's settings and the
+processor class, as transformers saves them.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 from transformers.utils import is_torchvision_available
-from transformers import Qwen2VLImageProcessorPil
 
-from copd.multimodal.inputs import IMAGE_PAD, VIDEO_PAD, encode_vl
+from copd.multimodal.families import IMAGE_PAD, VIDEO_PAD, VLFamily, family
+from copd.multimodal.inputs import encode_manual, token_types
+from copd.multimodal.media import Video
 
-VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-CHAT_TOKENS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|pad|>"]
-IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
-VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
-
-# Qwen's ChatML layout; an image or video content item becomes its placeholder block.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}" + IMAGE_PLACEHOLDER +
-    "{% elif item['type'] == 'video' %}" + VIDEO_PLACEHOLDER +
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def build_vl_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level tokenizer (one token per byte, so any text encodes) plus Qwen's special tokens."""
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|pad|>",
-        additional_special_tokens=CHAT_TOKENS + VISION_TOKENS,
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-def _mrope_section(head_dim: int) -> list[int]:
-    """[t, h, w] rotary frequency split summing to head_dim / 2, in Qwen's 2:3:3 proportion."""
-    half = head_dim // 2
-    spatial = half * 3 // 8
-    return [half - 2 * spatial, spatial, spatial]
-
-
-def _vl_config(arch: str, tokenizer, hidden: int, layers: int, heads: int, vision_dim: int, vision_layers: int,
-               init_std: float, intermediate: int | None = None):
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
-
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in [
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
-    text = dict(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate or 2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=1024,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                         "mrope_section": _mrope_section(hidden // heads)},
-        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        initializer_range=init_std,
-    )
-    vision = dict(depth=vision_layers, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-                  initializer_range=init_std)
-    if arch == "qwen2_vl":
-        vision.update(embed_dim=vision_dim, hidden_size=hidden, mlp_ratio=2)
-        return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
-    if arch == "qwen2_5_vl":
-        vision.update(hidden_size=vision_dim, intermediate_size=2 * vision_dim, out_hidden_size=hidden,
-                      window_size=56, fullatt_block_indexes=[vision_layers - 1])
-        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
-    raise ValueError(f"unknown vision-language architecture {arch!r}; expected 'qwen2_vl' or 'qwen2_5_vl'")
-
-
-def build_tiny_vl(seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4, vision_dim: int = 32,
-                  vision_layers: int = 1, arch: str = "qwen2_vl", min_pixels: int = 28 * 28, max_pixels: int = 56 * 56,
-                  init_std: float = 0.02, intermediate: int | None = None):
-    """(model, VLProcessor): a tiny random Qwen2-VL (or Qwen2.5-VL) built from config.
-
-    max_pixels = 56*56 caps an image at a 4x4 patch grid, i.e. 4 tokens after the 2x2 merge.
-    A larger init_std than the usual 0.02 gives a random model whose greedy output varies
-    with its input, which tests of positions and caching need.
-    """
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
-
-    tokenizer = build_vl_tokenizer()
-    config = _vl_config(arch, tokenizer, hidden, layers, heads, vision_dim, vision_layers, init_std, intermediate)
-    model_cls = Qwen2VLForConditionalGeneration if arch == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration
-    torch.manual_seed(seed)
-    model = model_cls(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    image_processor_cls = Qwen2VLImageProcessorPil
-    if is_torchvision_available():  # importing the torchvision class without torchvision only warns and falls back
-        from transformers import Qwen2VLImageProcessor as image_processor_cls
-    image_processor = image_processor_cls(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14,
-                                               merge_size=2, temporal_patch_size=2)
-    return model, VLProcessor(tokenizer, image_processor, _video_processor(image_processor))
-
-
-def _video_processor(image_processor):
-    """With torchvision: transformers' video processor at the image processor's resolution (its own
-    defaults would upscale small frames), so a fresh build matches a reloaded folder."""
-    if not is_torchvision_available():
-        return None
-    from transformers import Qwen2VLVideoProcessor
-
-    return Qwen2VLVideoProcessor(
-        min_pixels=image_processor.size["shortest_edge"], max_pixels=image_processor.size["longest_edge"],
-        patch_size=image_processor.patch_size, temporal_patch_size=image_processor.temporal_patch_size,
-        merge_size=image_processor.merge_size, do_sample_frames=False)
-
-
-# model_type values of the vision-language architectures copd drives (their M-RoPE and inputs).
-VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
-
-
-def is_vision_language(config) -> bool:
-    """Whether a transformers config is a vision-language model this module handles."""
-    return getattr(config, "model_type", None) in VL_MODEL_TYPES
+ROUTES = ("auto", "processor", "manual")
+# What a saved image processor is called in a processor folder: the class AutoProcessor builds
+# with torchvision (without it, AutoImageProcessor maps the name to the PIL class).
+TORCHVISION_IMAGE_PROCESSOR = "Qwen2VLImageProcessor"
 
 
 class VLProcessor:
-    """A vision-language model's tokenizer, image processor and (with torchvision) video processor.
+    """A vision-language model's tokenizer, image processor and video settings, and its own processor when available.
 
-    Used where a policy holds a tokenizer. With torchvision installed, transformers' own
-    image and video processors are used; without it, the PIL image processor, and videos
-    are patchified from its per-frame output (copd.multimodal.inputs.video_patches).
+    `video_settings` is the video processor's configuration (size, patch sizes, mean and
+    std, frame sampling defaults) as a dict, which the manual route reads without
+    torchvision. `processor` is the transformers processor, or None for the manual route.
     """
 
-    def __init__(self, tokenizer, image_processor, video_processor=None):
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.video_processor = video_processor
+    def __init__(self, fam: VLFamily, tokenizer, image_processor, video_settings: dict, processor=None):
+        self.family, self.tokenizer, self.image_processor = fam, tokenizer, image_processor
+        self.video_settings, self.processor = video_settings, processor
 
+    @classmethod
+    def manual(cls, model_type: str, tokenizer, image_processor, video_settings: dict) -> VLProcessor:
+        return cls(family(model_type), tokenizer, image_processor, video_settings)
+
+    route = property(lambda self: "manual" if self.processor is None else "processor")
     # what a policy reads of a tokenizer
     eos_token_id = property(lambda self: self.tokenizer.eos_token_id)
     pad_token_id = property(lambda self: self.tokenizer.pad_token_id)
@@ -175,23 +75,111 @@ class VLProcessor:
     def batch_decode(self, ids, **kwargs) -> list[str]:
         return self.tokenizer.batch_decode(ids, **kwargs)
 
-    def encode(self, texts: list[str], images: list[list], videos: list[list[list]]) -> dict:
-        """Model inputs of texts with placeholder blocks and their PIL images / video frames."""
-        return encode_vl(texts, images, videos, self.tokenizer, self.image_processor, self.video_processor)
+    def set_pixels(self, image: tuple[int | None, int | None], video: tuple[int | None, int | None]) -> None:
+        """The (min, max) pixel areas images and videos are resized within; None keeps the saved value."""
+        self.image_processor.size = _pixel_range(self.image_processor.size, *image)
+        self.video_settings["size"] = _pixel_range(self.video_settings["size"], *video)
+        if self.processor is not None:  # self.image_processor is the processor's own
+            self.processor.video_processor.size = self.video_settings["size"]
 
+    def encode(self, texts: list[str], images: list[list], videos: list[list[Video]]) -> dict:
+        """Left-padded model inputs of texts with placeholder blocks, their PIL images and their videos."""
+        if self.processor is None:
+            return encode_manual(texts, images, videos, self.tokenizer, self.image_processor, self.video_settings,
+                                 self.family)
+        return self._encode_with_processor(texts, images, videos)
+
+    def _encode_with_processor(self, texts, images, videos) -> dict:
+        flat_images = [im for row in images for im in row]
+        flat_videos = [v for row in videos for v in row]
+        for row_text, row_images, row_videos in zip(texts, images, videos, strict=True):
+            for pad, items, what in ((IMAGE_PAD, row_images, "image"), (VIDEO_PAD, row_videos, "video")):
+                if row_text.count(pad) != len(items):
+                    raise ValueError(f"text has {row_text.count(pad)} {what} placeholders for {len(items)} {what}s")
+        kwargs = {"images": flat_images or None}
+        if flat_videos:
+            kwargs.update(videos=[v.frames for v in flat_videos], video_metadata=[v.metadata() for v in flat_videos],
+                          do_sample_frames=False, **self.family.video_call)
+        out = self.processor(text=texts, padding=True, padding_side="left", return_tensors="pt", **kwargs)
+        keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+        encoded = {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"],
+                   "mm_token_type_ids": token_types(out["input_ids"], self.image_token_id, self.video_token_id)}
+        encoded.update({k: out[k] for k in keys if out.get(k) is not None})
+        return encoded
+
+    # ---- the model folder ------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path) -> None:
-        self.tokenizer.save_pretrained(folder)
-        self.image_processor.save_pretrained(folder)
+        """The processor's files, in transformers' layout (processor_config.json) and the older one."""
+        if self.processor is not None:
+            self.processor.save_pretrained(folder)
+        else:
+            self.tokenizer.save_pretrained(folder)
+            image = {**self.image_processor.to_dict(), "image_processor_type": TORCHVISION_IMAGE_PROCESSOR}
+            config = {"processor_class": self.family.processor_class, "image_processor": image,
+                      "video_processor": {**self.video_settings, "video_processor_type": self.family.video_processor_type}}
+            _write_json(Path(folder, "processor_config.json"), config)
+        # preprocessor_config.json and video_preprocessor_config.json, what transformers 4.x and
+        # the serving engines built on it read.
+        saved = json.loads(Path(folder, "processor_config.json").read_text())
+        _write_json(Path(folder, "preprocessor_config.json"), saved["image_processor"])
+        _write_json(Path(folder, "video_preprocessor_config.json"), saved["video_processor"])
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> VLProcessor:
-        """AutoImageProcessor picks the torchvision image processor when torchvision imports, else the PIL one."""
+    def from_pretrained(cls, folder: str | Path, route: str = "auto") -> VLProcessor:
+        """The processor of a model folder: with torchvision (route auto) the checkpoint's own, else the manual route."""
+        if route not in ROUTES:
+            raise ValueError(f"unknown processor route {route!r}; expected one of {ROUTES}")
+        fam = family(AutoConfig.from_pretrained(folder).model_type)
+        if route == "processor" or (route == "auto" and is_torchvision_available()):
+            from transformers import AutoProcessor
+
+            processor = AutoProcessor.from_pretrained(folder)
+            settings = processor.video_processor.to_dict()
+            return cls(fam, processor.tokenizer, processor.image_processor, settings, processor)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        video_processor = None
-        if is_torchvision_available():
-            from transformers import AutoVideoProcessor
+        if tokenizer.chat_template is None:
+            tokenizer.chat_template = _folder_chat_template(Path(folder))
+        image_processor = AutoImageProcessor.from_pretrained(folder)
+        return cls(fam, tokenizer, image_processor, _video_settings(folder, image_processor))
 
-            video_processor = AutoVideoProcessor.from_pretrained(folder)
-        return cls(tokenizer, AutoImageProcessor.from_pretrained(folder), video_processor)
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _pixel_range(size, low: int | None, high: int | None) -> dict:
+    return {"shortest_edge": low or size["shortest_edge"], "longest_edge": high or size["longest_edge"]}
+
+
+def _video_settings(folder: str | Path, image_processor) -> dict:
+    """The saved video processor's configuration, read without torchvision; else the image processor's."""
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    try:
+        settings, _ = BaseVideoProcessor.get_video_processor_dict(folder)
+    except OSError:  # a folder saved before video settings were: frames are read like images
+        settings = {}
+    if "size" not in settings:
+        settings.update({k: getattr(image_processor, k) for k in (
+            "patch_size", "merge_size", "temporal_patch_size", "image_mean", "image_std")})
+        settings["size"] = {"shortest_edge": image_processor.size["shortest_edge"],
+                            "longest_edge": image_processor.size["longest_edge"]}
+    return settings
+
+
+def _folder_chat_template(folder: Path) -> str | None:
+    """A checkpoint's chat template from chat_template.jinja or chat_template.json (AutoTokenizer reads neither)."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text()
+    if (folder / "chat_template.json").is_file():
+        return json.loads((folder / "chat_template.json").read_text()).get("chat_template")
+    return None
+
+
+def is_vision_language(config) -> bool:
+    """Whether a transformers config is a vision-language model copd drives (copd.multimodal.families)."""
+    from copd.multimodal.families import FAMILIES
+
+    return getattr(config, "model_type", None) in FAMILIES

@@ -1,4 +1,4 @@
-"""A Policy backed by a vision-language model (Qwen2-VL, Qwen2.5-VL): prompts with images and videos.
+"""A Policy backed by a vision-language model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): prompts with images and videos.
 
 The same branch as HFPolicy (optimizer, update, checkpoints, the clipped objective); what
 changes is how prompts become model inputs. A prompt's images and video frames are read
@@ -18,7 +18,9 @@ from copd.backends.local.lora import LoraPolicy
 from copd.backends.local.sampling import repeat_rows
 from copd.backends.local.vl_decoding import vl_completion_logits, vl_sample
 from copd.multimodal.inputs import PIXEL_KEYS, prompt_inputs
-from copd.multimodal.processor import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+from copd.multimodal.media import VideoSampling
+from copd.multimodal.prompts import content_items, plain_text
+from copd.multimodal.families import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 
 
 class VisionLanguageInputs:
@@ -27,24 +29,21 @@ class VisionLanguageInputs:
     `self.tokenizer` is the model's copd.multimodal.processor.VLProcessor.
     """
 
-    def init_vision(self, video_frames: int | None = 4, video_fps: float | None = None, min_pixels: int | None = None,
-                    max_pixels: int | None = None) -> None:
-        self.video_frames, self.video_fps = video_frames, video_fps
-        if min_pixels or max_pixels:  # the resolution this run reads images at; saved with the processor
-            for processor in (self.tokenizer.image_processor, self.tokenizer.video_processor):
-                if processor is not None:
-                    size = processor.size
-                    processor.size = {"shortest_edge": min_pixels or size["shortest_edge"],
-                                      "longest_edge": max_pixels or size["longest_edge"]}
+    def init_vision(self, min_pixels: int | None = None, max_pixels: int | None = None,
+                    video_min_pixels: int | None = None, video_max_pixels: int | None = None, **sampling) -> None:
+        """`sampling`: the frame keys of model.vision (video_fps, video_min_frames, ...; copd.multimodal.media)."""
+        self.video_sampling = VideoSampling.from_options(sampling)
+        # The resolution this run reads images and videos at; saved with the processor.
+        self.tokenizer.set_pixels((min_pixels, max_pixels), (video_min_pixels, video_max_pixels))
 
     # ---- prompts --------------------------------------------------------------------
     def format_prompt(self, prompt: str | Prompt) -> str:
-        """The text the model sees, with one placeholder block per image, then per video, before the text."""
+        """The text the model sees: a placeholder block per image and video, at its `<image>` /
+        `<video>` marker or (without markers) before the text (copd.multimodal.prompts)."""
         prompt = Prompt(prompt) if isinstance(prompt, str) else prompt
+        content = content_items(prompt.text, len(prompt.images), len(prompt.videos))
         if not self.use_chat:
-            return IMAGE_PLACEHOLDER * len(prompt.images) + VIDEO_PLACEHOLDER * len(prompt.videos) + prompt.text
-        content = [{"type": "image"}] * len(prompt.images) + [{"type": "video"}] * len(prompt.videos)
-        content.append({"type": "text", "text": prompt.text})
+            return plain_text(content, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)
         system_text = prompt.system or self.system_prompt
         system = [{"role": "system", "content": system_text}] if system_text else []
         turns = [*system, {"role": "user", "content": content}]
@@ -56,7 +55,7 @@ class VisionLanguageInputs:
 
         prompts = [Prompt(p) if isinstance(p, str) else p for p in prompts]
         images = [[load_image(path) for path in p.images] for p in prompts]
-        videos = [[load_video(path, self.video_frames, self.video_fps) for path in p.videos] for p in prompts]
+        videos = [[load_video(path, self.video_sampling) for path in p.videos] for p in prompts]
         encoded = self.tokenizer.encode([self.format_prompt(p) for p in prompts], images, videos)
         vision = VisionInputs(
             {k: encoded[k] for k in PIXEL_KEYS if k in encoded},
@@ -113,7 +112,8 @@ class VisionLanguageInputs:
 
 
 # Options (ModelConfig.policy_options) that only a vision-language policy reads: init_vision's arguments.
-VISION_OPTIONS = ("video_frames", "video_fps", "min_pixels", "max_pixels")
+VISION_OPTIONS = ("video_fps", "video_min_frames", "video_max_frames", "video_frames", "folder_fps", "min_pixels",
+                  "max_pixels", "video_min_pixels", "video_max_pixels")
 
 
 def _split_vision_options(kwargs: dict) -> dict:

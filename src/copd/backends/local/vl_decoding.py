@@ -12,7 +12,7 @@ import torch
 
 from copd.backends.local.sampling import Sampled, decode, repeat_rows
 from copd.backends.roles import SamplingParams
-from copd.multimodal.inputs import PIXEL_KEYS, decode_positions, rope_positions
+from copd.multimodal.inputs import FORWARD_PIXEL_KEYS, decode_positions, rope_positions
 
 
 def _prefill(model, prompts: dict, rows_per_prompt: int = 1):
@@ -22,7 +22,7 @@ def _prefill(model, prompts: dict, rows_per_prompt: int = 1):
     so gradients of the copies add up (the same as running every copy).
     """
     positions, deltas = rope_positions(model, prompts)
-    pixels = {k: prompts[k] for k in PIXEL_KEYS if prompts.get(k) is not None}
+    pixels = {k: prompts[k] for k in FORWARD_PIXEL_KEYS if prompts.get(k) is not None}
     out = model(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"], position_ids=positions,
                 use_cache=True, logits_to_keep=1, **pixels)
     cache, logits = out.past_key_values, out.logits
