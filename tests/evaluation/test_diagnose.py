@@ -107,6 +107,24 @@ def test_run_diagnose_uses_the_run_directory_settings(tmp_path):
     assert result["overall"]["tokens"] <= 4 * 2 and result["overall"]["overlap"] == 1.0
 
 
+def test_vision_language_models_are_diagnosed_on_their_images_and_videos(tmp_path):
+    from copd.backends.local.factory import make_policy
+    from copd.multimodal.tiny import build_tiny_vl
+
+    media = {"media_dir": str(tmp_path / "media"), "test_size": 3}
+    vl_caps = [load_capability({"name": n, "builtin": n, **media}) for n in ("shapes", "motion")]
+    a = make_policy("a", *build_tiny_vl(seed=0, init_std=0.3))
+    b = make_policy("b", *build_tiny_vl(seed=1, init_std=0.3))
+    seen = []
+    generate = a.generate
+    a.generate = lambda prompts, *args: seen.append(generate(prompts, *args)) or seen[-1]
+    result = diagnose_models(a, b, vl_caps, 3, PARAMS, k=4, seed=0)
+    assert [sorted(r.vision.tensors) for r in seen] == [["image_grid_thw", "pixel_values"],
+                                                       ["pixel_values_videos", "video_grid_thw"]]
+    assert all(r["tokens"] > 0 for r in result["per_capability"].values())
+    assert diagnose_models(a, a, vl_caps, 3, PARAMS, k=4, seed=0)["overall"]["overlap"] == 1.0
+
+
 def test_errors_are_copd_errors(tmp_path):
     tiny_policy(seed=0).save_pretrained(tmp_path / "a")
     tiny_policy(seed=0, alphabet="abc").save_pretrained(tmp_path / "abc")

@@ -143,6 +143,7 @@ class WarmupConfig(Section):
     check_every: int = Field(25, gt=0, description="measure sampled pass rates every this many steps")
     check_samples: int = Field(64, gt=0, description="training prompts per capability sampled at each check")
     min_pass_rate: float = Field(0.2, ge=0, le=1, description="stop once every RL-trained capability's sampled pass rate reaches this")
+    per_capability: bool = Field(False, description="a capability leaves the supervised mixture at the first check where its sampled pass rate reaches min_pass_rate, so one that learns fast stays below saturation while the others catch up")
 
 
 # A verifier is called as verifier(completion, answer, **fields): columns with these names would collide.

@@ -91,9 +91,15 @@ def base_key(config: Config) -> str:
 
 
 def warm_start(model, tokenizer, config: Config, capabilities: list[Capability], reporter: Reporter) -> dict:
-    """Supervised steps on balanced batches until every capability's sampled pass rate is high enough."""
+    """Supervised steps on balanced batches until every capability's sampled pass rate is high enough.
+
+    With warmup.per_capability, a capability that has reached the rate at a check leaves
+    the mixture for good, the batches are balanced over the rest, and the warm start ends
+    once every RL-trained capability has left.
+    """
     cfg, start = config.warmup, time.perf_counter()
-    sampler = MixtureSampler(capabilities, derived_seed(config.run.seed, "warmup"))
+    mixture = list(capabilities)
+    sampler = MixtureSampler(mixture, derived_seed(config.run.seed, "warmup"))
     # Formats prompts (and reads images) exactly as the branches will; its model is `model`. Its
     # optimizer is torch's default AdamW (unfused, weight decay 0.01), which cached bases were built with.
     policy = make_policy("warmup", model, tokenizer, cfg.lr, 0.01, str(model.device), fused=False, **config.model.policy_options())
@@ -101,7 +107,7 @@ def warm_start(model, tokenizer, config: Config, capabilities: list[Capability],
     trained = [c for c in capabilities if any(c.name in b.capabilities for b in config.branches)]
     checks = {c.name: c.train_sampler(derived_seed(config.run.seed, "warmup-check", c.name)).draw(cfg.check_samples) for c in trained}
     params = SamplingParams.from_config(config.sampling)
-    history, step = [], 0
+    history, step, done = [], 0, []
     reporter.start("warm start", cfg.max_steps)
     while step < cfg.max_steps:
         batch = sampler.draw(cfg.batch_size)
@@ -111,9 +117,16 @@ def warm_start(model, tokenizer, config: Config, capabilities: list[Capability],
             rates = pass_rates(policy, trained, checks, params, seed=derived_seed(config.run.seed, "check", step))
             history.append({"step": step, "loss": loss, "pass_rate": rates})
             reporter.advance("warm start", " ".join(f"{k} {v:.2f}" for k, v in rates.items()))
-            if min(rates.values()) >= cfg.min_pass_rate:
+            if not cfg.per_capability and min(rates.values()) >= cfg.min_pass_rate:
                 break
+            reached = [c.name for c in mixture if rates.get(c.name, 0.0) >= cfg.min_pass_rate]
+            if cfg.per_capability and reached:
+                done += reached
+                if all(c.name in done for c in trained):
+                    break
+                mixture = [c for c in mixture if c.name not in done]
+                sampler = MixtureSampler(mixture, derived_seed(config.run.seed, "warmup", *done))
         else:
             reporter.advance("warm start", f"loss {loss:.3f}")
     reporter.stop()
-    return {"steps": step, "seconds": round(time.perf_counter() - start, 2), "history": history}
+    return {"steps": step, "seconds": round(time.perf_counter() - start, 2), "history": history, "left_early": done}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from copd.backends.roles import Policy, Rollouts, SamplingParams, Scorer, ScoreRequest
+from copd.backends.roles import Policy, Prompt, Rollouts, SamplingParams, Scorer, ScoreRequest
 from copd.core.losses import masked_mean
 from copd.core.opd import support_diagnostics
 from copd.errors import CopdError
@@ -44,7 +44,7 @@ def measure_pair(student: Scorer, teacher: Scorer, rollouts: Rollouts, k: int, t
             "score_bytes": teacher_scores.nbytes + student_scores.nbytes}
 
 
-def _batch_sums(policy_a: Policy, policy_b: Policy, prompts: list[str], params: SamplingParams, k: int, seed: int) -> dict:
+def _batch_sums(policy_a: Policy, policy_b: Policy, prompts: list[Prompt], params: SamplingParams, k: int, seed: int) -> dict:
     """Token-weighted sums of the three metrics on one batch of A's own rollouts."""
     topk = max(k, DEFAULT_TOPK)
     rollouts = policy_a.generate(prompts, 1, params.recording(topk), seed)
@@ -76,7 +76,7 @@ def diagnose_models(
     per_cap: dict[str, dict] = {}
     total = {"tokens": 0, **{m: 0.0 for m in METRICS}}
     for cap in capabilities:
-        prompts = [s.prompt for s in cap.test_set(samples)]
+        prompts = [Prompt.of(s) for s in cap.test_set(samples)]  # with their images, videos and system prompt
         sums = {"tokens": 0, **{m: 0.0 for m in METRICS}}
         for start in range(0, len(prompts), BATCH_SIZE):
             batch = _batch_sums(policy_a, policy_b, prompts[start : start + BATCH_SIZE], params, k, seed + start)
@@ -108,8 +108,9 @@ def _run_config(folders: list[Path]):
     return None
 
 
-def _load_pair(model_a: str, model_b: str):
-    """Both policies, or a CopdError when a folder is missing or the vocabularies differ."""
+def _load_pair(model_a: str, model_b: str, options: dict):
+    """Both policies (prompting and vision `options` of the run), or a CopdError when a folder is missing or the
+    vocabularies differ."""
     from copd.models.sources import check_model_folder, load_pretrained
     from copd.backends.local.factory import make_policy
 
@@ -120,7 +121,7 @@ def _load_pair(model_a: str, model_b: str):
     size_a, size_b = ma.get_output_embeddings().weight.shape[0], mb.get_output_embeddings().weight.shape[0]
     if size_a != size_b:
         raise CopdError(f"{folders[0]} and {folders[1]} have different output sizes ({size_a} vs {size_b} logits)")
-    return make_policy("A", ma, ta), make_policy("B", mb, tb), folders, size_a
+    return make_policy("A", ma, ta, **options), make_policy("B", mb, tb, **options), folders, size_a
 
 
 def _print_table(result: dict) -> None:
@@ -137,10 +138,13 @@ def run_diagnose(model_a: str, model_b: str, tasks: str, samples: int, k: int, s
 
     if samples < 1:
         raise CopdError(f"--samples must be >= 1, got {samples}")
-    policy_a, policy_b, folders, vocab = _load_pair(model_a, model_b)
+    folders = [Path(model_a), Path(model_b)]
+    run_config = _run_config(folders)
+    # The run's chat template, system prompt and video sampling, so both models see its prompts.
+    options = run_config.model.policy_options() if run_config else {}
+    policy_a, policy_b, folders, vocab = _load_pair(model_a, model_b, options)
     if not 1 <= k <= vocab:
         raise CopdError(f"--k must be between 1 and the vocabulary size {vocab}, got {k}")
-    run_config = _run_config(folders)
     caps = resolve_tasks(tasks, "exact", run_config)
     s = run_config.sampling if run_config else None
     params = SamplingParams.from_config(s) if s else SamplingParams(1.0, 1.0, DEFAULT_MAX_NEW_TOKENS)
