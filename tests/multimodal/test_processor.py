@@ -11,6 +11,7 @@ import random
 import pytest
 import torch
 from PIL import Image
+from transformers.utils import is_torchvision_available
 
 from copd.models.sources import load_pretrained
 from copd.backends.roles import SamplingParams
@@ -85,11 +86,13 @@ def test_save_and_reload_round_trip(tiny, tmp_path):
     model, tokenizer, processor = tiny
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
-    model2, loaded = load_pretrained(tmp_path)
-    assert type(model2) is type(model) and loaded.family == processor.family
+    model2, auto = load_pretrained(tmp_path)
+    assert type(model2) is type(model) and auto.family == processor.family
+    assert auto.route == ("processor" if is_torchvision_available() else "manual")
+    loaded = VLProcessor.from_pretrained(tmp_path, "manual")
     image_processor = processor.image_processor
-    assert type(AutoImageProcessor.from_pretrained(tmp_path)) is type(image_processor)  # no torchvision: PIL
-    assert loaded.image_processor.to_dict() == image_processor.to_dict()
+    assert type(loaded.image_processor) is type(image_processor)  # the PIL class
+    assert AutoImageProcessor.from_pretrained(tmp_path).to_dict() == image_processor.to_dict()
     assert loaded.video_settings["size"] == processor.video_settings["size"]
     tokenizer2 = loaded.tokenizer
     assert tokenizer2.get_vocab() == tokenizer.get_vocab() and tokenizer2.chat_template == tokenizer.chat_template

@@ -141,7 +141,8 @@ class VLProcessor:
             tokenizer.pad_token = tokenizer.eos_token
         if tokenizer.chat_template is None:
             tokenizer.chat_template = _folder_chat_template(Path(folder))
-        image_processor = AutoImageProcessor.from_pretrained(folder)
+        # The PIL class even where torchvision imports, so this route is the same everywhere.
+        image_processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
         return cls(fam, tokenizer, image_processor, _video_settings(folder, image_processor))
 
 
