@@ -112,3 +112,16 @@ def test_a_folder_saved_by_the_processor_reads_the_same(routes, tmp_path):
 def routes_config(processor) -> str:
     """A config.json naming the processor's family (all from_pretrained reads of it)."""
     return '{"model_type": "%s"}' % processor.family.model_type
+
+
+def test_pixel_ranges_apply_to_both_routes(routes):
+    manual, own = routes
+    side = 4 * manual.family.patch_size
+    for processor in (manual, own):
+        processor.set_pixels((None, (side // 2) ** 2), (None, None))
+    try:
+        out = _compare(manual, own, [_chat(manual, 1, 0)], [[_picture(9, side, side)]], [[]], exact_pixels=False)
+        assert out["image_grid_thw"].tolist() == [[1, 2, 2]]  # halved on each side
+    finally:
+        for processor in (manual, own):
+            processor.set_pixels((None, side ** 2), (None, None))

@@ -11,20 +11,24 @@ from copd.models.sources import load_pretrained
 from copd.backends.roles import SamplingParams
 from copd.backends.local.factory import make_policy
 from copd.capabilities import BUILTIN_CAPABILITIES, Capability, load_capability
+from copd.multimodal.media import VideoSampling
 
 
 def resolve_tasks(names: str, verifier: str, run_config=None) -> list[Capability]:
     """A run's own capability names first (same options as in training), then built-ins, then data files (.jsonl, .json, .parquet, .csv)."""
     own = {c.name: c for c in run_config.capabilities} if run_config else {}
+    # Videos are checked against the frame sampling the run's models were trained with.
+    sampling = VideoSampling.from_options(run_config.model.vision.model_dump()) if run_config else None
     caps = []
     for name in [n.strip() for n in names.split(",") if n.strip()]:
         if name in own:
-            caps.append(load_capability(own[name]))
+            caps.append(load_capability(own[name], video_sampling=sampling))
         elif name in BUILTIN_CAPABILITIES:
             caps.append(load_capability({"name": name, "builtin": name}))
         elif name.endswith(".jsonl") or Path(name).exists():
             # The whole file is the test split.
-            caps.append(load_capability({"name": Path(name).stem, "path": name, "test_path": name, "verifier": verifier}))
+            spec = {"name": Path(name).stem, "path": name, "test_path": name, "verifier": verifier}
+            caps.append(load_capability(spec, video_sampling=sampling))
         else:
             known = sorted(set(own) | set(BUILTIN_CAPABILITIES))
             raise CopdError(f"--tasks: {name!r} is neither a capability ({', '.join(known)}) nor a data file")

@@ -1,14 +1,18 @@
-"""Vision-language inputs (Qwen2-VL, Qwen2.5-VL): encoding and M-RoPE positions.
+"""Vision-language inputs (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): the manual encoding route and M-RoPE positions.
 
-The decode loop and scoring that use them are in copd.backends.local.vl_decoding.
+The decode loop and scoring that use them are in copd.backends.local.vl_decoding; what
+differs between the families is in copd.multimodal.families.
 
-Everything here works without torchvision (the Qwen Processor and video processor classes
-need it): images go through the PIL image processor, videos are patchified from the same
-processor's per-frame output, and the chat template lives on the tokenizer.
+The manual route (`encode_manual`) works without torchvision (the Qwen Processor and video
+processor classes need it): images go through the PIL image processor; video frames are
+resized as the family's video processor sizes them and patchified from the same
+processor's per-frame output; each placeholder is expanded as the family's processor
+expands it (Qwen3-VL: one timestamped block per temporal step); the chat template lives on
+the tokenizer.
 
 How positions work, and what a manual decode loop has to pass
 -------------------------------------------------------------
-Qwen2-VL uses M-RoPE: `position_ids` has shape [3, B, L] (temporal, height, width). Text
+The Qwen-VL models use M-RoPE: `position_ids` has shape [3, B, L] (temporal, height, width). Text
 tokens carry the same index in all three rows; the tokens of an image or video carry its
 grid coordinates, offset by the text position where it starts; the text after a vision
 block resumes at (start + max(grid_h, grid_w) / merge_size), so a row's largest position
@@ -40,7 +44,10 @@ the three M-RoPE rows). So the loop here always passes explicit positions and ne
 `model.model.rope_deltas` (stale from whichever batch ran last).
 
 Qwen2.5-VL takes the same path: its get_rope_index has one more argument,
-second_per_grid_ts (seconds per temporal grid step of a video), which defaults to 1.
+second_per_grid_ts (seconds per temporal grid step of a video), which both routes compute
+and `rope_positions` passes. Qwen3-VL's get_rope_index splits a video's grid into one grid
+per temporal step, each matched to its own run of video tokens: the timestamp text between
+the steps is what separates the runs.
 
 Scoring (`vl_completion_logits`) runs the prompt with its pixel inputs once, then the
 completion tokens on that cache, with the same positions as sampling. A single forward

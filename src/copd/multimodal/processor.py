@@ -18,11 +18,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 from transformers.utils import is_torchvision_available
 
 from copd.multimodal.families import IMAGE_PAD, VIDEO_PAD, VLFamily, family
-from copd.multimodal.inputs import encode_manual, token_types
+from copd.multimodal.inputs import PIXEL_KEYS, encode_manual, token_types
 from copd.multimodal.media import Video
 
 ROUTES = ("auto", "processor", "manual")
@@ -77,10 +78,12 @@ class VLProcessor:
 
     def set_pixels(self, image: tuple[int | None, int | None], video: tuple[int | None, int | None]) -> None:
         """The (min, max) pixel areas images and videos are resized within; None keeps the saved value."""
-        self.image_processor.size = _pixel_range(self.image_processor.size, *image)
-        self.video_settings["size"] = _pixel_range(self.video_settings["size"], *video)
-        if self.processor is not None:  # self.image_processor is the processor's own
-            self.processor.video_processor.size = self.video_settings["size"]
+        if any(image):
+            self.image_processor.size = _pixel_range(self.image_processor.size, *image)
+        if any(video):
+            self.video_settings["size"] = _pixel_range(self.video_settings["size"], *video)
+            if self.processor is not None:  # self.image_processor is the processor's own already
+                self.processor.video_processor.size = self.video_settings["size"]
 
     def encode(self, texts: list[str], images: list[list], videos: list[list[Video]]) -> dict:
         """Left-padded model inputs of texts with placeholder blocks, their PIL images and their videos."""
@@ -101,10 +104,9 @@ class VLProcessor:
             kwargs.update(videos=[v.frames for v in flat_videos], video_metadata=[v.metadata() for v in flat_videos],
                           do_sample_frames=False, **self.family.video_call)
         out = self.processor(text=texts, padding=True, padding_side="left", return_tensors="pt", **kwargs)
-        keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
         encoded = {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"],
                    "mm_token_type_ids": token_types(out["input_ids"], self.image_token_id, self.video_token_id)}
-        encoded.update({k: out[k] for k in keys if out.get(k) is not None})
+        encoded.update({k: torch.as_tensor(out[k]) for k in PIXEL_KEYS if out.get(k) is not None})
         return encoded
 
     # ---- the model folder ------------------------------------------------------------------
