@@ -247,3 +247,17 @@ def test_the_driver_needs_only_the_completions_texts(tmp_path):
     plain_run, _ = make_trainer(tmp_path, "plain", rl={"filter_zero_signal": True})
     plain_run.run()
     assert plain(records(tmp_path / "run")) == plain(records(plain_run.run_dir))
+
+
+def test_the_step_kl_is_asked_for_on_every_nth_step(tmp_path, monkeypatch):
+    asked = []
+    update = FakePolicy.update
+    monkeypatch.setattr(FakePolicy, "update", lambda self, rl, opd, spec: asked.append(
+        (self.name, spec.step_kl)) or update(self, rl, opd, spec))
+    trainer, _ = make_trainer(tmp_path, optim={"step_kl_every": 3})
+    trainer.run()
+    steps = trainer.state["global_step"]  # 2 cycles of 2 RL + 2 OPD steps
+    assert steps == 8
+    by_branch = {name: [flag for n, flag in asked if n == name] for name in ("add", "rev")}
+    assert by_branch["add"] == [(i - 1) % 3 == 0 for i in range(1, steps + 1)]  # steps 1, 4, 7
+    assert by_branch["rev"] == by_branch["add"]

@@ -110,8 +110,8 @@ class ModelConfig(Section):
     path: str | None = Field(None, description="a transformers model folder or a hub id (loaded when the hub is reachable); when neither this nor gguf_file is set, a tiny model is built from `tiny`")
     gguf_file: str | None = Field(None, description="a GGUF checkpoint (relative to `path` when both are set), dequantised once into a safetensors folder under cache_dir")
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="the model built when `path` is unset")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="weights dtype of a model loaded from `path` (tiny models train in float32); bfloat16 weights suit a frozen LoRA base, while full fine-tuning in bfloat16 rounds small AdamW updates away (use compute_dtype)")
-    compute_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of forward passes (torch.autocast); weights and optimizer state keep `dtype`, so bfloat16 here is mixed precision")
+    dtype: Literal["float32", "bfloat16", "auto"] = Field("float32", description="weights dtype of a model loaded from `path` (tiny models train in float32); bfloat16 weights suit a frozen LoRA base, while full fine-tuning in bfloat16 rounds small AdamW updates away (use compute_dtype); auto: bfloat16 for a LoRA base where bf16 matmuls are measured faster than float32 on this device, else float32")
+    compute_dtype: Literal["float32", "bfloat16", "auto"] = Field("float32", description="dtype of forward passes (torch.autocast); weights and optimizer state keep `dtype`, so bfloat16 here is mixed precision; auto: bfloat16 where bf16 matmuls are measured faster than float32 on this device (CPUs without AVX-512 BF16 or AMX emulate bf16, 10x+ slower), else float32; an explicit bfloat16 that is slower gets a warning with the measured factor")
     cache_dir: str = Field("~/.cache/copd", description="where built and warm-started base models are cached")
     chat_template: Literal["auto", "on", "off"] = Field("auto", description="wrap prompts in the tokenizer's chat template (auto: when it has one)")
     system_prompt: str | None = Field(None, description="system message placed before every prompt when the chat template is used")
@@ -295,6 +295,7 @@ class OptimConfig(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     grad_clip: float = Field(1.0, gt=0, description="gradient norm clip")
     max_nan_in_row: int = Field(5, gt=0, description="stop the run after this many consecutive non-finite losses")
+    step_kl_every: int = Field(10, ge=0, strict=True, description="log approx_kl (the k3 KL between a branch before and after its update) on steps 1, 1 + N, 1 + 2N, ... (0: never); each costs one more forward pass over the step's rollouts")
 
 
 class EvalConfig(Section):

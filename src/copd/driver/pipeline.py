@@ -24,6 +24,7 @@ from copd.backends.roles import SamplingParams
 from copd.reporting.progress import QuietReporter, Reporter
 from copd.capabilities import Capability, load_capability
 from copd.driver.trainer import Trainer, plan_of
+from copd.backends.local.precision import resolve_precision
 from copd.multimodal.media import VideoSampling
 from copd.multimodal.processor import VLProcessor
 from copd.driver.warmstart import prepare_base
@@ -96,6 +97,9 @@ def run_training(config: Config, resume: bool = False, reporter: Reporter | None
     plan_of(config)
     capabilities = load_capabilities(config, base_dir)
     device = resolve_device(config.run.device)
+    config, warnings = resolve_precision(config, device)  # `auto` dtypes decided by a measured bf16 speed
+    for warning in warnings:
+        reporter.print(f"warning: {warning}")
     if config.run.backend == "ray":
         from copd.backends.ray_backend import require_ray
 

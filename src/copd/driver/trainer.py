@@ -14,6 +14,7 @@ diagnostics need it; each edge record says how many bytes crossed (`score_bytes`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -193,6 +194,8 @@ class Trainer:
         # Stage 3: every branch updates. Every score was asked for above, before any update,
         # so teachers score as they were at the start of the step.
         pending = {}
+        every = self.config.optim.step_kl_every  # approx_kl costs one more forward: on steps 1, 1 + N, ...
+        spec = dataclasses.replace(self.spec, step_kl=bool(every) and (step - 1) % every == 0)
         for b in timer:
             t0 = time.perf_counter()
             batch = rl.get(b)
@@ -200,7 +203,7 @@ class Trainer:
             # A canonical order of a student's edges, so listing branches differently cannot
             # change the floating-point sum of its losses.
             opd = sorted(opd_parts[b], key=lambda part: part.edge)
-            pending[b] = self.learners[b].update(parts, opd, self.spec) if parts or opd else None
+            pending[b] = self.learners[b].update(parts, opd, spec) if parts or opd else None
             timer[b] += time.perf_counter() - t0
         shown, t_barrier = [], time.perf_counter()
         results = {b: settle(pending[b]) for b in timer}

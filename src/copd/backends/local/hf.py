@@ -197,7 +197,8 @@ class HFPolicy:
                 return UpdateResult(metrics={**metrics, "grad_norm": float("nan")}, skipped=True)
             self.optimizer.step()
             result = UpdateResult(metrics={**metrics, "grad_norm": float(grad_norm)}, edge_metrics=edges)
-        result.metrics["approx_kl"] = self._policy_kl([p.rollouts for p in rl] + [p.rollouts for p in opd], olds)
+        if spec.step_kl:
+            result.metrics["approx_kl"] = self._policy_kl([p.rollouts for p in rl] + [p.rollouts for p in opd], olds)
         return result
 
     def _accumulate(self, rl, opd, spec, olds) -> tuple[dict, dict, bool]:
