@@ -35,7 +35,7 @@ from copd.backends.roles import LossSpec, SamplingParams
 from copd.driver.rollout import MixtureSampler, collect_opd_part, collect_rl
 from copd.schedule.topology import build_edges
 from copd.capabilities import load_capability
-from speed import cpu_model, table
+from speed import provenance, table
 from trl_grpo import measure_trl
 
 ANCHOR_VARIANTS = {
@@ -83,7 +83,8 @@ def anchor_copd(model_dir: str, variant: str, steps: int, new_tokens: int) -> di
         t0 = time.perf_counter()
         batch = collect_rl(policy, data, 1, 8, params, seed=step)
         t1 = time.perf_counter()
-        policy.update([batch.part], [], LossSpec()) if batch.part else None
+        # As `copd train` runs most steps: approx_kl is measured on one step in optim.step_kl_every (10).
+        policy.update([batch.part], [], LossSpec(step_kl=False)) if batch.part else None
         times.append((t1 - t0, time.perf_counter() - t1, batch.part.rollouts.num_tokens if batch.part else 0))
     timed = times[1:]
     gen, upd = (sum(t[i] for t in timed) / len(timed) for i in (0, 1))
@@ -104,14 +105,14 @@ def branch_round(policies, config, samplers, params, seed: int) -> dict:
         t0 = time.perf_counter()
         batch = collect_rl(policy, samplers[name], 2, 4, params, seed)
         t1 = time.perf_counter()
-        policy.update([batch.part], [], LossSpec()) if batch.part else None
+        policy.update([batch.part], [], LossSpec(step_kl=False)) if batch.part else None
         rl_times.append(time.perf_counter() - t0)
         tokens, gen_seconds = tokens + (batch.part.rollouts.num_tokens if batch.part else 0), gen_seconds + t1 - t0
     for edge in build_edges(config.topology.kind, [b.name for b in config.branches]):
         t0 = time.perf_counter()
         part = collect_opd_part(policies[edge.student], policies[edge.teacher], samplers[edge.teacher], 2, 2, params, seed + 1,
                                 0.1, edge.label, support=True, topk=16)
-        policies[edge.student].update([], [part], LossSpec())
+        policies[edge.student].update([], [part], LossSpec(step_kl=False))
         opd_times.append(time.perf_counter() - t0)
     return {"rl": sum(rl_times) / len(rl_times), "opd": sum(opd_times) / max(len(opd_times), 1),
             "edges": len(opd_times), "rollout_tok_s": tokens / gen_seconds}
@@ -185,7 +186,8 @@ def main() -> None:
     if not (Path(args.model) / "config.json").is_file():
         sys.exit(f"no model at {args.model}; run `copd models fetch smollm2-135m` first")
     started = time.perf_counter()
-    print(f"SmolLM2-135M-Instruct, {cpu_model()}, {args.threads} threads, torch {torch.__version__}\n")
+    torch.set_num_threads(args.threads)
+    print(f"SmolLM2-135M-Instruct; {provenance()}\n")
     for part, fn in (("anchor", anchor_part), ("branches", branches_part)):
         if args.part in ("all", part):
             print(fn(args) + "\n", flush=True)

@@ -96,7 +96,7 @@ def rl_step(student, rl_sampler, s: Sizes, params, seed: int) -> dict[str, float
     t0 = time.perf_counter()
     rollouts = student.generate([x.prompt for _, x in rl_sampler.draw(s.prompts)], s.samples, params, seed)
     t1 = time.perf_counter()
-    student.update([random_part(rollouts, seed)], [], LossSpec())
+    student.update([random_part(rollouts, seed)], [], LossSpec(step_kl=False))
     t2 = time.perf_counter()
     return {"tokens": rollouts.num_tokens, "gen": t1 - t0, "update": t2 - t1, "step": t2 - t0}
 
@@ -111,7 +111,7 @@ def opd_step(student, teacher, rl_sampler, opd_sampler, s: Sizes, params, seed: 
     opd = collect_opd_part(student, teacher, opd_sampler, s.opd_prompts, s.opd_samples, params, seed + 1, 0.1, "a<-b",
                            support=True, topk=16, timer=timer)
     t3 = time.perf_counter()
-    student.update([random_part(rollouts, seed)], [opd], LossSpec())
+    student.update([random_part(rollouts, seed)], [opd], LossSpec(step_kl=False))
     t4 = time.perf_counter()
     return {"gen_rl": t1 - t0, "gen_opd": timer["sample"], "score": timer["score"], "update": t4 - t3, "step": t4 - t0}
 
@@ -167,6 +167,17 @@ def cpu_model() -> str:
     return names[0] if names else "unknown"
 
 
+def provenance() -> str:
+    """CPU model and torch kernel level, versions, and the measured bf16 / fp32 matmul ratio: what a figure depends on."""
+    import transformers
+
+    from copd.backends.local.precision import bf16_speedup, cpu_capability
+
+    return (f"{cpu_model()}, torch capability {cpu_capability()}, torch {torch.__version__}, "
+            f"transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
+            f"bf16 matmul {bf16_speedup('cpu'):.3g}x fp32")
+
+
 def fmt(x: float) -> str:
     return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
@@ -200,12 +211,10 @@ def breakdown_rows(results: list[dict]) -> list[list[str]]:
 
 
 def report(results: list[dict], args) -> None:
-    import transformers
-
     threads = results[0]["threads"] if results else torch.get_num_threads()
     mode = "quick" if args.quick else "full"
-    print(f"copd speed benchmark ({mode}): torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"{threads} threads, CPU: {cpu_model()} ({os.cpu_count()} cores, load {args.load_at_start:.1f} at start)\n")
+    print(f"copd speed benchmark ({mode}): {provenance()} ({os.cpu_count()} cores, load {args.load_at_start:.1f} "
+          "at start)\n")
     if args.load_at_start >= (os.cpu_count() or 1) and threads > 1:
         print("WARNING: the machine was busy; multi-threaded timings degrade badly, compare with --threads 1\n")
     print(table(["model", "params", "rollouts PxG", "rollout tok/s", "update tok/s", "RL step s",

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
+from copd.backends.local.allocator import keep_freed_memory
 from copd.core.losses import approx_kl
 from copd.errors import CopdError
 from copd.backends.local.objective import opd_loss, rl_loss
@@ -37,6 +38,8 @@ class HFPolicy:
         self.use_chat = chat_template == "on" or (chat_template == "auto" and has_template)
         self.system_prompt = system_prompt
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # no page faults for each step's large tensors (copd.backends.local.allocator)
         self.model = model.to(self.device)
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "left"
