@@ -119,8 +119,8 @@ def warm_start(model, tokenizer, config: Config, capabilities: list[Capability],
             reporter.advance("warm start", " ".join(f"{k} {v:.2f}" for k, v in rates.items()))
             if not cfg.per_capability and min(rates.values()) >= cfg.min_pass_rate:
                 break
-            reached = [c.name for c in mixture if rates.get(c.name, 0.0) >= cfg.min_pass_rate]
-            if cfg.per_capability and reached:
+            reached = [c.name for c in mixture if rates.get(c.name, 0.0) >= cfg.min_pass_rate] if cfg.per_capability else []
+            if reached:
                 done += reached
                 if all(c.name in done for c in trained):
                     break

@@ -88,6 +88,7 @@ def timestamped_steps(video: VideoLayout) -> str:
 @dataclass(frozen=True)
 class VLFamily:
     model_type: str
+    model_class: str  # the transformers class of the whole model (vision tower + language model)
     processor_class: str
     video_processor_type: str
     patch_size: int
@@ -104,15 +105,19 @@ class VLFamily:
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+# Both routes spend a video's pixel budget without a per-frame cap (cap_pixels_per_frame False).
+NO_FRAME_CAP = {"cap_pixels_per_frame": False}
+
 FAMILIES: dict[str, VLFamily] = {
-    "qwen2_vl": VLFamily("qwen2_vl", "Qwen2VLProcessor", "Qwen2VLVideoProcessor", 14, OPENAI_CLIP_MEAN,
-                         OPENAI_CLIP_STD, per_frame_size, repeated_pads, video_call={"cap_pixels_per_frame": False}),
-    "qwen2_5_vl": VLFamily("qwen2_5_vl", "Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor", 14, OPENAI_CLIP_MEAN,
-                           OPENAI_CLIP_STD, per_frame_size, repeated_pads, seconds_per_step=True,
-                           video_call={"cap_pixels_per_frame": False}),
-    # The budget is spent on all frames together (no per-frame cap), as both routes do here.
-    "qwen3_vl": VLFamily("qwen3_vl", "Qwen3VLProcessor", "Qwen3VLVideoProcessor", 16, (0.5, 0.5, 0.5),
-                         (0.5, 0.5, 0.5), whole_video_size, timestamped_steps, video_call={"cap_pixels_per_frame": False}),
+    "qwen2_vl": VLFamily(
+        "qwen2_vl", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor", "Qwen2VLVideoProcessor", 14,
+        OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, per_frame_size, repeated_pads, video_call=NO_FRAME_CAP),
+    "qwen2_5_vl": VLFamily(
+        "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor", 14,
+        OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, per_frame_size, repeated_pads, seconds_per_step=True, video_call=NO_FRAME_CAP),
+    "qwen3_vl": VLFamily(
+        "qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor", "Qwen3VLVideoProcessor", 16,
+        (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), whole_video_size, timestamped_steps, video_call=NO_FRAME_CAP),
 }
 
 

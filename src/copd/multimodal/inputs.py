@@ -103,11 +103,16 @@ def video_patches(video: Video, image_processor, settings: dict, fam: VLFamily) 
     return grouped.reshape(-1, channels * tp * p * p), torch.tensor([len(frames) // tp, int(grid[1]), int(grid[2])])
 
 
+def check_placeholders(text: str, pad: str, count: int, what: str) -> None:
+    """A ValueError unless `text` holds exactly `count` placeholders `pad` (one per image or video)."""
+    if text.count(pad) != count:
+        raise ValueError(f"text has {text.count(pad)} {what} placeholders for {count} {what}s")
+
+
 def expand_placeholders(text: str, pad: str, expansions: list[str], what: str) -> str:
     """`text` with its k-th `pad` replaced by expansions[k]; a count mismatch is a ValueError."""
+    check_placeholders(text, pad, len(expansions), what)
     parts = text.split(pad)
-    if len(parts) - 1 != len(expansions):
-        raise ValueError(f"text has {len(parts) - 1} {what} placeholders for {len(expansions)} {what}s")
     return "".join(part + expansion for part, expansion in zip(parts, expansions + [""], strict=True))
 
 

@@ -194,28 +194,35 @@ def _source_fps(count: int, seconds: float, fallback: float) -> float:
     return count / seconds if seconds > 0 else fallback
 
 
+def _durations(image: Image.Image) -> list[int]:
+    """Each frame's display time in milliseconds, from an open animated image."""
+    return [f.info.get("duration") or 0 for f in ImageSequence.Iterator(image)]
+
+
 def _animated_timing(path: str) -> tuple[int, float]:
     """(frame count, total seconds) of an animated image, from its frame durations."""
     try:
         with Image.open(path) as image:
-            ms = [f.info.get("duration") or 0 for f in ImageSequence.Iterator(image)]
+            ms = _durations(image)
     except Exception as exc:  # Pillow raises many types for broken or foreign files
         raise CopdError(f"cannot read video {path}: {_reason(exc)}") from None
     return len(ms), sum(ms) / 1000
 
 
 def _animated_video(path: str, sampling: VideoSampling) -> Video:
-    total, seconds = _animated_timing(path)
-    fps = _source_fps(total, seconds, sampling.folder_fps)
-    indices = sampling.indices(total, fps, path)
-    wanted = set(indices)
     try:
         with Image.open(path) as image:
-            # GIF frames only decode in order; only kept frames are copied.
+            ms = _durations(image)
+            fps = _source_fps(len(ms), sum(ms) / 1000, sampling.folder_fps)
+            indices = sampling.indices(len(ms), fps, path)
+            wanted = set(indices)
+            # A second pass over the frames, as GIF frames only decode in order; only kept frames are copied.
             frames = [f.convert("RGB") for i, f in enumerate(ImageSequence.Iterator(image)) if i in wanted]
+    except CopdError:
+        raise
     except Exception as exc:  # Pillow raises many types for broken or foreign files
         raise CopdError(f"cannot read video {path}: {_reason(exc)}") from None
-    return Video(frames, indices, fps, total)
+    return Video(frames, indices, fps, len(ms))
 
 
 def _import_av(path: str) -> Any:

@@ -22,8 +22,8 @@ import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 from transformers.utils import is_torchvision_available
 
-from copd.multimodal.families import IMAGE_PAD, VIDEO_PAD, VLFamily, family
-from copd.multimodal.inputs import PIXEL_KEYS, encode_manual, token_types
+from copd.multimodal.families import FAMILIES, IMAGE_PAD, VIDEO_PAD, VLFamily, family
+from copd.multimodal.inputs import PIXEL_KEYS, check_placeholders, encode_manual, token_types
 from copd.multimodal.media import Video
 
 ROUTES = ("auto", "processor", "manual")
@@ -96,9 +96,8 @@ class VLProcessor:
         flat_images = [im for row in images for im in row]
         flat_videos = [v for row in videos for v in row]
         for row_text, row_images, row_videos in zip(texts, images, videos, strict=True):
-            for pad, items, what in ((IMAGE_PAD, row_images, "image"), (VIDEO_PAD, row_videos, "video")):
-                if row_text.count(pad) != len(items):
-                    raise ValueError(f"text has {row_text.count(pad)} {what} placeholders for {len(items)} {what}s")
+            check_placeholders(row_text, IMAGE_PAD, len(row_images), "image")
+            check_placeholders(row_text, VIDEO_PAD, len(row_videos), "video")
         kwargs = {"images": flat_images or None}
         if flat_videos:
             kwargs.update(videos=[v.frames for v in flat_videos], video_metadata=[v.metadata() for v in flat_videos],
@@ -183,6 +182,4 @@ def _folder_chat_template(folder: Path) -> str | None:
 
 def is_vision_language(config) -> bool:
     """Whether a transformers config is a vision-language model copd drives (copd.multimodal.families)."""
-    from copd.multimodal.families import FAMILIES
-
     return getattr(config, "model_type", None) in FAMILIES

@@ -11,6 +11,7 @@ torchvision) the family's own processor read the same saved folder.
 from __future__ import annotations
 
 import torch
+import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessorPil
 
@@ -90,14 +91,6 @@ def _vl_config(arch: str, tokenizer, hidden: int, layers: int, heads: int, visio
     return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
 
 
-def _model_class(arch: str):
-    import transformers
-
-    return getattr(transformers, {"qwen2_vl": "Qwen2VLForConditionalGeneration",
-                                  "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-                                  "qwen3_vl": "Qwen3VLForConditionalGeneration"}[arch])
-
-
 def build_tiny_vl(seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4, vision_dim: int = 32,
                   vision_layers: int = 1, arch: str = "qwen3_vl", min_pixels: int | None = None,
                   max_pixels: int | None = None, init_std: float = 0.02, intermediate: int | None = None):
@@ -114,7 +107,7 @@ def build_tiny_vl(seed: int = 0, hidden: int = 64, layers: int = 2, heads: int =
     tokenizer = build_vl_tokenizer()
     config = _vl_config(arch, tokenizer, hidden, layers, heads, vision_dim, vision_layers, init_std, intermediate)
     torch.manual_seed(seed)
-    model = _model_class(arch)(config)
+    model = getattr(transformers, fam.model_class)(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     image_processor = Qwen2VLImageProcessorPil(

@@ -98,14 +98,17 @@ class PreallocatedLayer(DynamicLayer):
 
     def _write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         end = self._filled + keys.shape[-2]
-        if end > self._keys.shape[-2]:  # more tokens than planned: grow the buffers
-            self._keys = torch.cat([self._keys[:, :, : self._filled], keys.new_empty(*keys.shape[:2], end, keys.shape[-1])], 2)
-            self._values = torch.cat([self._values[:, :, : self._filled],
-                                      values.new_empty(*values.shape[:2], end, values.shape[-1])], 2)
+        if end > self._keys.shape[-2]:  # more tokens than planned: twice the room needed, the filled part copied
+            self._keys, self._values = (self._grown(buffer, 2 * end) for buffer in (self._keys, self._values))
         self._keys[:, :, self._filled : end] = keys
         self._values[:, :, self._filled : end] = values
         self._filled = end
         self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+
+    def _grown(self, buffer: torch.Tensor, size: int) -> torch.Tensor:
+        grown = buffer.new_empty(*buffer.shape[:2], size, buffer.shape[-1])
+        grown[:, :, : self._filled] = buffer[:, :, : self._filled]
+        return grown
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         self._write(key_states, value_states)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from copd.config.schema import VisionConfig
 from copd.backends.roles import Prompt, Rollouts, SamplingParams, VisionInputs
 from copd.backends.local.hf import HFPolicy
 from copd.backends.local.lora import LoraPolicy
@@ -112,8 +113,7 @@ class VisionLanguageInputs:
 
 
 # Options (ModelConfig.policy_options) that only a vision-language policy reads: init_vision's arguments.
-VISION_OPTIONS = ("video_fps", "video_min_frames", "video_max_frames", "video_frames", "folder_fps", "min_pixels",
-                  "max_pixels", "video_min_pixels", "video_max_pixels")
+VISION_OPTIONS = tuple(VisionConfig.model_fields)
 
 
 def _split_vision_options(kwargs: dict) -> dict:
