@@ -246,7 +246,7 @@ def test_eval_tasks_resolve_run_capabilities_builtins_and_data_files(tmp_path):
     data.write_text("".join(line + "\n" for line in GOOD_LINES))
     run_config = load_config(write_config(tmp_path, capabilities=[
         {"name": "addition", "builtin": "addition", "options": {"digits": 1}}, {"name": "reversal", "builtin": "reversal"}]))
-    own, builtin, file = resolve_tasks(f"addition,count,{data}", "numeric", run_config)
+    own, builtin, file = resolve_tasks(f"addition,count,{data}", {"verifier": "numeric"}, run_config)
     assert all(len(s.prompt) <= 4 for s in own.test_set())  # the run's own options
     assert builtin.name == "count" and file.name == "qa" and len(file.test_set()) == 20  # the whole file is the test split
     assert file.score("it is 3", file.test_set()[3]) == 1.0  # with --verifier numeric

@@ -15,14 +15,14 @@ from tests.fakes import BRANCHES, V, FakePolicy, make_config  # noqa: F401  (imp
 SKILL = {"add": 0.6, "rev": 0.3, "cnt": 0.8}
 
 
-def make_trainer(tmp_path, sub="run", log=None, policy_kw=None, **sections):
+def make_trainer(tmp_path, sub="run", log=None, policy_kw=None, trackers=None, **sections):
     run_dir = tmp_path / sub
     run_dir.mkdir(exist_ok=True)
     config = make_config(run_dir, **sections)
     log = [] if log is None else log
     policies = {b.name: FakePolicy(b.name, log, SKILL[b.name], [SKILL[b.name] * i for i in range(V)],
                                    **(policy_kw or {}).get(b.name, {})) for b in config.branches}
-    trainer = Trainer(config, run_dir, policies, load_capabilities(config))
+    trainer = Trainer(config, run_dir, policies, load_capabilities(config), trackers=trackers)
     step = trainer.step
 
     def logged_step(phase):

@@ -42,7 +42,6 @@ def cmd_train(args) -> int:
     from copd.config.loader import load_config
     from copd.driver.pipeline import run_training
     from copd.reporting.progress import default_reporter
-    from copd.reporting.run_report import write_report
 
     overrides = list(args.overrides)
     if args.resume:
@@ -55,9 +54,8 @@ def cmd_train(args) -> int:
         torch.set_num_threads(config.run.threads)
     start = time.perf_counter()
     run_dir = run_training(config, resume=bool(args.resume), reporter=reporter, base_dir=Path(args.config).resolve().parent)
-    report = write_report(run_dir)
     _print_summary(run_dir, time.perf_counter() - start)
-    print(f"report: {report}")
+    print(f"report: {run_dir / 'report.md'}")
     return 0
 
 
@@ -82,9 +80,9 @@ def _print_summary(run_dir: Path, seconds: float) -> None:
 
 
 def cmd_eval(args) -> int:
-    from copd.evaluation.commands import run_eval
+    from copd.evaluation.commands import data_file_keys, run_eval
 
-    run_eval(args.target, args.tasks, args.samples, args.verifier, args.out, args.seed)
+    run_eval(args.target, args.tasks, args.samples, data_file_keys(args), args.out, args.seed)
     return 0
 
 
@@ -157,7 +155,7 @@ def _add_run_commands(sub) -> list[argparse.ArgumentParser]:
     demo.add_argument("--out", help="run directory (default: runs/demo-TIMESTAMP)")
     demo.add_argument("--quiet", action="store_true", help="no progress display")
     demo.add_argument("--multimodal", action="store_true",
-                      help="a tiny Qwen2-VL with text, image and video branches (hub and spokes) instead of the text demo")
+                      help="a tiny Qwen3-VL with text, image and video branches (hub and spokes) instead of the text demo")
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     demo.set_defaults(func=cmd_demo)
 
@@ -173,13 +171,14 @@ def _add_run_commands(sub) -> list[argparse.ArgumentParser]:
 def _add_result_commands(sub) -> list[argparse.ArgumentParser]:
     """`copd eval`, `copd merge` and `copd compare`."""
     from copd.core.merge import MERGE_METHODS
+    from copd.evaluation.commands import add_data_file_options
     from copd.schedule.methods import METHODS
 
     ev = sub.add_parser("eval", help="score a run or a model folder on capabilities' test splits")
     ev.add_argument("target", metavar="RUN_OR_MODEL", help="a run directory (base, branches, final) or a transformers model folder")
     ev.add_argument("--tasks", required=True, help="comma-separated built-in capability names or data files (.jsonl, .json, .parquet, .csv)")
     ev.add_argument("--samples", type=int, default=200, help="test prompts per capability (default 200)")
-    ev.add_argument("--verifier", default="exact", help="verifier for data-file tasks: exact, numeric or module:function")
+    add_data_file_options(ev)
     ev.add_argument("--seed", type=int, default=0, help="seed of the sampled pass rate")
     ev.add_argument("--out", help="write the scores as JSON here")
     ev.set_defaults(func=cmd_eval)

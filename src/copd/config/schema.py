@@ -60,6 +60,16 @@ EstimatorName = one_of(OPD_ESTIMATORS, "OPD estimator")
 MergeMethodName = one_of(MERGE_METHODS, "merge method")
 PlanName = one_of(PLANS, "plan")
 TopologyName = one_of(TOPOLOGIES, "topology")
+# The experiment trackers of run.report_to; each has its class in copd.reporting.trackers.TRACKERS.
+TRACKER_NAMES = ("tensorboard", "wandb", "trackio")
+TrackerName = one_of(dict.fromkeys(TRACKER_NAMES), "tracker")
+
+
+def _tracker_list(value: Any) -> Any:
+    """`report_to: wandb` is a list of one; `none` (as in TRL) is the empty list."""
+    if value is None or value == "none":
+        return []
+    return [value] if isinstance(value, str) else value
 
 
 class Section(BaseModel):
@@ -337,6 +347,9 @@ class RunConfig(Section):
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where branches train; auto picks cuda when available")
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")
     keep_checkpoints: int = Field(2, gt=0, description="cycle checkpoints kept on disk")
+    report_to: Annotated[list[TrackerName], BeforeValidator(_tracker_list)] = Field(
+        default_factory=list, description="experiment trackers that also get every metrics.jsonl record, the config and the report's plots: tensorboard (event files in RUN/tensorboard), wandb (WANDB_MODE=offline keeps it local), trackio; each is an optional extra, pip install 'copd[NAME]'")
+    project: str = Field("copd", description="project of the wandb and trackio runs; a run is named after its folder")
 
 
 class Config(Section):

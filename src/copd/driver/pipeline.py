@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -22,6 +23,8 @@ from copd.driver.merging import merge_branches
 from copd.models.sources import check_model_source, load_pretrained
 from copd.backends.roles import SamplingParams
 from copd.reporting.progress import QuietReporter, Reporter
+from copd.reporting.run_report import write_report
+from copd.reporting.trackers import Trackers, check_trackers
 from copd.capabilities import Capability, load_capability
 from copd.driver.trainer import Trainer, plan_of
 from copd.backends.local.precision import resolve_precision
@@ -104,6 +107,7 @@ def run_training(config: Config, resume: bool = False, reporter: Reporter | None
         from copd.backends.ray_backend import require_ray
 
         require_ray()
+    check_trackers(config.run.report_to)
     base_folder = run_dir / "base"
     reuse_base = resume and (base_folder / "config.json").is_file()
     if not reuse_base:
@@ -128,35 +132,60 @@ def run_training(config: Config, resume: bool = False, reporter: Reporter | None
     if not reuse_base:
         base_policy.save_pretrained(base_folder)
         (run_dir / "warmup.json").write_text(json.dumps(info, indent=1))
-    if not remote:
-        _train_and_evaluate(config, run_dir, policies, base_policy, capabilities, reporter, resume, timing)
-    else:
-        from copd.backends.ray_backend import ray_branches, release
-
-        branches, group = ray_branches(config, base_folder, device)
-        try:
-            policies = {name: roles.learner for name, roles in branches.items()}
-            _train_and_evaluate(config, run_dir, policies, base_policy, capabilities, reporter, resume, timing)
-        finally:
-            release(branches, group)
-    timing["total_seconds"] = round(time.perf_counter() - t0, 2)
-    (run_dir / "timing.json").write_text(json.dumps(timing, indent=1))
+    trackers = Trackers.open(config.run.report_to, run_dir, config.run.project, config.to_yaml_dict(), resume)
+    run = RunContext(config, run_dir, capabilities, reporter, resume, timing, trackers, t0)
+    try:
+        _train_anywhere(run, policies, base_policy, device)
+        (run_dir / "timing.json").write_text(json.dumps(timing, indent=1))
+        write_report(run_dir)
+        trackers.results(run_dir)
+    finally:
+        trackers.close()
     return run_dir
 
 
-def _train_and_evaluate(config: Config, run_dir: Path, policies: dict, base_policy, capabilities: dict, reporter: Reporter,
-                        resume: bool, timing: dict) -> None:
-    """Train the plan, save the branches, merge them, evaluate every model (timings into `timing`)."""
-    reporter.print(describe_branches(policies))
+@dataclass
+class RunContext:
+    """What every stage of one run shares."""
+
+    config: Config
+    run_dir: Path
+    capabilities: dict[str, Capability]
+    reporter: Reporter
+    resume: bool
+    timing: dict  # stage -> seconds, written to timing.json
+    trackers: Trackers
+    started: float  # perf_counter() at the start
+
+
+def _train_anywhere(run: RunContext, policies: dict, base_policy, device: str) -> None:
+    """Train in this process, or on one Ray actor per branch (built there from the saved base folder)."""
+    if run.config.run.backend != "ray":
+        _train_and_evaluate(run, policies, base_policy)
+    else:
+        from copd.backends.ray_backend import ray_branches, release
+
+        branches, group = ray_branches(run.config, run.run_dir / "base", device)
+        try:
+            _train_and_evaluate(run, {name: roles.learner for name, roles in branches.items()}, base_policy)
+        finally:
+            release(branches, group)
+    run.timing["total_seconds"] = round(time.perf_counter() - run.started, 2)
+
+
+def _train_and_evaluate(run: RunContext, policies: dict, base_policy) -> None:
+    """Train the plan, save the branches, merge them, evaluate every model (timings into run.timing)."""
+    run.reporter.print(describe_branches(policies))
     t1 = time.perf_counter()
-    Trainer(config, run_dir, policies, capabilities, reporter).run(resume=resume)
-    timing["train_seconds"] = round(time.perf_counter() - t1, 2)
+    Trainer(run.config, run.run_dir, policies, run.capabilities, run.reporter, run.trackers).run(resume=run.resume)
+    run.timing["train_seconds"] = round(time.perf_counter() - t1, 2)
     for name, policy in policies.items():
-        policy.save_pretrained(run_dir / "branches" / name)
-    merged = merge_branches(run_dir, config)
+        policy.save_pretrained(run.run_dir / "branches" / name)
+    merged = merge_branches(run.run_dir, run.config)
     t2 = time.perf_counter()
-    evaluate_run(config, run_dir, capabilities, {"base": base_policy, **{f"branch:{n}": p for n, p in policies.items()}, "merged": merged}, reporter)
-    timing["eval_seconds"] = round(time.perf_counter() - t2, 2)
+    models = {"base": base_policy, **{f"branch:{n}": p for n, p in policies.items()}, "merged": merged}
+    evaluate_run(run.config, run.run_dir, run.capabilities, models, run.reporter)
+    run.timing["eval_seconds"] = round(time.perf_counter() - t2, 2)
 
 
 def evaluate_run(config: Config, run_dir: Path, capabilities: dict[str, Capability], policies: dict, reporter: Reporter) -> dict:

@@ -28,27 +28,31 @@ from copd.driver.rollout import MixtureSampler, collect_opd_part, collect_opd_ro
 from copd.errors import BranchLost, CopdError
 from copd.evaluation.diagnose import measure_pair
 from copd.reporting.progress import QuietReporter, Reporter
+from copd.reporting.trackers import Trackers
 from copd.schedule.plan import TOPOLOGY_PLANS, Phase, Roles, build_plan, with_overlap_trigger, with_probes
 from copd.schedule.topology import build_edges
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON record per line, appended and flushed as training goes."""
+    """metrics.jsonl: one JSON record per line, appended and flushed as training goes; each
+    record also goes to the run's experiment trackers (run.report_to)."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, trackers: Trackers | None = None):
+        self.path, self.trackers = path, trackers or Trackers()
         self.lines = sum(1 for _ in path.open()) if path.exists() else 0
 
-    def truncate(self, lines: int) -> None:
-        """Drop records written after the checkpoint being resumed, so they are not duplicated."""
+    def truncate(self, lines: int, step: int) -> None:
+        """Drop records written after the checkpoint being resumed (at global step `step`), so they are not duplicated."""
         kept = self.path.read_text().splitlines(keepends=True)[:lines] if self.path.exists() else []
         self.path.write_text("".join(kept))
         self.lines = len(kept)
+        self.trackers.rewind(step)
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         self.lines += 1
+        self.trackers.record(record)
 
 
 def loss_spec(config: Config) -> LossSpec:
@@ -65,7 +69,7 @@ def loss_spec(config: Config) -> LossSpec:
 
 class Trainer:
     def __init__(self, config: Config, run_dir: Path, branches: dict[str, Policy | BranchRoles], capabilities: dict[str, Capability],
-                 reporter: Reporter | None = None):
+                 reporter: Reporter | None = None, trackers: Trackers | None = None):
         self.config, self.run_dir = config, run_dir
         # One object playing every role (the local backend) or separate players per role.
         self.roles = {b: r if isinstance(r, BranchRoles) else BranchRoles.of(r) for b, r in branches.items()}
@@ -83,7 +87,7 @@ class Trainer:
         self.beta = {b.name: b.beta for b in config.branches}
         self.spec = loss_spec(config)
         self.sampling = SamplingParams.from_config(config.sampling)
-        self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl", trackers)
         self.score_bytes: dict[str, int] = {}  # bytes of teacher scores per edge, this step
         self.state = self._initial_state()
         self.initial_samplers = self._sampler_states()
@@ -287,11 +291,11 @@ class Trainer:
     def _restore(self) -> None:
         folder = latest_checkpoint(self.run_dir)
         if folder is None:  # killed before the first cycle ended: start over from the base
-            self.metrics.truncate(0)  # and drop the records of the lost steps, or they would repeat
+            self.metrics.truncate(0, 0)  # and drop the records of the lost steps, or they would repeat
             return
         folder, state = load_latest_intact(self.run_dir, self.learners, self.reporter.print)
         self._load_samplers({"rl_samplers": state.pop("rl_samplers"), "opd_samplers": state.pop("opd_samplers")})
-        self.metrics.truncate(state.pop("metrics_lines"))
+        self.metrics.truncate(state.pop("metrics_lines"), state["global_step"])
         state.pop("cycle")
         self.state = state
         self.reporter.print(f"resumed from {folder}")

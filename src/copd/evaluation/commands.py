@@ -14,12 +14,38 @@ from copd.capabilities import BUILTIN_CAPABILITIES, Capability, load_capability
 from copd.multimodal.media import VideoSampling
 
 
-def resolve_tasks(names: str, verifier: str, run_config=None) -> list[Capability]:
-    """A run's own capability names first (same options as in training), then built-ins, then data files (.jsonl, .json, .parquet, .csv)."""
+# The keys of a data capability that `copd eval` and `copd diagnose` take as options (--prompt-field, ...).
+DATA_FILE_OPTIONS = ("verifier", "prompt_field", "answer_field", "system_field", "images_field", "videos_field", "fields")
+
+
+def add_data_file_options(parser) -> None:
+    """--verifier, --prompt-field, ...: the capability keys of a data file, named and described as in the config."""
+    from copd.config.schema import CapabilityConfig
+
+    for key in DATA_FILE_OPTIONS:
+        field = CapabilityConfig.model_fields[key]
+        default = f" (default {field.default})" if field.default is not None else ""
+        listed = " (comma-separated)" if key == "fields" else ""
+        parser.add_argument(f"--{key.replace('_', '-')}", dest=key, metavar=key.upper(),
+                            help=f"data-file tasks: {field.description}{listed}{default}")
+
+
+def data_file_keys(args) -> dict:
+    """The data-file options given on the command line, as capability keys."""
+    given = {key: getattr(args, key) for key in DATA_FILE_OPTIONS if getattr(args, key, None) is not None}
+    if "fields" in given:
+        given["fields"] = [name.strip() for name in given["fields"].split(",") if name.strip()]
+    return given
+
+
+def resolve_tasks(names: str, data_keys: dict | None = None, run_config=None) -> list[Capability]:
+    """A run's own capability names first (same options as in training), then built-ins, then data files
+    (.jsonl, .json, .parquet, .csv) read with `data_keys` (prompt_field, answer_field, verifier, ...)."""
+    data_keys = data_keys or {}
     own = {c.name: c for c in run_config.capabilities} if run_config else {}
     # Videos are checked against the frame sampling the run's models were trained with.
     sampling = VideoSampling.from_options(run_config.model.vision.model_dump()) if run_config else None
-    caps = []
+    caps, files = [], 0
     for name in [n.strip() for n in names.split(",") if n.strip()]:
         if name in own:
             caps.append(load_capability(own[name], video_sampling=sampling))
@@ -27,13 +53,17 @@ def resolve_tasks(names: str, verifier: str, run_config=None) -> list[Capability
             caps.append(load_capability({"name": name, "builtin": name}))
         elif name.endswith(".jsonl") or Path(name).exists():
             # The whole file is the test split.
-            spec = {"name": Path(name).stem, "path": name, "test_path": name, "verifier": verifier}
+            spec = {"name": Path(name).stem, "path": name, "test_path": name, **data_keys}
+            files += 1
             caps.append(load_capability(spec, video_sampling=sampling))
         else:
             known = sorted(set(own) | set(BUILTIN_CAPABILITIES))
             raise CopdError(f"--tasks: {name!r} is neither a capability ({', '.join(known)}) nor a data file")
     if not caps:
         raise CopdError("--tasks: give at least one capability name or data file")
+    if data_keys and not files:
+        given = ", ".join(f"--{k.replace('_', '-')}" for k in data_keys)
+        raise CopdError(f"{given}: apply to data-file tasks, and --tasks names none")
     return caps
 
 
@@ -50,7 +80,7 @@ def models_of(target: Path) -> dict[str, Path]:
     return found
 
 
-def run_eval(target: str, tasks: str, samples: int, verifier: str, out: str | None, seed: int) -> dict:
+def run_eval(target: str, tasks: str, samples: int, data_keys: dict, out: str | None, seed: int) -> dict:
     path = Path(target).expanduser()
     if not path.exists():
         raise CopdError(f"model or run not found: {path}")
@@ -59,7 +89,7 @@ def run_eval(target: str, tasks: str, samples: int, verifier: str, out: str | No
         from copd.config.loader import load_config
 
         run_config = load_config(path / "config.yaml")
-    caps = resolve_tasks(tasks, verifier, run_config)
+    caps = resolve_tasks(tasks, data_keys, run_config)
     s = run_config.sampling if run_config else None
     params = SamplingParams.from_config(s) if s else SamplingParams(max_new_tokens=32)
     prompting = run_config.model.policy_options() if run_config else {}

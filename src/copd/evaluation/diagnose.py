@@ -132,7 +132,8 @@ def _print_table(result: dict) -> None:
         print(f"  {name:<16}{r['tokens']:>8}{r['overlap']:>16.3f}{r['sym_kl']:>10.3f}{r['mean_delta']:>12.3f}")
 
 
-def run_diagnose(model_a: str, model_b: str, tasks: str, samples: int, k: int, seed: int, out: str | None) -> dict:
+def run_diagnose(model_a: str, model_b: str, tasks: str, samples: int, k: int, seed: int, out: str | None,
+                 data_keys: dict | None = None) -> dict:
     """Load two model folders, diagnose B against A's rollouts, print a table and a verdict."""
     from copd.evaluation.commands import resolve_tasks
 
@@ -145,7 +146,7 @@ def run_diagnose(model_a: str, model_b: str, tasks: str, samples: int, k: int, s
     policy_a, policy_b, folders, vocab = _load_pair(model_a, model_b, options)
     if not 1 <= k <= vocab:
         raise CopdError(f"--k must be between 1 and the vocabulary size {vocab}, got {k}")
-    caps = resolve_tasks(tasks, "exact", run_config)
+    caps = resolve_tasks(tasks, data_keys, run_config)
     s = run_config.sampling if run_config else None
     params = SamplingParams.from_config(s) if s else SamplingParams(1.0, 1.0, DEFAULT_MAX_NEW_TOKENS)
     result = diagnose_models(policy_a, policy_b, caps, samples, params, k, seed)
@@ -163,7 +164,9 @@ def run_diagnose(model_a: str, model_b: str, tasks: str, samples: int, k: int, s
 
 
 def cmd_diagnose(args) -> int:
-    run_diagnose(args.model_a, args.model_b, args.tasks, args.samples, args.k, args.seed, args.out)
+    from copd.evaluation.commands import data_file_keys
+
+    run_diagnose(args.model_a, args.model_b, args.tasks, args.samples, args.k, args.seed, args.out, data_file_keys(args))
     return 0
 
 
@@ -177,10 +180,13 @@ def add_parser(sub):
     )
     p.add_argument("model_a", metavar="MODEL_A", help="transformers model folder of the student (its rollouts are scored)")
     p.add_argument("model_b", metavar="MODEL_B", help="transformers model folder of the teacher (same tokenizer as MODEL_A)")
-    p.add_argument("--tasks", required=True, help="comma-separated capability names (a run's own or built-in) or JSONL files")
+    p.add_argument("--tasks", required=True, help="comma-separated capability names (a run's own or built-in) or data files (.jsonl, .json, .parquet, .csv)")
     p.add_argument("--samples", type=int, default=64, help="test prompts per capability (default 64)")
     p.add_argument("--k", type=int, default=4, help="k of the top-k overlap (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of MODEL_A's sampling (default 0)")
     p.add_argument("--out", help="write the diagnostics as JSON here")
+    from copd.evaluation.commands import add_data_file_options
+
+    add_data_file_options(p)
     p.set_defaults(func=cmd_diagnose)
     return p

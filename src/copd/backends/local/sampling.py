@@ -149,9 +149,9 @@ def decode(model, cache, logits_B_V: torch.Tensor, attention_mask_B_P: torch.Ten
             break
         # A finished row's pad token is masked out, so it never shifts that row's positions.
         mask = torch.cat([mask, (~finished | (token == eos_id)).long()[:, None]], dim=1)
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=new_position(mask), past_key_values=cache,
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=new_position(mask), cache=cache,
                     use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        cache, logits = out.cache, out.logits[:, -1]
     return Sampled(torch.stack(tokens, 1), torch.stack(alive, 1).float(), torch.stack(topks, 1) if k else None)
 
 
@@ -179,7 +179,7 @@ def prefill(model, input_ids_B_P: torch.Tensor, attention_mask_B_P: torch.Tensor
     mask = attention_mask_B_P[::size]
     # Only the last position's logits are needed: skip the LM head on the rest of the prompt.
     out = model(input_ids=input_ids_B_P[::size], attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True, logits_to_keep=1)
-    cache, logits = out.past_key_values, out.logits
+    cache, logits = out.cache, out.logits
     if size > 1:
         for layer in cache.layers:
             layer.keys, layer.values = repeat_rows(layer.keys, size), repeat_rows(layer.values, size)
@@ -198,7 +198,7 @@ def completion_logits(model, input_ids_B_L: torch.Tensor, attention_mask_B_L: to
         return first_B_1_V
     positions = positions_from_mask(attention_mask_B_L)
     out = model(input_ids=input_ids_B_L[:, prompt_len:-1], attention_mask=attention_mask_B_L[:, :-1],
-                position_ids=positions[:, prompt_len:-1], past_key_values=cache, use_cache=True)
+                position_ids=positions[:, prompt_len:-1], cache=cache, use_cache=True)
     return torch.cat([first_B_1_V, out.logits], dim=1)
 
 

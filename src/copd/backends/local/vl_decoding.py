@@ -25,7 +25,7 @@ def _prefill(model, prompts: dict, rows_per_prompt: int = 1):
     pixels = {k: prompts[k] for k in FORWARD_PIXEL_KEYS if prompts.get(k) is not None}
     out = model(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"], position_ids=positions,
                 use_cache=True, logits_to_keep=1, **pixels)
-    cache, logits = out.past_key_values, out.logits
+    cache, logits = out.cache, out.logits
     if rows_per_prompt > 1:
         for layer in cache.layers:
             layer.keys, layer.values = repeat_rows(layer.keys, rows_per_prompt), repeat_rows(layer.values, rows_per_prompt)
@@ -60,5 +60,5 @@ def vl_completion_logits(model, prompts: dict, input_ids_B_L: torch.Tensor, atte
         return first_B_1_V
     mask = attention_mask_B_L[:, :-1]
     out = model(input_ids=input_ids_B_L[:, prompt_len:-1], attention_mask=mask,
-                position_ids=decode_positions(mask, deltas, prompt_len), past_key_values=cache, use_cache=True)
+                position_ids=decode_positions(mask, deltas, prompt_len), cache=cache, use_cache=True)
     return torch.cat([first_B_1_V, out.logits], dim=1)
