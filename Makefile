@@ -5,28 +5,31 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
-# A second environment with torchvision, where vision-language models use their checkpoint's
-# own processor; here torchvision means torch 2.14.1, a 5.5 GB CUDA build, so it stays out of
-# the default install and only `make test-torchvision` builds it.
+# Every install below takes the versions in constraints.txt (pip constraints: exact versions of
+# everything copd and its extras pull in, torch aside); `make lock` re-resolves them.
+CONSTRAINTS := constraints.txt
+EXTRAS := dev,math,lora,data,models,video,ray,tensorboard,wandb,trackio
+# A second environment: torchvision and none of copd's optional extras. There the whole suite
+# runs again: vision-language models use their checkpoint's own processor, and every test that
+# needs an extra skips, naming it. Here torchvision means torch 2.14.1, a 5.5 GB CUDA build, so
+# it stays out of the default install and only `make test-torchvision` builds it.
 TV_VENV := .venv-torchvision
 TV_TORCH ?= torch==2.14.1 torchvision==0.29.1
-# What runs there: the processor parity tests and the vision-language policy, pipeline and diagnose.
-TV_TESTS := tests/multimodal tests/backends/test_vl.py tests/e2e/test_vision_language.py tests/evaluation/test_diagnose.py
 
-$(BIN)/copd: pyproject.toml
+$(BIN)/copd: pyproject.toml $(CONSTRAINTS)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev,math,lora,data,models,video,ray]"
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[$(EXTRAS)]"
 	touch $@
 
 setup: $(BIN)/copd
 
-$(TV_VENV)/bin/copd: pyproject.toml
+$(TV_VENV)/bin/copd: pyproject.toml $(CONSTRAINTS)
 	$(PY) -m venv $(TV_VENV)
 	$(TV_VENV)/bin/pip install -q --upgrade pip
 	$(TV_VENV)/bin/pip install -q $(TV_TORCH)
-	$(TV_VENV)/bin/pip install -q -e ".[dev,lora,video]"
+	$(TV_VENV)/bin/pip install -q -c $(CONSTRAINTS) -e ".[dev]"
 	touch $@
 
 demo: setup
@@ -36,9 +39,23 @@ test: setup
 	$(BIN)/python -m pytest -m "not slow"
 
 test-torchvision: $(TV_VENV)/bin/copd
-	$(TV_VENV)/bin/python -m pytest -m "not slow" $(TV_TESTS)
+	$(TV_VENV)/bin/python -m pytest -m "not slow" -rs
 
 bench: setup
 	$(BIN)/python benchmarks/speed.py
 
-.PHONY: setup demo test test-torchvision bench
+# The newest versions pyproject.toml allows, written to constraints.txt (then `make test`, which
+# rebuilds .venv from it). The bench extra (TRL) is locked too.
+LOCK_VENV := .venv-lock
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PY) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/pip install -q "$(TORCH)"
+	$(LOCK_VENV)/bin/pip install -q -e ".[$(EXTRAS),bench]"
+	{ echo "# pip constraints: the versions copd was tested and measured with (make lock writes this file)."; \
+	  echo "# Python $$($(LOCK_VENV)/bin/python -c 'import platform; print(platform.python_version())'), $(TORCH) installed by make itself; $$(date -u +%Y-%m-%d)."; \
+	  $(LOCK_VENV)/bin/pip freeze --exclude-editable | grep -v -i '^torch=='; } > $(CONSTRAINTS)
+	rm -rf $(LOCK_VENV)
+
+.PHONY: setup demo test test-torchvision bench lock

@@ -160,22 +160,12 @@ def run_child(name: str, args) -> dict:
     return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
 
 
-def cpu_model() -> str:
-    info = Path("/proc/cpuinfo")
-    lines = info.read_text().splitlines() if info.exists() else []
-    names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
-    return names[0] if names else "unknown"
-
-
 def provenance() -> str:
     """CPU model and torch kernel level, versions, and the measured bf16 / fp32 matmul ratio: what a figure depends on."""
-    import transformers
+    from copd.backends.local.precision import bf16_speedup
+    from copd.reporting.environment import describe_environment, environment_line
 
-    from copd.backends.local.precision import bf16_speedup, cpu_capability
-
-    return (f"{cpu_model()}, torch capability {cpu_capability()}, torch {torch.__version__}, "
-            f"transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
-            f"bf16 matmul {bf16_speedup('cpu'):.3g}x fp32")
+    return f"{environment_line(describe_environment())}; bf16 matmul {bf16_speedup('cpu'):.3g}x fp32"
 
 
 def fmt(x: float) -> str:

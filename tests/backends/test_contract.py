@@ -21,6 +21,7 @@ from copd.driver.warmstart import TINY_ALPHABET
 from copd.models.sources import build_char_tokenizer, build_tiny_model
 from copd.multimodal.tiny import build_tiny_vl
 from tests.fakes import FakePolicy
+from tests.extras import require
 
 TEXT = ["rev:abc=", "12+3="]
 K = 5  # covers the fake's five-token vocabulary
@@ -38,7 +39,7 @@ def full_pair(tmp_path):
 
 
 def lora_pair(tmp_path):
-    pytest.importorskip("peft")
+    require("peft")
     from copd.backends.local.lora import LoraPolicy, SharedBase, adapter_name
 
     model, tokenizer = _tiny_text()

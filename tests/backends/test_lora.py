@@ -13,8 +13,9 @@ from copd.backends.roles import LossSpec, RLPart, SamplingParams
 from copd.backends.local.lora import LoraPolicy, SharedBase, adapter_name
 from copd.driver.trainer import Trainer
 from tests.e2e.test_text import records, tiny_config
+from tests.extras import require
 
-peft = pytest.importorskip("peft")
+peft = require("peft")
 
 
 @pytest.fixture

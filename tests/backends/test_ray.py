@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-ray = pytest.importorskip("ray", reason="the Ray backend needs copd[ray]")
+from tests.extras import require  # noqa: E402
+
+ray = require("ray")
 
 from copd.config.loader import load_config  # noqa: E402
 from copd.driver import trainer as trainer_module  # noqa: E402
@@ -91,7 +93,7 @@ def test_ctrl_c_releases_the_actors_and_the_run_resumes(tmp_path, local_ray, loc
 
 
 def test_lora_branches_on_ray_match_the_local_run(tmp_path, local_ray):
-    pytest.importorskip("peft")
+    require("peft")
     cache = f"model.cache_dir={tmp_path / 'cache'}"
     lora = [*SHORT, cache, "lora.enabled=true", "lora.r=4", "optim.lr=2e-3"]
     local = run_training(load_config(DEMO, [*lora, f"run.out={tmp_path / 'local'}"]))

@@ -15,6 +15,7 @@ from copd.backends.local.factory import make_policy
 from copd.backends.local.vl import VLPolicy
 from copd.multimodal.tiny import build_tiny_vl
 import copy
+from tests.extras import needs
 
 
 def picture(seed: int, size: int = 56) -> Image.Image:
@@ -134,6 +135,7 @@ def test_a_text_policy_refuses_media():
         policy.format_prompt(Prompt("x", images=("a.png",)))
 
 
+@needs("peft")
 def test_lora_branches_on_a_vision_language_base(media, tmp_path):
     from copd.backends.local.factory import make_lora_policy
     from copd.backends.local.lora import SharedBase, adapter_name

@@ -7,7 +7,9 @@ import sys
 import pytest
 from PIL import Image
 
-datasets = pytest.importorskip("datasets")
+from tests.extras import require
+
+datasets = require("datasets")
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 

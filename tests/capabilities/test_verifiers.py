@@ -12,6 +12,7 @@ from copd.errors import CopdError
 from copd.capabilities import Capability, Sample, load_capability, resolve_verifier
 from copd.capabilities.verifiers import ANSWER_CHECKS, VERIFIERS, safe_verifier
 from copd.capabilities.verifiers_text import extract_choice, format_reward, normalize_text, with_format
+from tests.extras import needs, require
 
 
 @pytest.mark.parametrize(
@@ -48,6 +49,8 @@ from copd.capabilities.verifiers_text import extract_choice, format_reward, norm
     ],
 )
 def test_text_verifiers(verifier, completion, answer, fields, reward):
+    if verifier == "math":
+        require("math_verify")
     assert VERIFIERS[verifier](completion, answer, unknown_field=1, **fields) == reward
     assert resolve_verifier(verifier)(completion, answer, **fields) == reward
 
@@ -58,6 +61,7 @@ def test_extract_choice():
     assert extract_choice("A good question") is None
 
 
+@needs("math_verify")
 def test_math_verify_works_outside_the_main_thread():
     # math-verify's signal.alarm timeout raises ValueError off the main thread unless disabled.
     results = []
@@ -92,6 +96,8 @@ def test_invalid_regex_pattern():
     ],
 )
 def test_format_combinator(spec, completion, answer, reward):
+    if spec.startswith("math"):
+        require("math_verify")
     assert resolve_verifier(spec)(completion, answer) == pytest.approx(reward)
 
 
@@ -167,6 +173,7 @@ def test_user_verifier_that_raises_scores_zero(user_module, caplog):
     assert combined.__wrapped__.failures == 1 and not hasattr(combined, "failures")
 
 
+@needs("math_verify")
 def test_answer_checks_follow_the_base_verifier(tmp_path):
     assert ANSWER_CHECKS.get("numeric+format:0.2")("abc") == "is not a number"
     assert ANSWER_CHECKS.get("choice")("(b)") is None

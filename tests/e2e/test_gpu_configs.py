@@ -14,6 +14,7 @@ import pytest
 
 from copd.config.loader import load_config
 from copd.driver.pipeline import run_training
+from tests.extras import needs, require
 
 GPU = Path(__file__).resolve().parents[2] / "examples" / "gpu"
 TINY = ["model.path=null", "model.dtype=float32", "model.compute_dtype=float32",
@@ -41,6 +42,7 @@ def _run_tiny(tmp_path, name, backend):
     return json.loads((run_dir / "eval.json").read_text())["models"]
 
 
+@needs("peft")
 def test_the_two_branch_run_on_a_tiny_qwen3_vl(tmp_path):
     scores = _run_tiny(tmp_path, "qwen3_vl_two_branches.yaml", "local")
     assert set(scores) == {"base", "branch:text", "branch:vision", "merged"}
@@ -48,6 +50,6 @@ def test_the_two_branch_run_on_a_tiny_qwen3_vl(tmp_path):
 
 
 def test_the_three_branch_run_on_a_tiny_qwen3_vl_on_ray(tmp_path):
-    pytest.importorskip("ray", reason="the Ray backend needs copd[ray]")
+    require("ray")
     scores = _run_tiny(tmp_path, "qwen3_vl_three_branches.yaml", "ray")
     assert set(scores) == {"base", "branch:text", "branch:image", "branch:video", "merged"}

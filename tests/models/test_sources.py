@@ -15,8 +15,9 @@ from copd.driver.pipeline import run_training
 from tests.cli.test_main import fails, write_config
 from tests.e2e.test_text import tiny_config
 from tests.tiny_gguf import tiny_qwen2, write_tiny_gguf
+from tests.extras import require
 
-pytest.importorskip("gguf")
+require("gguf")
 
 
 @pytest.fixture

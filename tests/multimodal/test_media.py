@@ -9,6 +9,7 @@ from PIL import Image
 from copd.errors import CopdError
 from copd.multimodal.media import VideoSampling, check_image, check_video, load_image, load_video
 from copd.capabilities import load_capability
+from tests.extras import require
 
 # Durations (ms) of the test GIF: frames start at 0, .1, .2, .4, .5 and .8 s; it ends at 1 s.
 DURATIONS = [100, 100, 200, 100, 300, 200]
@@ -152,7 +153,7 @@ def test_other_videos_need_pyav(tmp_path, monkeypatch):
 
 
 def _mp4(path, count=10, rate=10):
-    av = pytest.importorskip("av")
+    av = require("av")
     np = pytest.importorskip("numpy")
     with av.open(str(path), "w") as container:
         stream = container.add_stream("mpeg4", rate=rate)
@@ -184,7 +185,7 @@ def test_pyav_video_frames_and_selection(tmp_path):
 
 
 def test_pyav_unreadable_video(tmp_path):
-    pytest.importorskip("av")
+    require("av")
     junk = tmp_path / "junk.mp4"
     junk.write_bytes(b"definitely not a video")
     for call in (load_video, check_video):

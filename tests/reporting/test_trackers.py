@@ -18,6 +18,7 @@ from copd.reporting import trackers as trackers_module
 from copd.reporting.trackers import TRACKERS, Trackers, check_trackers, eval_scalars, flat_hyperparameters, scalars_of
 from tests.cli.test_main import fails, write_config
 from tests.driver.test_trainer import make_trainer, records
+from tests.extras import reason, require
 
 DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo.yaml"
 
@@ -59,8 +60,7 @@ def test_an_unknown_tracker_is_one_line_naming_the_key(tmp_path, capsys):
 
 
 def test_a_missing_tracker_package_names_the_install_before_the_run_folder(tmp_path, capsys, monkeypatch):
-    real = trackers_module.importlib.util.find_spec
-    monkeypatch.setattr(trackers_module.importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
+    monkeypatch.setattr(trackers_module.importlib.util, "find_spec", lambda name: None if name == "wandb" else object())
     with pytest.raises(CopdError, match=r"run.report_to: wandb needs the wandb package; pip install 'copd\[wandb\]'"):
         check_trackers(["tensorboard", "wandb"])
     err = fails(capsys, ["train", str(write_config(tmp_path)), "run.report_to=wandb", "--quiet"])
@@ -117,7 +117,7 @@ def expected_scalars(recs) -> dict[str, list[tuple[int, float]]]:
 
 @pytest.mark.parametrize("crash_after", [1, 6])  # before the first checkpoint, after it
 def test_tensorboard_after_a_crash_and_resume_holds_exactly_the_records_of_metrics_jsonl(tmp_path, crash_after):
-    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
+    require("tensorboard")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     opened = Trackers.open(["tensorboard"], run_dir, "copd", {"run": {"seed": 7}}, resume=False)
@@ -136,7 +136,7 @@ def test_tensorboard_after_a_crash_and_resume_holds_exactly_the_records_of_metri
 def test_a_real_run_reaches_tensorboard_trackio_and_wandb_offline(tmp_path, monkeypatch):
     for package in ("tensorboard", "trackio", "wandb"):
         if importlib.util.find_spec(package) is None:  # not imported here: trackio reads TRACKIO_DIR when it is
-            pytest.skip(f"the {package} extra is not installed")
+            pytest.skip(reason(package))
     run_dir, trackio_dir = tmp_path / "run", tmp_path / "trackio"
     monkeypatch.setenv("TRACKIO_DIR", str(trackio_dir))
     overrides = ["warmup.enabled=false", "schedule.cycles=1", "schedule.rl_steps=1", "schedule.opd_steps=1", "eval.samples=4",

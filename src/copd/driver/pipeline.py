@@ -23,6 +23,7 @@ from copd.driver.merging import merge_branches
 from copd.models.sources import check_model_source, load_pretrained
 from copd.backends.roles import SamplingParams
 from copd.reporting.progress import QuietReporter, Reporter
+from copd.reporting.environment import record_environment
 from copd.reporting.run_report import write_report
 from copd.reporting.trackers import Trackers, check_trackers
 from copd.capabilities import Capability, load_capability
@@ -132,6 +133,7 @@ def run_training(config: Config, resume: bool = False, reporter: Reporter | None
     if not reuse_base:
         base_policy.save_pretrained(base_folder)
         (run_dir / "warmup.json").write_text(json.dumps(info, indent=1))
+    record_environment(run_dir, device)
     trackers = Trackers.open(config.run.report_to, run_dir, config.run.project, config.to_yaml_dict(), resume)
     run = RunContext(config, run_dir, capabilities, reporter, resume, timing, trackers, t0)
     try:

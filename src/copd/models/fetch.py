@@ -76,7 +76,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     try:
         import gguf as _  # noqa: F401  (transformers needs it to read GGUF)
     except ImportError:
-        raise CopdError("reading GGUF needs the `gguf` package: pip install gguf") from None
+        raise CopdError("reading GGUF needs the `gguf` package: pip install 'copd[models]'") from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -13,6 +13,8 @@ import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from copd.reporting.environment import environment_line
+
 _DASH = "—"
 
 
@@ -86,6 +88,15 @@ def _summary(cfg: Any) -> list[str]:
             f"β: {betas or '?'}, merge `{_get(cfg, 'merge', 'method')}`.", "",
             f"Model: {model}; seed {_get(cfg, 'run', 'seed')}; RL advantage `{_get(cfg, 'rl', 'advantage')}`, "
             f"loss aggregation `{_get(cfg, 'rl', 'loss_aggregation')}`; overlap top-k {_get(cfg, 'opd', 'overlap_k')}."]
+
+
+def _environment(starts: Any) -> list[str]:
+    """Where the numbers were produced: seeded runs repeat exactly only on the same CPU kind and versions."""
+    if not isinstance(starts, list) or not starts:
+        return []
+    lines = [f"Produced on: {environment_line(starts[0])}."]
+    lines += [f"Resumed {s.get('started', '?')} on: {environment_line(s)}." for s in starts[1:] if isinstance(s, dict)]
+    return lines + [""]
 
 
 def _eval_layout(models: dict, mode: str) -> tuple[list[str], list[str]]:
@@ -300,7 +311,7 @@ def write_report(run_dir: Path) -> Path:
     plots = _write_plots(run_dir / "plots", branches, edges, ev)
     inputs = (("config.yaml", cfg), ("metrics.jsonl", records), ("eval.json", ev))
     missing = [name for name, content in inputs if not content]
-    lines = [f"# CoPD run report: {run_dir.name}", ""] + _summary(cfg) + [""]
+    lines = [f"# CoPD run report: {run_dir.name}", ""] + _summary(cfg) + [""] + _environment(_load(run_dir / "environment.json"))
     if missing:
         lines += [f"Missing or empty: {', '.join(missing)}.", ""]
     lines += _results(ev, plots) + _diagnostics(edges, plots) + _branch_summary(branches, plots)

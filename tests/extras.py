@@ -1,0 +1,24 @@
+"""Tests that need an optional extra skip, naming the install, where it is missing."""
+
+import importlib.util
+
+import pytest
+
+# The module each optional extra of pyproject.toml brings, and the extra's name.
+EXTRA_OF = {"math_verify": "math", "peft": "lora", "datasets": "data", "gguf": "models", "av": "video", "ray": "ray",
+            "tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
+
+
+def reason(module: str) -> str:
+    extra = EXTRA_OF[module]
+    return f"needs copd[{extra}] ({module} is not installed): pip install -c constraints.txt -e '.[{extra}]'"
+
+
+def needs(module: str) -> pytest.MarkDecorator:
+    """Mark a test (or a pytest.param) that needs the extra bringing `module`."""
+    return pytest.mark.skipif(importlib.util.find_spec(module) is None, reason=reason(module))
+
+
+def require(module: str):
+    """Import `module` for a test module or a test, or skip it, naming the extra."""
+    return pytest.importorskip(module, reason=reason(module))
