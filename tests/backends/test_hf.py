@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -31,6 +33,15 @@ def test_greedy_sampling_matches_transformers_generate_with_left_padding():
         ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
         ref = policy.model.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         assert rollouts.completions[i] == tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_decoding_and_scoring_use_no_deprecated_transformers_argument():
+    # transformers 5.24 renamed past_key_values to cache (the old name goes in 5.40).
+    policy = tiny_policy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        rollouts = policy.generate(PROMPTS, 2, SamplingParams(max_new_tokens=4), seed=0)
+        policy.score(rollouts, ScoreRequest(topk=3))
 
 
 def test_sampling_is_reproducible_from_the_seed_and_rows_are_grouped():
