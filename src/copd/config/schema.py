@@ -8,74 +8,18 @@ overrides use `key.sub=value` with YAML-parsed values.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from copd.core.advantages import GROUP_ADVANTAGES
-from copd.core.losses import LOSS_AGGREGATIONS
+# KeyProblem and unknown_name are imported from here too (copd.config.loader, copd.driver.compare).
+from copd.config.fields import (  # noqa: F401
+    TRACKER_NAMES, AdvantageName, EstimatorName, KeyProblem, LossAggregationName, MergeMethodName, PlanName, Section,
+    TopologyName, TrackerName, tracker_list, unknown_name,
+)
 from copd.core.merge import MERGE_METHODS
-from copd.core.opd import OPD_ESTIMATORS
-from copd.schedule.plan import PLANS
-from copd.schedule.topology import TOPOLOGIES
-
-
-class KeyProblem(ValueError):
-    """A validator's error about one key below the model that raises it (`loc` is relative to it).
-
-    The loader appends `loc` to where pydantic reports the error, so the message names that key
-    and its YAML line instead of the whole section.
-    """
-
-    def __init__(self, loc: tuple[str | int, ...], message: str):
-        super().__init__(message)
-        self.loc = tuple(loc)
-
-
-def unknown_name(what: str, value: object, valid: Iterable[str]) -> str:
-    """'unknown WHAT 'x' (did you mean 'y'?); valid: a, b, c' for a name missing from a registry."""
-    names = list(valid)
-    near = difflib.get_close_matches(str(value), names, n=1, cutoff=0.5)
-    hint = f" (did you mean {near[0]!r}?)" if near else ""
-    return f"unknown {what} {value!r}{hint}; valid: {', '.join(names)}"
-
-
-def one_of(registry: Mapping[str, Any], what: str) -> Any:
-    """A str field whose values are the keys of `registry` (the README's reference lists them)."""
-
-    def check(value: Any) -> Any:
-        if isinstance(value, str) and value in registry:
-            return value
-        raise ValueError(unknown_name(what, value, registry))
-
-    return Annotated[Literal[tuple(registry)], BeforeValidator(check)]
-
-
-# Each is checked against its registry when the config loads, long before training needs it.
-AdvantageName = one_of(GROUP_ADVANTAGES, "advantage")
-LossAggregationName = one_of(LOSS_AGGREGATIONS, "loss aggregation")
-EstimatorName = one_of(OPD_ESTIMATORS, "OPD estimator")
-MergeMethodName = one_of(MERGE_METHODS, "merge method")
-PlanName = one_of(PLANS, "plan")
-TopologyName = one_of(TOPOLOGIES, "topology")
-# The experiment trackers of run.report_to; each has its class in copd.reporting.trackers.TRACKERS.
-TRACKER_NAMES = ("tensorboard", "wandb", "trackio")
-TrackerName = one_of(dict.fromkeys(TRACKER_NAMES), "tracker")
-
-
-def _tracker_list(value: Any) -> Any:
-    """`report_to: wandb` is a list of one; `none` (as in TRL) is the empty list."""
-    if value is None or value == "none":
-        return []
-    return [value] if isinstance(value, str) else value
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys are rejected, values are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class TinyModelConfig(Section):
@@ -347,7 +291,7 @@ class RunConfig(Section):
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where branches train; auto picks cuda when available")
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")
     keep_checkpoints: int = Field(2, gt=0, description="cycle checkpoints kept on disk")
-    report_to: Annotated[list[TrackerName], BeforeValidator(_tracker_list)] = Field(
+    report_to: Annotated[list[TrackerName], BeforeValidator(tracker_list)] = Field(
         default_factory=list, description="experiment trackers that also get every metrics.jsonl record, the config and the report's plots: tensorboard (event files in RUN/tensorboard), wandb (WANDB_MODE=offline keeps it local), trackio; each is an optional extra, pip install 'copd[NAME]'")
     project: str = Field("copd", description="project of the wandb and trackio runs; a run is named after its folder")
 
