@@ -60,7 +60,7 @@ def test_an_unknown_tracker_is_one_line_naming_the_key(tmp_path, capsys):
 
 
 def test_a_missing_tracker_package_names_the_install_before_the_run_folder(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(trackers_module.importlib.util, "find_spec", lambda name: None if name == "wandb" else object())
+    monkeypatch.setattr(trackers_module, "installed", lambda module: module != "wandb")
     with pytest.raises(CopdError, match=r"run.report_to: wandb needs the wandb package; pip install 'copd\[wandb\]'"):
         check_trackers(["tensorboard", "wandb"])
     err = fails(capsys, ["train", str(write_config(tmp_path)), "run.report_to=wandb", "--quiet"])

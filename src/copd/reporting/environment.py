@@ -3,7 +3,8 @@
 Seeded results repeat exactly on one machine with one set of versions; AVX2 and AVX-512
 kernels round differently, so the same seed gives other numbers on another CPU kind.
 Every run writes RUN/environment.json (one entry per start, so a run resumed elsewhere
-says so), report.md shows it, and the benchmarks print the same line.
+says so), report.md shows it, and benchmarks/speed.py and benchmarks/smollm2.py print the
+same line.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def describe_environment(device: str = "cpu") -> dict:
     """CPU model, torch's CPU capability, threads, cores, device, Python and package versions."""
     import torch
 
+    from copd.backends.local.precision import cpu_capability
+
     versions = {}
     for name in PACKAGES:
         try:
@@ -37,7 +40,7 @@ def describe_environment(device: str = "cpu") -> dict:
         except metadata.PackageNotFoundError:
             continue
     found = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpu": cpu_model(),
-             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+             "cpu_capability": cpu_capability(), "threads": torch.get_num_threads(),
              "cores": os.cpu_count(), "device": device, "python": platform.python_version(), "versions": versions}
     if device.startswith("cuda") and torch.cuda.is_available():
         found["gpu"] = torch.cuda.get_device_name()

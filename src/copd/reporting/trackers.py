@@ -168,11 +168,15 @@ TRACKERS: dict[str, TrackerSpec] = {
 }
 
 
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 def check_trackers(names: list[str]) -> None:
     """Each tracker of run.report_to must import: say which install is missing, before the run folder exists."""
     for name in names:
         spec = TRACKERS[name]
-        if importlib.util.find_spec(spec.module) is None:
+        if not installed(spec.module):
             raise CopdError(f"run.report_to: {name} needs the {spec.module} package; pip install 'copd[{spec.extra}]'")
 
 
