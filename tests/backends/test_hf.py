@@ -10,7 +10,6 @@ import torch
 from copd.config.schema import TinyModelConfig
 from copd.models.sources import build_char_tokenizer, build_tiny_model
 from copd.errors import CopdError
-from copd.backends.local import hf
 from copd.backends.local.hf import HFPolicy
 from copd.backends.roles import LossSpec, OPDPart, Prompt, RLPart, SamplingParams, ScoreRequest
 from copd.driver.warmstart import TINY_ALPHABET
@@ -76,18 +75,23 @@ def test_scores_are_sparse_and_match_the_full_distribution():
     assert asked.nbytes == B * T * 4 + 2 * B * T * 8 * 4
 
 
-def test_scoring_in_chunks_gives_the_same_scores(monkeypatch):
+@pytest.mark.parametrize("budget_rows, logits_per_chunk", [(2, None), (None, 7), (1, 7)])
+def test_scoring_in_micro_batches_and_head_chunks_gives_the_same_scores(monkeypatch, budget_rows, logits_per_chunk):
+    from copd.backends.local import lm_head
+
     policy = tiny_policy()
     rollouts = policy.generate(PROMPTS, 2, SamplingParams(max_new_tokens=4, record_topk=2), seed=1)
-    request = ScoreRequest(topk=3, ids_B_T_J=rollouts.topk_ids_B_T_K)
+    request = ScoreRequest(topk=3, ids_B_T_J=rollouts.topk_ids_B_T_K, student_topk=True)
     whole = policy.score(rollouts, request)
-    vocab = policy.model.get_output_embeddings().weight.shape[0]
-    monkeypatch.setattr(hf, "SCORE_CHUNK_LOGITS", 2 * rollouts.completion_mask_B_T.shape[1] * vocab)  # two rows a chunk
-    assert len(policy._score_chunks(rollouts)) == 3
+    width = rollouts.input_ids_B_L.shape[1]
+    policy.micro_batch_tokens = budget_rows * width if budget_rows else 10**9
+    if logits_per_chunk:  # 7 logits a chunk: one position at a time through the LM head
+        monkeypatch.setattr(lm_head, "LOGITS_PER_CHUNK", logits_per_chunk)
     chunked = policy.score(rollouts, request)
-    for a, b in [(whole.token_logprobs_B_T, chunked.token_logprobs_B_T), (whole.support_logprobs_B_T_S, chunked.support_logprobs_B_T_S)]:
-        torch.testing.assert_close(a, b)
-    assert torch.equal(whole.support_ids_B_T_S, chunked.support_ids_B_T_S)
+    mask = rollouts.completion_mask_B_T.bool()
+    torch.testing.assert_close(whole.token_logprobs_B_T[mask], chunked.token_logprobs_B_T[mask])
+    torch.testing.assert_close(whole.support_logprobs_B_T_S[mask], chunked.support_logprobs_B_T_S[mask])
+    assert torch.equal(whole.support_ids_B_T_S[mask], chunked.support_ids_B_T_S[mask]) and chunked.topk == 3
 
 
 def test_rl_update_raises_the_probability_of_positive_advantage_samples():

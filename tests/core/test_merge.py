@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from copd.core.merge import merge_state_dicts
+from copd.core.merge import Merger, merge_state_dicts
 
 
 def _two():
@@ -118,3 +118,48 @@ def test_unknown_method_options_and_stray_weights():
         merge_state_dicts([a, b], "ties", base=a, density=0.0)
     with pytest.raises(ValueError, match="at least one"):
         merge_state_dicts([], "mean")
+
+
+def _random_dicts(k: int):
+    generator = torch.Generator().manual_seed(0)
+    draw = lambda *shape: torch.randn(*shape, generator=generator)  # noqa: E731
+    dicts = [{"w": draw(4, 6), "h": draw(7).to(torch.bfloat16), "steps": torch.tensor([i])} for i in range(k)]
+    return dicts, {"w": draw(4, 6), "h": draw(7).to(torch.bfloat16), "steps": torch.tensor([9])}
+
+
+@pytest.mark.parametrize("method, weights, options", [
+    ("mean", None, {}), ("weighted", [1.0, 2.0, 0.5], {}), ("task_arithmetic", [0.2, 0.5, 0.3], {"scale": 0.7}),
+    ("ties", None, {"density": 0.4, "scale": 1.5}),
+])
+def test_merger_merges_one_key_at_a_time_as_merge_state_dicts_does(method, weights, options):
+    dicts, base = _random_dicts(3)
+    whole = merge_state_dicts(dicts, method, weights=weights, base=base, **options)
+    merger = Merger.create(method, 3, weights, has_base=True, **options)
+    for key in dicts[0]:
+        # Values drawn one at a time from a generator, as a merge streaming from disk gives them.
+        one = merger.merge_tensor((d[key] for d in dicts), base[key])
+        assert one.dtype == whole[key].dtype and torch.equal(one, whole[key]), key
+    for key, value in merger.merge_state_dicts(dicts, base).items():
+        assert torch.equal(value, whole[key])
+
+
+def test_merger_checks_once_and_counts_values():
+    with pytest.raises(ValueError, match="slerp"):
+        Merger.create("slerp", 2)
+    with pytest.raises(ValueError, match="needs base"):
+        Merger.create("ties", 2)
+    with pytest.raises(ValueError, match="got 1 weights for 2"):
+        Merger.create("weighted", 2, [1.0])
+    with pytest.raises(ValueError, match="density"):
+        Merger.create("ties", 2, has_base=True, density=1.5)
+    merger = Merger.create("mean", 2)
+    with pytest.raises(ValueError, match="got 1 values for 2"):
+        merger.merge_tensor([torch.ones(2)])
+    with pytest.raises(ValueError, match="more than 2 values"):
+        merger.merge_tensor([torch.ones(2)] * 3)
+    with pytest.raises(ValueError, match="needs base"):
+        Merger.create("ties", 2, has_base=True).merge_tensor([torch.ones(2)] * 2)
+    # An integer buffer is the first value: the others are not even drawn.
+    drawn = []
+    values = (drawn.append(i) or torch.tensor([i]) for i in (5, 6))
+    assert torch.equal(merger.merge_tensor(values), torch.tensor([5])) and drawn == [5]

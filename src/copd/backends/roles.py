@@ -108,6 +108,16 @@ class VisionInputs:
             self.rows_per_prompt,
         )
 
+    def select_rows(self, rows: list[int]) -> VisionInputs:
+        """The inputs of rollout rows `rows`: shared per whole group kept in order, else one prompt copy per row
+        (rows_per_prompt 1; a micro-batch of rows sorted by length, say)."""
+        groups = _whole_groups(rows, self.rows_per_prompt)
+        if groups is not None:
+            return self.select_prompts(groups)
+        per_row = self.select_prompts([r // self.rows_per_prompt for r in rows])
+        per_row.rows_per_prompt = 1
+        return per_row
+
 
 @dataclass
 class Rollouts:
@@ -156,16 +166,27 @@ class Rollouts:
             self.prompt_len,
             self.completion_mask_B_T[rows],
             [self.completions[i] for i in keep],
-            None if self.vision is None else self.vision.select_prompts(_whole_groups(keep, self.vision.rows_per_prompt)),
+            None if self.vision is None else self.vision.select_rows(keep),
             None if self.topk_ids_B_T_K is None else self.topk_ids_B_T_K[rows],
         )
 
+    def trimmed(self, width: int) -> Rollouts:
+        """The first `width` completion slots only (the padding past a micro-batch's longest completion dropped)."""
+        end = self.prompt_len + width
+        return Rollouts(self.input_ids_B_L[:, :end], self.attention_mask_B_L[:, :end], self.prompt_len,
+                        self.completion_mask_B_T[:, :width], self.completions, self.vision,
+                        None if self.topk_ids_B_T_K is None else self.topk_ids_B_T_K[:, :width])
 
-def _whole_groups(rows: list[int], n: int) -> list[int]:
-    """The prompt index of each group in `rows`, which must be whole groups of n rows in order."""
+    def micro(self, rows: torch.Tensor, width: int) -> Rollouts:
+        """Rows `rows` trimmed to `width` completion slots: one micro-batch."""
+        return self.select(rows).trimmed(width)
+
+
+def _whole_groups(rows: list[int], n: int) -> list[int] | None:
+    """The prompt index of each group in `rows` when they are whole groups of n rows in order, else None."""
     prompts = rows[::n]
     if len(rows) % n or rows != [p + i for p in prompts for i in range(n)] or any(p % n for p in prompts):
-        raise ValueError(f"rollouts with pixel inputs can only keep whole groups of {n} rows, got rows {rows}")
+        return None
     return [p // n for p in prompts]
 
 
@@ -216,6 +237,11 @@ class Scores:
         tensors = (self.token_logprobs_B_T, self.support_ids_B_T_S, self.support_logprobs_B_T_S)
         return sum(x.numel() * x.element_size() for x in tensors if x is not None)
 
+    def micro(self, rows: torch.Tensor, width: int) -> Scores:
+        """The scores of rows `rows`, first `width` completion slots (one micro-batch)."""
+        cut = lambda x: None if x is None else x[rows, :width]  # noqa: E731
+        return Scores(cut(self.token_logprobs_B_T), cut(self.support_ids_B_T_S), cut(self.support_logprobs_B_T_S), self.topk)
+
     def to(self, device) -> Scores:
         move = lambda x: None if x is None else x.to(device)  # noqa: E731
         return Scores(self.token_logprobs_B_T.to(device), move(self.support_ids_B_T_S), move(self.support_logprobs_B_T_S), self.topk)
@@ -242,6 +268,10 @@ class RLPart:
         per_token = self.advantages.dim() == 2
         return RLPart(kept, self.advantages if per_token else self.advantages[:, None] * kept.completion_mask_B_T)
 
+    def micro(self, rows: torch.Tensor, width: int) -> RLPart:
+        """Rows `rows` of a resolved part, first `width` completion slots (one micro-batch)."""
+        return RLPart(self.rollouts.micro(rows, width), self.advantages[rows, :width])
+
     @property
     def advantages_B_T(self) -> torch.Tensor:
         return self.resolved().advantages
@@ -260,6 +290,10 @@ class OPDPart:
     beta: float
     edge: str
 
+    def micro(self, rows: torch.Tensor, width: int) -> OPDPart:
+        """Rows `rows`, first `width` completion slots (one micro-batch)."""
+        return OPDPart(self.rollouts.micro(rows, width), self.teacher.micro(rows, width), self.beta, self.edge)
+
     def to(self, device) -> OPDPart:
         return OPDPart(self.rollouts.to(device), self.teacher.to(device), self.beta, self.edge)
 
@@ -274,6 +308,9 @@ class LossSpec:
     opd_estimator: str = "sampled"
     overlap_k: int = 4
     epochs: int = 1
+    # Optimizer steps per batch: each part's rows cut into this many mini-batches of whole prompt
+    # groups, one step each, every old log-prob taken before the first step.
+    mini_batches: int = 1
     grad_clip: float = 1.0
     # Measure approx_kl, the k3 KL between the policy before and after the update: one more
     # forward pass over the update's rollouts (a fifth of an RL step on SmolLM2-135M).

@@ -70,10 +70,13 @@ class ModelConfig(Section):
     chat_template: Literal["auto", "on", "off"] = Field("auto", description="wrap prompts in the tokenizer's chat template (auto: when it has one)")
     system_prompt: str | None = Field(None, description="system message placed before every prompt when the chat template is used")
     vision: VisionConfig = Field(default_factory=VisionConfig, description="image and video reading of vision-language models")
+    micro_batch_tokens: int = Field(16384, gt=0, strict=True, description="most tokens (rows x padded prompt + completion length) in one forward and backward pass: updates, teacher scores, old log-probs and the step KL cut their rows into micro-batches of at most this many, longest rows together; the loss is normalised over the whole batch, so the update does not depend on it (up to float rounding); must hold one row, the longest prompt plus sampling.max_new_tokens")
+    gradient_checkpointing: bool = Field(False, description="activation checkpointing (transformers' gradient checkpointing): keep only each decoder layer's input in the forward pass and recompute the rest in the backward pass, about a third more compute for activations a layer count smaller")
 
     def policy_options(self) -> dict:
         """How every policy of a run formats prompts and computes, so training and evaluation agree."""
         return {"chat_template": self.chat_template, "system_prompt": self.system_prompt, "compute_dtype": self.compute_dtype,
+                "micro_batch_tokens": self.micro_batch_tokens, "gradient_checkpointing": self.gradient_checkpointing,
                 **self.vision.model_dump()}
 
 
@@ -249,6 +252,7 @@ class OptimConfig(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     grad_clip: float = Field(1.0, gt=0, description="gradient norm clip")
     max_nan_in_row: int = Field(5, gt=0, description="stop the run after this many consecutive non-finite losses")
+    mini_batches: int = Field(1, gt=0, strict=True, description="optimizer steps per batch: every part (the RL batch, each OPD edge) is cut into this many mini-batches of whole prompt groups, one AdamW step each, all old log-probs taken before the first (verl's ppo_mini_batch_size); must divide rl.prompts_per_step and opd.prompts_per_step")
     step_kl_every: int = Field(10, ge=0, strict=True, description="log approx_kl (the k3 KL between a branch before and after its update) on steps 1, 1 + N, 1 + 2N, ... (0: never); each costs one more forward pass over the step's rollouts")
 
 
@@ -345,6 +349,17 @@ class Config(Section):
         for ref in self.resources.branches:
             if ref not in names:
                 raise KeyProblem(("resources", "branches", ref), f"names no branch; branches: {names}")
+        return self
+
+    @model_validator(mode="after")
+    def _batch_cuts(self) -> Config:
+        for key, prompts in (("rl", self.rl.prompts_per_step), ("opd", self.opd.prompts_per_step)):
+            if prompts % self.optim.mini_batches:
+                raise KeyProblem(("optim", "mini_batches"), f"{self.optim.mini_batches} mini-batches do not divide {key}.prompts_per_step = {prompts}")
+        row = self.sampling.max_new_tokens + 1  # at least one prompt token
+        if self.model.micro_batch_tokens < row:
+            raise KeyProblem(("model", "micro_batch_tokens"), f"{self.model.micro_batch_tokens} tokens cannot hold one row: "
+                             f"sampling.max_new_tokens = {self.sampling.max_new_tokens} plus the prompt")
         return self
 
     def to_yaml_dict(self) -> dict[str, Any]:

@@ -7,6 +7,7 @@ with rho_t = pi_theta(y_t) / pi_old(y_t). The same loss serves RLVR and OPD adva
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -45,47 +46,80 @@ def clipped_pg_loss(
     return -objective_B_T, clipped_B_T
 
 
-def _token_mean(loss_B_T: Tensor, mask_B_T: Tensor) -> Tensor:
+# An aggregation is split into a sum over a micro-batch's tokens and a normaliser taken over the
+# whole part (every micro-batch of one RL batch or one OPD edge), so that the micro-batches'
+# losses add up to the part's loss: sum_m total(m) / count(part) = total(part) / count(part).
+# Normalising each micro-batch by its own count instead is the gradient-accumulation bug
+# (a token mean becomes a mean of micro-batch means).
+
+
+def _masked_sum(loss_B_T: Tensor, mask_B_T: Tensor) -> Tensor:
+    keep_B_T = mask_B_T.bool()
+    return torch.where(keep_B_T, loss_B_T, torch.zeros_like(loss_B_T)).sum()
+
+
+def _token_count(mask_B_T: Tensor) -> Tensor:
     # DAPO: sum over every masked token of the batch / number of masked tokens, so long
     # responses weigh in proportion to their length.
-    return masked_mean(loss_B_T, mask_B_T)
+    return mask_B_T.bool().sum()
 
 
-def _seq_mean(loss_B_T: Tensor, mask_B_T: Tensor) -> Tensor:
+def _row_means_sum(loss_B_T: Tensor, mask_B_T: Tensor) -> Tensor:
     # GRPO paper: mean over each sequence's tokens, then over sequences. Rows with no
     # tokens are left out of the outer mean rather than counted as zeros.
     keep_B_T = mask_B_T.bool()
     masked_B_T = torch.where(keep_B_T, loss_B_T, torch.zeros_like(loss_B_T))
     count_B = keep_B_T.sum(dim=-1)
     row_mean_B = masked_B_T.sum(dim=-1) / count_B.clamp(min=1)
-    valid_B = count_B > 0
-    kept_sum = torch.where(valid_B, row_mean_B, torch.zeros_like(row_mean_B)).sum()
-    return kept_sum / valid_B.sum().clamp(min=1)
+    return torch.where(count_B > 0, row_mean_B, torch.zeros_like(row_mean_B)).sum()
 
 
-def _seq_sum_norm(loss_B_T: Tensor, mask_B_T: Tensor) -> Tensor:
+def _row_count(mask_B_T: Tensor) -> Tensor:
+    return (mask_B_T.bool().sum(dim=-1) > 0).sum()
+
+
+def _padded_count(mask_B_T: Tensor) -> Tensor:
     # Dr.GRPO: sum over masked tokens / (B * T_padded), a constant normaliser, which
-    # removes the length bias of dividing by each response's own length.
-    keep_B_T = mask_B_T.bool()
-    total = torch.where(keep_B_T, loss_B_T, torch.zeros_like(loss_B_T)).sum()
-    return total / max(loss_B_T.numel(), 1)
+    # removes the length bias of dividing by each response's own length. T is the part's
+    # padded length, never a micro-batch's trimmed one.
+    return torch.tensor(mask_B_T.numel())
 
 
-LOSS_AGGREGATIONS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "token_mean": _token_mean,
-    "seq_mean": _seq_mean,
-    "seq_sum_norm": _seq_sum_norm,
+@dataclass(frozen=True)
+class Aggregation:
+    total: Callable[[Tensor, Tensor], Tensor]  # (loss_B_T, mask_B_T) -> what these rows add
+    count: Callable[[Tensor], Tensor]  # mask_B_T of the whole part -> its normaliser
+
+
+LOSS_AGGREGATIONS: dict[str, Aggregation] = {
+    "token_mean": Aggregation(_masked_sum, _token_count),
+    "seq_mean": Aggregation(_row_means_sum, _row_count),
+    "seq_sum_norm": Aggregation(_masked_sum, _padded_count),
 }
 
 
-def aggregate_loss(loss_B_T: Tensor, mask_B_T: Tensor, mode: str) -> Tensor:
-    """Reduce a per-token loss [B, T] to a scalar with one of LOSS_AGGREGATIONS."""
+def _aggregation(mode: str) -> Aggregation:
     try:
-        fn = LOSS_AGGREGATIONS[mode]
+        return LOSS_AGGREGATIONS[mode]
     except KeyError:
         valid = ", ".join(sorted(LOSS_AGGREGATIONS))
         raise ValueError(f"unknown loss aggregation {mode!r}; valid modes: {valid}") from None
-    return fn(loss_B_T, mask_B_T)
+
+
+def loss_normaliser(mask_B_T: Tensor, mode: str) -> Tensor:
+    """What `mode` divides a part's summed loss by, from the part's whole completion mask (at least 1)."""
+    return _aggregation(mode).count(mask_B_T).clamp(min=1)
+
+
+def aggregate_loss(loss_B_T: Tensor, mask_B_T: Tensor, mode: str, normaliser: Tensor | None = None) -> Tensor:
+    """Reduce a per-token loss [B, T] to a scalar with one of LOSS_AGGREGATIONS.
+
+    With `normaliser` (loss_normaliser of the whole part) these rows are one micro-batch of
+    a part, and the micro-batches' results add up to the part's loss.
+    """
+    aggregation = _aggregation(mode)
+    count = aggregation.count(mask_B_T).clamp(min=1) if normaliser is None else normaliser
+    return aggregation.total(loss_B_T, mask_B_T) / count
 
 
 def reverse_kl_per_token(student_logprobs_B_T_V: Tensor, teacher_logprobs_B_T_V: Tensor) -> Tensor:

@@ -1,13 +1,16 @@
 """Parameter merging of branch state dicts (docs/method.md §6, "final: theta* = sum_k w_k theta_k").
 
 Works on plain dicts name -> Tensor. Each method is a small per-tensor function in
-MERGE_METHODS; merge_state_dicts validates inputs once, then applies it key by key.
+MERGE_METHODS. A Merger validates a method, its weights and options once and then merges one
+key's K values at a time (what a merge streaming weights from disk needs); merge_state_dicts
+is the in-memory API built on it.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -128,6 +131,85 @@ def _check_keys(state_dicts: list[Mapping[str, Tensor]], base: Mapping[str, Tens
                 )
 
 
+def _method_spec(method: str, k: int, has_base: bool) -> MergeMethod:
+    """The method's spec, after the checks that come before any tensor is looked at."""
+    if method not in MERGE_METHODS:
+        valid = ", ".join(sorted(MERGE_METHODS))
+        raise ValueError(f"unknown merge method {method!r}; valid methods: {valid}")
+    if k < 1:
+        raise ValueError(f"merge method {method!r} needs at least one state dict")
+    spec = MERGE_METHODS[method]
+    if spec.needs_base and not has_base:
+        raise ValueError(f"merge method {method!r} needs base= (the common starting weights)")
+    return spec
+
+
+@dataclass(frozen=True, eq=False)  # eq would compare weight tensors
+class Merger:
+    """One merge method for K inputs, validated once, then applied one key at a time.
+
+    A caller that streams weights from disk merges key by key with merge_tensor, so it never
+    holds more than one key's K values; merge_state_dicts does the same over whole dicts.
+    """
+
+    method: str
+    spec: MergeMethod
+    k: int
+    weights_K: Tensor | None
+    options: dict
+
+    @classmethod
+    def create(
+        cls, method: str, k: int, weights: list[float] | None = None, has_base: bool = False, **options
+    ) -> Merger:
+        """Raises ValueError for an unknown method, a missing base, bad weights or options."""
+        spec = _method_spec(method, k, has_base)
+        weights_K = _resolve_weights(method, spec, weights, k)
+        return cls(method, spec, k, weights_K, _resolve_options(method, spec, options))
+
+    def merge_tensor(self, values_K: Iterable[Tensor], base: Tensor | None = None) -> Tensor:
+        """The merged value of one key from its K values (an iterable, consumed one value at a time).
+
+        Floating tensors are combined in at least float32 and cast back to the first value's
+        dtype; a non-floating tensor (an integer buffer) is the first value, copied, and the
+        other values are not drawn at all.
+        """
+        values = iter(values_K)
+        first = next(values, None)
+        if first is None:
+            raise ValueError(f"merge method {self.method!r}: got no values for {self.k} inputs")
+        if not first.is_floating_point():
+            return first.detach().clone()
+        if self.spec.needs_base and base is None:
+            raise ValueError(f"merge method {self.method!r} needs base= (the common starting weights)")
+        # float32 at least: bf16/fp16 averaging would round every partial sum.
+        work = torch.promote_types(first.dtype, torch.float32)
+        # Filled in place, value by value, so the K inputs need not all be held besides the stack.
+        thetas_K = torch.empty((self.k, *first.shape), dtype=work, device=first.device)
+        count = 0
+        for count, value in enumerate(itertools.chain([first], values), 1):
+            if count > self.k:
+                raise ValueError(f"merge method {self.method!r}: got more than {self.k} values")
+            thetas_K[count - 1].copy_(value.detach())
+        if count != self.k:
+            raise ValueError(f"merge method {self.method!r}: got {count} values for {self.k} inputs")
+        base_t = None if base is None else base.detach().to(first.device, work)
+        w_K = None if self.weights_K is None else self.weights_K.to(device=first.device, dtype=work)
+        return self.spec.combine(thetas_K, w_K, base_t, self.options).to(first.dtype)
+
+    def merge_state_dicts(
+        self, state_dicts: list[Mapping[str, Tensor]], base: Mapping[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
+        """Every key of K whole state dicts (keys and shapes checked first); inputs untouched."""
+        if len(state_dicts) != self.k:
+            raise ValueError(f"merge method {self.method!r}: got {len(state_dicts)} state dicts for {self.k}")
+        _check_keys(state_dicts, base)
+        return {
+            key: self.merge_tensor((sd[key] for sd in state_dicts), None if base is None else base[key])
+            for key in state_dicts[0]
+        }
+
+
 def merge_state_dicts(
     state_dicts: list[dict[str, Tensor]],
     method: str = "mean",
@@ -140,26 +222,8 @@ def merge_state_dicts(
     Floating tensors are combined in at least float32 and cast back to their dtype;
     non-floating tensors (integer buffers) are copied from the first state dict.
     """
-    if method not in MERGE_METHODS:
-        valid = ", ".join(sorted(MERGE_METHODS))
-        raise ValueError(f"unknown merge method {method!r}; valid methods: {valid}")
-    if not state_dicts:
-        raise ValueError(f"merge method {method!r} needs at least one state dict")
-    spec = MERGE_METHODS[method]
-    if spec.needs_base and base is None:
-        raise ValueError(f"merge method {method!r} needs base= (the common starting weights)")
+    # The checks run in the order they always have, so one input with several faults names the same one.
+    _method_spec(method, len(state_dicts), base is not None)
     _check_keys(state_dicts, base)
-    weights_K = _resolve_weights(method, spec, weights, len(state_dicts))
-    resolved = _resolve_options(method, spec, options)
-    merged: dict[str, Tensor] = {}
-    for key, first in state_dicts[0].items():
-        if not first.is_floating_point():
-            merged[key] = first.detach().clone()
-            continue
-        # float32 at least: bf16/fp16 averaging would round every partial sum.
-        work = torch.promote_types(first.dtype, torch.float32)
-        thetas_K = torch.stack([sd[key].detach().to(first.device, work) for sd in state_dicts])
-        base_t = None if base is None else base[key].detach().to(first.device, work)
-        w_K = weights_K.to(device=first.device, dtype=work) if weights_K is not None else None
-        merged[key] = spec.combine(thetas_K, w_K, base_t, resolved).to(first.dtype)
-    return merged
+    merger = Merger.create(method, len(state_dicts), weights, base is not None, **options)
+    return merger.merge_state_dicts(state_dicts, base)

@@ -63,6 +63,7 @@ def loss_spec(config: Config) -> LossSpec:
         opd_estimator=config.opd.estimator,
         overlap_k=config.opd.overlap_k,
         epochs=config.rl.epochs,
+        mini_batches=config.optim.mini_batches,
         grad_clip=config.optim.grad_clip,
     )
 

@@ -102,7 +102,9 @@ def warm_start(model, tokenizer, config: Config, capabilities: list[Capability],
     sampler = MixtureSampler(mixture, derived_seed(config.run.seed, "warmup"))
     # Formats prompts (and reads images) exactly as the branches will; its model is `model`. Its
     # optimizer is torch's default AdamW (unfused, weight decay 0.01), which cached bases were built with.
-    policy = make_policy("warmup", model, tokenizer, cfg.lr, 0.01, str(model.device), fused=False, **config.model.policy_options())
+    # Short prompts and answers: no activation checkpointing (its cache handling is for scoring passes).
+    options = {**config.model.policy_options(), "gradient_checkpointing": False}
+    policy = make_policy("warmup", model, tokenizer, cfg.lr, 0.01, str(model.device), fused=False, **options)
     # Trained on every capability; the stop rule looks only at those some branch trains with RL.
     trained = [c for c in capabilities if any(c.name in b.capabilities for b in config.branches)]
     checks = {c.name: c.train_sampler(derived_seed(config.run.seed, "warmup-check", c.name)).draw(cfg.check_samples) for c in trained}

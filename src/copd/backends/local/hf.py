@@ -8,32 +8,46 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_model, save_model
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from copd.backends.local.allocator import keep_freed_memory
-from copd.core.losses import approx_kl
+from copd.backends.local.learning import Learning
+from copd.backends.local import lm_head
+from copd.backends.local.microbatch import micro_batches, scatter_rows
+from copd.backends.local.sampling import Sampled, completion_hidden, completion_logits, output_head, plain_model, sample_completions
+from copd.backends.roles import Prompt, Rollouts, SamplingParams, ScoreRequest, Scores
 from copd.errors import CopdError
-from copd.backends.local.objective import opd_loss, rl_loss
-from copd.backends.local.sampling import Sampled, completion_logits, group_size, sample_completions, token_logprobs
-from copd.backends.roles import LossSpec, OPDPart, Prompt, RLPart, Rollouts, SamplingParams, ScoreRequest, Scores, UpdateResult
 
 # model.compute_dtype values other than float32: the dtype autocast runs matmuls in.
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16}
-# Scoring runs in chunks of whole prompt groups once rows x tokens x vocabulary exceeds this
-# many logits (512 MB in fp32), so a teacher never holds a whole batch's [B, T, V] at once.
-SCORE_CHUNK_LOGITS = 2**27
+# model.micro_batch_tokens when a policy is made without one (tests, the Python API).
+DEFAULT_MICRO_BATCH_TOKENS = 16384
 
 
-class HFPolicy:
+class CompletionValues(NamedTuple):
+    """A policy's log-probs at each completion slot [B, T]: of the sampled token, of asked ids, its own top-k."""
+
+    logprobs_B_T: torch.Tensor
+    extra_B_T_J: torch.Tensor | None = None
+    topk_ids_B_T_K: torch.Tensor | None = None
+    topk_logprobs_B_T_K: torch.Tensor | None = None
+
+
+class HFPolicy(Learning):
     """One branch: a model, its tokenizer and its optimizer."""
 
     def __init__(self, name: str, model, tokenizer, lr: float = 1e-4, weight_decay: float = 0.0, device: str = "cpu",
                  chat_template: str = "auto", system_prompt: str | None = None, params: list | None = None,
-                 compute_dtype: str = "float32", fused: bool = True):
+                 compute_dtype: str = "float32", fused: bool = True, micro_batch_tokens: int = DEFAULT_MICRO_BATCH_TOKENS,
+                 gradient_checkpointing: bool = False):
         self.name = name
         self.compute_dtype = compute_dtype
+        # Tokens (rows x padded length) of one forward and backward pass: updates, scores, old log-probs.
+        self.micro_batch_tokens = micro_batch_tokens
         has_template = getattr(tokenizer, "chat_template", None) is not None
         self.use_chat = chat_template == "on" or (chat_template == "auto" and has_template)
         self.system_prompt = system_prompt
@@ -50,6 +64,9 @@ class HFPolicy:
         # the warm start keeps the plain one, which built bases were cached with.
         fused = fused and self.device.type in ("cpu", "cuda")
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, fused=fused) if self.params else None
+        self.checkpointing = gradient_checkpointing
+        if gradient_checkpointing:
+            enable_checkpointing(self.model)
 
     def activate(self) -> None:
         """Make this branch the one the model computes with (a no-op unless weights are shared)."""
@@ -109,47 +126,84 @@ class HFPolicy:
         )
 
     def _dist(self, rollouts: Rollouts) -> torch.Tensor:
+        """Log-softmax [B, T, V] at every completion slot, for rollouts whose logits fit one chunk."""
         with self._compute():
             logits = completion_logits(
                 self.model, rollouts.input_ids_B_L.to(self.device), rollouts.attention_mask_B_L.to(self.device), rollouts.prompt_len
             )
         return logits.float().log_softmax(-1)
 
+    def _hidden(self, rollouts: Rollouts) -> torch.Tensor:
+        """Hidden states [B, T, H] that the LM head turns into each completion slot's logits."""
+        return completion_hidden(self.model, rollouts.input_ids_B_L.to(self.device), rollouts.attention_mask_B_L.to(self.device),
+                                 rollouts.prompt_len)
+
+    def _completion_values(self, rollouts: Rollouts, extra_ids_B_T_J: torch.Tensor | None = None, topk: int = 0) -> CompletionValues:
+        """Log-probs of the sampled tokens and of `extra_ids_B_T_J`, and the top-`topk` (ids, log-probs).
+
+        Rollouts whose [B, T, V] logits fit one chunk (copd.backends.local.lm_head) take them
+        whole; longer ones go through the LM head chunk by chunk, on their completion tokens
+        only (padded slots get 0). With activation checkpointing every pass with gradients
+        takes the chunked path: its cache is the one that survives the replay.
+        """
+        ids_B_T_J = rollouts.completion_ids_B_T.to(self.device).unsqueeze(-1)
+        if extra_ids_B_T_J is not None:
+            ids_B_T_J = torch.cat([ids_B_T_J, extra_ids_B_T_J.to(self.device).long()], -1)
+        rows, width, asked = ids_B_T_J.shape
+        vocab = output_head(self.model).weight.shape[0]
+        k = min(topk, vocab)
+        replayed = self.checkpointing and torch.is_grad_enabled()
+        if rows * width * vocab <= lm_head.LOGITS_PER_CHUNK and not replayed:
+            dist = self._dist(rollouts)
+            values_B_T_J = dist.gather(-1, ids_B_T_J)
+            top = dist.detach().topk(k, dim=-1) if k else None
+            top_ids, top_values = (top.indices, top.values) if k else (None, None)
+        else:
+            keep_B_T = rollouts.completion_mask_B_T.to(self.device).bool()
+            with self._compute():
+                found = lm_head.head_values(self._hidden(rollouts)[keep_B_T], output_head(self.model), ids_B_T_J[keep_B_T], k)
+            values_B_T_J = found.logprobs_N_J.new_zeros(rows, width, asked).index_put((keep_B_T,), found.logprobs_N_J)
+            top_ids = None if not k else keep_B_T.new_zeros(rows, width, k, dtype=torch.long).index_put((keep_B_T,), found.topk_ids_N_K)
+            top_values = None if not k else values_B_T_J.new_zeros(rows, width, k).index_put((keep_B_T,), found.topk_logprobs_N_K)
+        extra = values_B_T_J[..., 1:] if extra_ids_B_T_J is not None else None
+        return CompletionValues(values_B_T_J[..., 0], extra, top_ids, top_values)
+
+    def _token_logprobs(self, rollouts: Rollouts) -> torch.Tensor:
+        """Log-probs [B, T] of the sampled tokens, no gradient, micro-batch by micro-batch."""
+        cuts = micro_batches(rollouts, self.micro_batch_tokens)
+        with torch.no_grad():
+            if len(cuts) == 1:
+                return self._completion_values(rollouts).logprobs_B_T
+            pieces = [self._completion_values(rollouts.micro(c.rows, c.width)).logprobs_B_T for c in cuts]
+        return scatter_rows(pieces, cuts, *rollouts.completion_mask_B_T.shape)
+
     @torch.no_grad()
     def score(self, rollouts: Rollouts, request: ScoreRequest | None = None) -> Scores:
         """The sampled tokens' log-probs and, when asked, log-probs on a sparse support; CPU out."""
         self.activate()
         self.model.eval()
-        chunks = self._score_chunks(rollouts)
-        if len(chunks) == 1:
+        cuts = micro_batches(rollouts, self.micro_batch_tokens)
+        if len(cuts) == 1:
             return self._score_rows(rollouts, request)
-        return _cat_scores([self._score_rows(rollouts.select(rows), _request_rows(request, rows)) for rows in chunks])
+        pieces = [self._score_rows(rollouts.micro(c.rows, c.width), _request_rows(request, c)) for c in cuts]
+        return _scatter_scores(pieces, cuts, *rollouts.completion_mask_B_T.shape)
 
     def _score_rows(self, rollouts: Rollouts, request: ScoreRequest | None) -> Scores:
-        dist = self._dist(rollouts)
-        tokens = token_logprobs(dist, rollouts.completion_ids_B_T.to(self.device))
         if request is None or not request.wants_support:
-            return Scores(tokens.cpu())
-        topk = min(request.topk, dist.shape[-1])
-        ids = [dist.topk(topk, dim=-1).indices] if topk else []
+            return Scores(self._completion_values(rollouts).logprobs_B_T.cpu())
+        extra = []
         if request.student_topk and rollouts.topk_ids_B_T_K is not None:
-            ids.append(rollouts.topk_ids_B_T_K.to(self.device).long())
+            extra.append(rollouts.topk_ids_B_T_K.to(self.device).long())
         if request.ids_B_T_J is not None:
-            ids.append(request.ids_B_T_J.to(self.device).long())
-        support = torch.cat(ids, -1)
-        return Scores(tokens.cpu(), support.int().cpu(), dist.gather(-1, support).cpu(), topk)
-
-    def _score_chunks(self, rollouts: Rollouts) -> list[torch.Tensor]:
-        """Row indices of whole prompt groups, few enough that each chunk's logits fit SCORE_CHUNK_LOGITS."""
-        rows, length = rollouts.input_ids_B_L.shape[0], rollouts.completion_mask_B_T.shape[1]
-        per_row = max(length * self.model.get_output_embeddings().weight.shape[0], 1)
-        if rows * per_row <= SCORE_CHUNK_LOGITS:
-            return [torch.arange(rows)]
-        prompt = slice(0, rollouts.prompt_len)
-        group = rollouts.vision.rows_per_prompt if rollouts.vision is not None else group_size(
-            rollouts.input_ids_B_L[:, prompt], rollouts.attention_mask_B_L[:, prompt])
-        size = max(group, SCORE_CHUNK_LOGITS // per_row // group * group)
-        return list(torch.arange(rows).split(size))
+            extra.append(request.ids_B_T_J.to(self.device).long())
+        extra_ids = torch.cat(extra, -1) if extra else None
+        values = self._completion_values(rollouts, extra_ids, request.topk)
+        ids = [values.topk_ids_B_T_K] if values.topk_ids_B_T_K is not None else []
+        logprobs = [values.topk_logprobs_B_T_K] if values.topk_ids_B_T_K is not None else []
+        topk = ids[0].shape[-1] if ids else 0
+        if extra_ids is not None:
+            ids, logprobs = ids + [extra_ids], logprobs + [values.extra_B_T_J]
+        return Scores(values.logprobs_B_T.cpu(), torch.cat(ids, -1).int().cpu(), torch.cat(logprobs, -1).cpu(), topk)
 
     # ---- supervised warm start ---------------------------------------------------------
     def supervised_step(self, prompts: list[str | Prompt], answers: list[str], grad_clip: float = 1.0) -> float:
@@ -180,62 +234,6 @@ class HFPolicy:
             logits = self.model(input_ids=ids.to(device), attention_mask=mask.long().to(device)).logits[:, :-1]
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1).to(device))
 
-    # ---- training ---------------------------------------------------------------------
-    def update(self, rl: list[RLPart], opd: list[OPDPart], spec: LossSpec) -> UpdateResult:
-        """`spec.epochs` optimizer steps on all parts together; old log-probs from the first pass."""
-        self.activate()
-        self.model.train()
-        rl, opd = [p.resolved().to(self.device) for p in rl], [p.to(self.device) for p in opd]
-        olds: list[torch.Tensor | None] = [None] * (len(rl) + len(opd))
-        result = UpdateResult()
-        for _ in range(spec.epochs):
-            self.optimizer.zero_grad(set_to_none=True)
-            metrics, edges, finite = self._accumulate(rl, opd, spec, olds)
-            if not finite:
-                self.optimizer.zero_grad(set_to_none=True)
-                return UpdateResult(metrics=metrics, skipped=True)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, spec.grad_clip)
-            if not torch.isfinite(grad_norm):  # a finite loss can still have overflowing gradients
-                self.optimizer.zero_grad(set_to_none=True)
-                return UpdateResult(metrics={**metrics, "grad_norm": float("nan")}, skipped=True)
-            self.optimizer.step()
-            result = UpdateResult(metrics={**metrics, "grad_norm": float(grad_norm)}, edge_metrics=edges)
-        if spec.step_kl:
-            result.metrics["approx_kl"] = self._policy_kl([p.rollouts for p in rl] + [p.rollouts for p in opd], olds)
-        return result
-
-    def _accumulate(self, rl, opd, spec, olds) -> tuple[dict, dict, bool]:
-        """Backward each part's loss in turn (gradients add up; peak memory stays one part's)."""
-        metrics: dict[str, float] = {"loss": 0.0, "tokens": 0.0}
-        edges: dict[str, dict] = {}
-        parts = [("rl", p) for p in rl] + [("opd", p) for p in opd]
-        for i, (kind, part) in enumerate(parts):
-            dist = self._dist(part.rollouts)
-            logprobs = token_logprobs(dist, part.rollouts.completion_ids_B_T.to(self.device))
-            if olds[i] is None:
-                olds[i] = logprobs.detach()
-            if kind == "rl":
-                loss, stats = rl_loss(logprobs, olds[i], part, spec)
-            else:
-                loss, stats, edges[part.edge] = opd_loss(logprobs, dist, olds[i], part, spec)
-            if not torch.isfinite(loss):
-                return {"loss": float("nan")}, {}, False
-            loss.backward()
-            metrics["loss"] += loss.item()
-            metrics["tokens"] += float(part.rollouts.num_tokens)
-            metrics.update(stats)
-        return metrics, edges, True
-
-    @torch.no_grad()
-    def _policy_kl(self, rollouts: list[Rollouts], olds: list[torch.Tensor]) -> float:
-        """k3 estimate of KL(pi_old || pi_new) on this update's tokens: how far one step moved."""
-        self.model.eval()
-        values = []
-        for r, old in zip(rollouts, olds):
-            new = token_logprobs(self._dist(r), r.completion_ids_B_T.to(self.device))
-            values.append(approx_kl(new, old, r.completion_mask_B_T.to(self.device)).item())
-        return sum(values) / max(len(values), 1)
-
     # ---- weights and checkpoints --------------------------------------------------------
     def parameter_counts(self) -> tuple[int, int]:
         return sum(t.numel() for t in self.params), sum(t.numel() for t in self.model.parameters())
@@ -261,14 +259,23 @@ class HFPolicy:
         self.tokenizer.save_pretrained(folder)
 
 
-def _request_rows(request: ScoreRequest | None, rows: torch.Tensor) -> ScoreRequest | None:
+def enable_checkpointing(model) -> None:
+    """transformers' activation checkpointing (non-reentrant), keeping the scoring cache (see sampling.ReplayLayer)."""
+    plain = plain_model(model)
+    plain.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    for module in plain.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module._can_checkpoint_with_cache = True  # only ReplayLayer caches pass through with gradients on
+
+
+def _request_rows(request: ScoreRequest | None, cut) -> ScoreRequest | None:
     if request is None or request.ids_B_T_J is None:
         return request
-    return ScoreRequest(request.topk, request.ids_B_T_J[rows], request.student_topk)
+    return ScoreRequest(request.topk, request.ids_B_T_J[cut.rows, : cut.width], request.student_topk)
 
 
-def _cat_scores(chunks: list[Scores]) -> Scores:
-    """Scores of consecutive row chunks as one."""
-    cat = lambda get: None if get(chunks[0]) is None else torch.cat([get(c) for c in chunks])  # noqa: E731
-    return Scores(cat(lambda c: c.token_logprobs_B_T), cat(lambda c: c.support_ids_B_T_S), cat(lambda c: c.support_logprobs_B_T_S),
-                  chunks[0].topk)
+def _scatter_scores(pieces: list[Scores], cuts, rows: int, width: int) -> Scores:
+    """Scores of micro-batches (rows sorted by length, trimmed) as one, in the rollouts' row order."""
+    gather = lambda get: None if get(pieces[0]) is None else scatter_rows([get(p) for p in pieces], cuts, rows, width)  # noqa: E731
+    return Scores(gather(lambda p: p.token_logprobs_B_T), gather(lambda p: p.support_ids_B_T_S),
+                  gather(lambda p: p.support_logprobs_B_T_S), pieces[0].topk)

@@ -93,11 +93,12 @@ class LoraPolicy(HFPolicy):
     """One branch of a SharedBase; `adapter=None` is a read-only view of the base itself."""
 
     def __init__(self, name: str, shared: SharedBase, tokenizer, adapter: str | None, lr: float = 1e-4, weight_decay: float = 0.0,
-                 device: str = "cpu", chat_template: str = "auto", system_prompt: str | None = None, compute_dtype: str = "float32"):
+                 device: str = "cpu", chat_template: str = "auto", system_prompt: str | None = None, **options):
+        """`options`: HFPolicy's (compute_dtype, micro_batch_tokens, gradient_checkpointing)."""
         self.shared, self.adapter = shared, adapter
         params = shared.adapter_parameters(adapter) if adapter else []
         super().__init__(name, shared.model, tokenizer, lr, weight_decay, device, chat_template, system_prompt, params=params,
-                         compute_dtype=compute_dtype)
+                         **options)
 
     def activate(self) -> None:
         self.shared.use(self.adapter)

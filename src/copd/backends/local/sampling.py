@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer
 
 from copd.backends.roles import SamplingParams
 
@@ -169,22 +169,33 @@ def repeat_rows(x: torch.Tensor, times: int) -> torch.Tensor:
     return x.unsqueeze(1).expand(x.shape[0], times, *x.shape[1:]).reshape(x.shape[0] * times, *x.shape[1:])
 
 
-def prefill(model, input_ids_B_P: torch.Tensor, attention_mask_B_P: torch.Tensor):
+def prefill(model, input_ids_B_P: torch.Tensor, attention_mask_B_P: torch.Tensor, hidden: bool = False):
     """(KV cache, last-position logits [B, 1, V]) of the prompts, each distinct prompt run once.
 
     Works with gradients too: each group's copies of the cache share one computation, and
     the backward pass sums their gradients (the same as running every copy separately).
+    With `hidden`, the last position's hidden state [B, 1, H] instead of its logits, and a
+    cache of ReplayLayers (safe under activation checkpointing).
     """
     size = group_size(input_ids_B_P, attention_mask_B_P) if input_ids_B_P.shape[0] > 1 else 1
     mask = attention_mask_B_P[::size]
-    # Only the last position's logits are needed: skip the LM head on the rest of the prompt.
-    out = model(input_ids=input_ids_B_P[::size], attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True, logits_to_keep=1)
-    cache, logits = out.cache, out.logits
+    inputs = dict(input_ids=input_ids_B_P[::size], attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True)
+    if hidden:
+        cache = replay_cache()  # kept here: under checkpointing the model returns no cache
+        last = decoder_body(model)(**inputs, cache=cache).last_hidden_state[:, -1:]
+    else:  # only the last position's logits are needed: skip the LM head on the rest of the prompt
+        out = model(**inputs, logits_to_keep=1)
+        cache, last = out.cache, out.logits
+    return repeat_groups(cache, last, size)
+
+
+def repeat_groups(cache, last_B_1_X: torch.Tensor, size: int):
+    """The prefill of distinct prompts expanded to `size` rows each: (cache, last position's output)."""
     if size > 1:
         for layer in cache.layers:
             layer.keys, layer.values = repeat_rows(layer.keys, size), repeat_rows(layer.values, size)
-        logits = repeat_rows(logits, size)
-    return cache, logits
+        last_B_1_X = repeat_rows(last_B_1_X, size)
+    return cache, last_B_1_X
 
 
 def completion_logits(model, input_ids_B_L: torch.Tensor, attention_mask_B_L: torch.Tensor, prompt_len: int) -> torch.Tensor:
@@ -204,3 +215,61 @@ def completion_logits(model, input_ids_B_L: torch.Tensor, attention_mask_B_L: to
 
 def token_logprobs(logprobs_B_T_V: torch.Tensor, ids_B_T: torch.Tensor) -> torch.Tensor:
     return logprobs_B_T_V.gather(-1, ids_B_T.unsqueeze(-1)).squeeze(-1)
+
+
+def plain_model(model):
+    """The transformers model under PEFT adapters (which stay injected in its modules)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_body(model):
+    """The model without its LM head: hidden states out (LlamaModel, Qwen3VLModel, ...)."""
+    plain = plain_model(model)
+    return getattr(plain, plain.base_model_prefix)
+
+
+def output_head(model):
+    """The LM head module (tied to the input embeddings in some models)."""
+    return plain_model(model).get_output_embeddings()
+
+
+class ReplayLayer(DynamicLayer):
+    """A KV-cache layer whose update is a pure function of the prefix it was made with.
+
+    Activation checkpointing replays a layer's forward in the backward pass. A growing
+    cache would append the replayed keys a second time (transformers therefore drops the
+    cache under checkpointing); this layer returns prefix + new keys on every call, so the
+    replay sees exactly the tensors of the first pass. Used by the scoring forward only,
+    which never decodes further.
+    """
+
+    def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None):
+        super().__init__()
+        self.prefix = (keys, values)
+        if keys is not None:
+            self.keys, self.values, self.device, self.is_initialized = keys, values, keys.device, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        keys, values = self.prefix
+        self.keys = key_states if keys is None else torch.cat([keys, key_states], dim=-2)
+        self.values = value_states if values is None else torch.cat([values, value_states], dim=-2)
+        self.device, self.is_initialized = key_states.device, True
+        return self.keys, self.values
+
+
+def replay_cache(prefix=None) -> Cache:
+    """An empty cache of ReplayLayers, or one that continues `prefix` (a prefill's cache)."""
+    if prefix is None:
+        return Cache(layer_class_to_replicate=ReplayLayer)
+    return Cache(layers=[ReplayLayer(layer.keys, layer.values) for layer in prefix.layers])
+
+
+def completion_hidden(model, input_ids_B_L: torch.Tensor, attention_mask_B_L: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Hidden states [B, T, H] that predict each completion token (what `completion_logits` feeds the LM head)."""
+    cache, first_B_1_H = prefill(model, input_ids_B_L[:, :prompt_len], attention_mask_B_L[:, :prompt_len], hidden=True)
+    if input_ids_B_L.shape[1] - prompt_len < 2:
+        return first_B_1_H
+    positions = positions_from_mask(attention_mask_B_L)
+    out = decoder_body(model)(input_ids=input_ids_B_L[:, prompt_len:-1], attention_mask=attention_mask_B_L[:, :-1],
+                              position_ids=positions[:, prompt_len:-1], cache=replay_cache(cache), use_cache=True)
+    return torch.cat([first_B_1_H, out.last_hidden_state], dim=1)

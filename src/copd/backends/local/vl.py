@@ -17,7 +17,7 @@ from copd.backends.roles import Prompt, Rollouts, SamplingParams, VisionInputs
 from copd.backends.local.hf import HFPolicy
 from copd.backends.local.lora import LoraPolicy
 from copd.backends.local.sampling import repeat_rows
-from copd.backends.local.vl_decoding import vl_completion_logits, vl_sample
+from copd.backends.local.vl_decoding import vl_completion_hidden, vl_completion_logits, vl_sample
 from copd.multimodal.inputs import PIXEL_KEYS, prompt_inputs
 from copd.multimodal.media import VideoSampling
 from copd.multimodal.prompts import content_items, plain_text
@@ -94,6 +94,12 @@ class VisionLanguageInputs:
                                           rollouts.attention_mask_B_L.to(self.device), rollouts.prompt_len,
                                           rollouts.vision.rows_per_prompt)
         return logits.float().log_softmax(-1)
+
+    def _hidden(self, rollouts: Rollouts) -> torch.Tensor:
+        prompts = self._prompt_inputs(rollouts)
+        return vl_completion_hidden(self.model, prompts, rollouts.input_ids_B_L.to(self.device),
+                                    rollouts.attention_mask_B_L.to(self.device), rollouts.prompt_len,
+                                    rollouts.vision.rows_per_prompt)
 
     # ---- supervised warm start --------------------------------------------------------
     def supervised_loss(self, prompts: list[Prompt], answers: list[str]) -> torch.Tensor:
