@@ -157,3 +157,40 @@ def test_no_tensor_exceeds_one_chunk_of_logits(monkeypatch):
     assert seen.largest <= max(chunk, weights)
     rows, width = rl[0].rollouts.completion_mask_B_T.shape
     assert rows * width * vocab > max(chunk, weights)  # the one-shot logits would have been larger
+
+
+def test_sampling_over_the_budget_runs_whole_groups_at_a_time_reproducibly():
+    policy = tiny_policy()
+    params = SamplingParams(max_new_tokens=5, record_topk=2)
+    whole = policy.generate(PROMPTS, 4, params, seed=3)
+    policy.micro_batch_tokens = 4 * (whole.prompt_len + 5)  # one prompt group per pass
+    a, b = policy.generate(PROMPTS, 4, params, seed=3), policy.generate(PROMPTS, 4, params, seed=3)
+    assert a.completions == b.completions and torch.equal(a.input_ids_B_L, b.input_ids_B_L)
+    assert a.input_ids_B_L.shape[0] == 12 and a.prompt_len == whole.prompt_len
+    assert a.topk_ids_B_T_K.shape[:2] == a.completion_mask_B_T.shape
+    # Each row's scores are its own whatever the padding: scoring the cut batch as one agrees with per-group passes.
+    scores = policy.score(a).token_logprobs_B_T
+    mask = a.completion_mask_B_T.bool()
+    for group in range(3):
+        rows = torch.arange(4 * group, 4 * group + 4)
+        alone = policy.score(a.select(rows)).token_logprobs_B_T
+        torch.testing.assert_close(alone[mask[rows]], scores[rows][mask[rows]])
+
+
+def test_a_second_epoch_clips_the_same_tokens_whatever_the_budget():
+    # Epoch 2 runs on a moved policy (rho != 1), so clip fractions are not trivially 0. Two
+    # identical students take the same two AdamW steps, one in passes of one row.
+    spec = LossSpec(epochs=2, eps_low=0.02, eps_high=0.02, opd_estimator="baseline", grad_clip=1e9)
+    results = []
+    for budget in (10**9, None):
+        student, rl, opd = _step()
+        student.optimizer.param_groups[0]["lr"] = 0.05
+        budget = budget or rl[0].rollouts.input_ids_B_L.shape[1]
+        results.append(_update(student, rl, opd, spec, budget)[0])
+    one_shot, micro = results
+    assert one_shot.metrics["clip_frac"] > 0 and one_shot.metrics["opd_clip_frac"] > 0
+    for key, value in one_shot.metrics.items():
+        assert micro.metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    for edge, metrics in one_shot.edge_metrics.items():
+        for key, value in metrics.items():
+            assert micro.edge_metrics[edge][key] == pytest.approx(value, rel=1e-4, abs=1e-5), (edge, key)

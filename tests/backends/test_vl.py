@@ -96,8 +96,36 @@ def test_select_keeps_the_pixels_of_kept_groups(pair, media):
     pixels = rollouts.vision.tensors["pixel_values"]
     assert torch.equal(kept.vision.tensors["pixel_values"], pixels[16:32])  # image 0 owns patches 0..15
     torch.testing.assert_close(student.score(kept).token_logprobs_B_T, student.score(rollouts).token_logprobs_B_T[4:6])
-    with pytest.raises(ValueError, match="whole groups"):
-        rollouts.select(torch.tensor([1, 2]))
+    # Rows that split groups (a micro-batch of rows sorted by length) carry one prompt copy each.
+    split = rollouts.select(torch.tensor([1, 2]))
+    assert split.vision.rows_per_prompt == 1 and split.vision.images_per_prompt == [1, 0]
+    torch.testing.assert_close(student.score(split).token_logprobs_B_T, student.score(rollouts).token_logprobs_B_T[1:3])
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_micro_batched_update_has_the_one_shot_gradients(pair, media, monkeypatch, checkpointing):
+    from copd.backends.local import lm_head
+    from copd.backends.local.hf import enable_checkpointing
+
+    student, teacher = pair
+    student.optimizer.param_groups[0]["lr"] = 0.0  # both updates see the same weights
+    rollouts = student.generate(prompts_of(media), 2, SamplingParams(max_new_tokens=5, record_topk=4), seed=3)
+    part = OPDPart(rollouts, teacher.score(rollouts, ScoreRequest.support(4)), beta=0.5, edge="s<-t")
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])
+    spec = LossSpec(opd_estimator="baseline", grad_clip=1e9)
+
+    def gradients(budget):
+        student.micro_batch_tokens = budget
+        student.update([RLPart(rollouts, advantages)], [part], spec)
+        return [p.grad.clone() for p in student.model.parameters() if p.grad is not None]
+
+    reference = gradients(10**9)
+    if checkpointing:
+        enable_checkpointing(student.model)
+        student.checkpointing = True
+    monkeypatch.setattr(lm_head, "LOGITS_PER_CHUNK", 3 * student.model.get_output_embeddings().weight.shape[0])
+    for a, b in zip(reference, gradients(2 * rollouts.input_ids_B_L.shape[1])):  # two rows a pass
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
 
 
 def test_supervised_steps_teach_an_answer_about_an_image(pair, media):

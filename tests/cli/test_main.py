@@ -250,3 +250,20 @@ def test_eval_tasks_resolve_run_capabilities_builtins_and_data_files(tmp_path):
     assert all(len(s.prompt) <= 4 for s in own.test_set())  # the run's own options
     assert builtin.name == "count" and file.name == "qa" and len(file.test_set()) == 20  # the whole file is the test split
     assert file.score("it is 3", file.test_set()[3]) == 1.0  # with --verifier numeric
+
+
+def test_a_token_budget_smaller_than_one_row_stops_before_the_run_folder(tmp_path, capsys):
+    # 9 tokens pass the config check (8 new tokens + 1) but no addition prompt is 1 token long.
+    path = write_config(tmp_path, model={"path": None, "micro_batch_tokens": 9}, sampling={"max_new_tokens": 8})
+    err = fails(capsys, ["train", str(path), "--quiet"])
+    assert "model.micro_batch_tokens = 9 cannot hold one row" in err and "'addition'" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_budget_below_max_new_tokens_and_mini_batches_that_do_not_divide_are_config_errors(tmp_path, capsys):
+    path = write_config(tmp_path, model={"path": None, "micro_batch_tokens": 8}, sampling={"max_new_tokens": 8})
+    assert "model.micro_batch_tokens" in fails(capsys, ["train", str(path), "--quiet"])
+    path = write_config(tmp_path, optim={"mini_batches": 3}, rl={"prompts_per_step": 16})
+    err = fails(capsys, ["train", str(path), "--quiet"])
+    assert "optim.mini_batches" in err and "rl.prompts_per_step = 16" in err
+    assert not (tmp_path / "run").exists()

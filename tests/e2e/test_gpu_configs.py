@@ -34,6 +34,8 @@ def test_the_paper_settings_validate(name):
     assert (config.rl.eps_low, config.rl.eps_high, config.sampling.temperature) == (0.2, 0.28, 1.0)
     assert config.schedule.rl_steps / config.schedule.opd_steps == 1.5
     assert config.run.backend == "ray" and config.lora.enabled
+    # A pass holds one row (up to 8,192 video tokens + 16,384 new ones), under checkpointing.
+    assert config.model.gradient_checkpointing and config.model.micro_batch_tokens >= 8192 + config.sampling.max_new_tokens
 
 
 def _run_tiny(tmp_path, name, backend):

@@ -21,7 +21,7 @@ from copd.evaluation.evaluate import evaluate_policy
 from copd.driver.checkpoint import check_resumable
 from copd.driver.merging import merge_branches
 from copd.models.sources import check_model_source, load_pretrained
-from copd.backends.roles import SamplingParams
+from copd.backends.roles import Prompt, SamplingParams
 from copd.reporting.progress import QuietReporter, Reporter
 from copd.reporting.environment import record_environment
 from copd.reporting.run_report import write_report
@@ -127,6 +127,7 @@ def run_training(config: Config, resume: bool = False, reporter: Reporter | None
     # With Ray the branches are built inside their actors, from the saved base folder.
     policies, base_policy = (({}, make_policy("base", model, tokenizer, device=device, **config.model.policy_options())) if remote
                              else build_branches(config, model, tokenizer, device))
+    check_token_budget(config, capabilities, base_policy)
     # The run folder is written only now, so a mistake found while building the base or the
     # branches (a bad lora.target_modules, say) leaves no half-made run behind.
     prepare_run_dir(config, run_dir, resume)
@@ -144,6 +145,29 @@ def run_training(config: Config, resume: bool = False, reporter: Reporter | None
     finally:
         trackers.close()
     return run_dir
+
+
+# Prompts per capability whose length is checked against the token budget before a run starts.
+BUDGET_CHECK_PROMPTS = 10_000
+
+
+def check_token_budget(config: Config, capabilities: dict[str, Capability], policy) -> None:
+    """model.micro_batch_tokens must hold one row: the longest training prompt plus sampling.max_new_tokens.
+
+    Prompts are counted as the policy formats them (chat template included), the training
+    prompts of a data file in full (up to BUDGET_CHECK_PROMPTS), of a generator that many
+    drawn. An image or video adds its vision tokens on top, which this count leaves out.
+    """
+    budget, new_tokens = config.model.micro_batch_tokens, config.sampling.max_new_tokens
+    text_tokenizer = getattr(policy.tokenizer, "tokenizer", policy.tokenizer)  # a VLProcessor wraps one
+    for name, cap in capabilities.items():
+        samples = getattr(cap.source, "train", None) or cap.train_sampler(0).draw(min(BUDGET_CHECK_PROMPTS, 1000))
+        texts = [policy.format_prompt(Prompt.of(s)) for s in samples[:BUDGET_CHECK_PROMPTS]]
+        longest = max((len(ids) for ids in text_tokenizer(texts, add_special_tokens=False)["input_ids"]), default=0)
+        if longest + new_tokens > budget:
+            raise CopdError(f"model.micro_batch_tokens = {budget} cannot hold one row: capability {name!r} has a prompt of "
+                            f"{longest} tokens, plus sampling.max_new_tokens = {new_tokens}; raise the budget to at least "
+                            f"{longest + new_tokens}")
 
 
 @dataclass

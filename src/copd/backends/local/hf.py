@@ -100,15 +100,20 @@ class HFPolicy(Learning):
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
     def generate(self, prompts: list[str | Prompt], n: int, params: SamplingParams, seed: int) -> Rollouts:
+        """n samples per prompt. Batches whose rows x (prompt + max_new_tokens) exceed the token budget
+        are sampled a few whole prompt groups at a time, one generator running through them."""
         self.activate()
         ids, mask = self._encode([p for p in prompts for _ in range(n)])
         generator = torch.Generator(device=self.device).manual_seed(seed)
         self.model.eval()
-        with self._compute():
-            sampled = sample_completions(
-                self.model, ids, mask, params, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, generator
-            )
-        return self._rollouts(ids, mask, sampled)
+        group_tokens = n * (ids.shape[1] + params.max_new_tokens)
+        step = n * max(1, self.micro_batch_tokens // group_tokens)
+        sampled = []
+        for start in range(0, ids.shape[0], step):
+            with self._compute():
+                sampled.append(sample_completions(self.model, ids[start : start + step], mask[start : start + step], params,
+                                                  self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, generator))
+        return self._rollouts(ids, mask, sampled[0] if len(sampled) == 1 else _cat_sampled(sampled, self.tokenizer.pad_token_id))
 
     def _rollouts(self, ids, mask, sampled: Sampled, vision=None) -> Rollouts:
         """CPU rollouts of the prompts and their sampled completions."""
@@ -266,6 +271,14 @@ def enable_checkpointing(model) -> None:
     for module in plain.modules():
         if isinstance(module, GradientCheckpointingLayer):
             module._can_checkpoint_with_cache = True  # only ReplayLayer caches pass through with gradients on
+
+
+def _cat_sampled(parts: list[Sampled], pad_id: int) -> Sampled:
+    """Decode loops' outputs over consecutive rows as one, completions right-padded to the longest."""
+    width = max(p.ids_B_T.shape[1] for p in parts)
+    pad = lambda x, value: torch.nn.functional.pad(x, (0, 0, 0, width - x.shape[1]) if x.dim() == 3 else (0, width - x.shape[1]), value=value)  # noqa: E731
+    topk = None if parts[0].topk_ids_B_T_K is None else torch.cat([pad(p.topk_ids_B_T_K, 0) for p in parts])
+    return Sampled(torch.cat([pad(p.ids_B_T, pad_id) for p in parts]), torch.cat([pad(p.mask_B_T, 0.0) for p in parts]), topk)
 
 
 def _request_rows(request: ScoreRequest | None, cut) -> ScoreRequest | None:
