@@ -1,8 +1,8 @@
 """Peak memory of one update against completion tokens per step, before and after the memory work.
 
-    python benchmarks/memory.py                       # rl, opd, merge (about 15 minutes on 2 CPU cores)
-    python benchmarks/memory.py --quick               # smoke run: small sizes, a minute
-    python benchmarks/memory.py --parts paper --layers 2 --tokens 4096          # the paper's shapes, scaled down
+    python benchmarks/memory.py                       # rl, opd, merge (15-20 minutes on 2 CPU cores)
+    python benchmarks/memory.py --quick               # smoke run of all four parts, small sizes (about 5 minutes)
+    python benchmarks/memory.py --parts paper --layers 2 --tokens 1024          # the paper's shapes, scaled down
     python benchmarks/memory.py --parts paper --device cuda --search            # Qwen3-4B on a GPU, 80 GB cap
     python benchmarks/memory.py --json                # JSON lines instead of tables
 
@@ -25,8 +25,12 @@ Modes: before = the previous release (micro_batch_tokens 10**12 and lm_head.LOGI
 10**15: one pass per part with its whole [B, T, V] fp32 log-softmax); after = the defaults
 (--budget tokens per pass, LM head in chunks of 2**26 logits); ckpt = after + gradient checkpointing.
 Memory is the process's peak RSS (VmHWM) during the measured call; "start" is the RSS before it
-(interpreter, torch, model). Each child runs under RLIMIT_AS (--max-gb plus address-space slack), and a
-"before" point whose [tokens, V] fp32 tensors cannot fit --max-gb is not run but estimated.
+(interpreter, torch, model). It depends on glibc malloc's settings: copd keeps freed blocks below
+1 GiB in the heap (copd.backends.local.allocator), which can fragment it; prefix the command with
+COPD_KEEP_FREED_MEMORY=0 to measure with malloc's defaults. Each CPU child runs under RLIMIT_AS
+(--max-gb plus address-space slack), and a "before" point whose [tokens, V] fp32 tensors cannot
+fit --max-gb is not run but estimated (BEFORE_TENSORS). A point estimated from the previous size
+to take over --max-point-s is skipped, and says so.
 """
 
 from __future__ import annotations
@@ -45,14 +49,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import memory_points as mp  # noqa: E402
 
 GB = 1e9
-# fp32 [tokens, V] tensors alive at once in a "before" pass (peak minus start, measured at 1k and
-# 4k tokens): the update's logits and their concatenated copy, the log-softmax (saved for
-# backward), its gradient and the logits' gradient; the no-grad scoring pass's logits, their copy
-# and the log-softmax.
-BEFORE_TENSORS = {"update": 5, "score": 3}
+# fp32 [tokens, V] tensors alive at once in a "before" pass: (peak - start) / (tokens x V x 4 B)
+# measured at 4k tokens was 2.9 for an update (the log-softmax saved for backward, its gradient
+# and the logits' gradient) and 2.0 for the no-grad scoring pass (the logits, their log-softmax).
+BEFORE_TENSORS = {"update": 3, "score": 2}
 AS_SLACK_GB = 6  # address space beyond resident memory: libraries, thread stacks, malloc arenas
-SIZES = {False: ([1024, 4096, 16384, 65536], 1024), True: ([512, 2048], 256)}  # tokens per step, row length
-MERGE = {False: ([2, 3, 6], 3), True: ([2, 3], 1)}  # K, layers (3: ~104 MB in fp32)
+# Tokens per step, row length. Quick: 256 tokens' logits fit one chunk (every mode takes the one-shot
+# path), 1,024 tokens' do not.
+SIZES = {False: ([1024, 4096, 16384, 65536], 1024), True: ([256, 1024], 256)}
+QUIET = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
+MERGE = {False: ([2, 3, 6], 3), True: ([2, 3], 1)}  # K, layers (3: ~105 MB in fp32, 1: ~51 MB)
 MODES = ("before", "after", "ckpt")
 
 
@@ -64,10 +70,16 @@ def child(point: dict, args) -> dict:
     """Run one point in a fresh process under the memory guard; its JSON line back."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--single", json.dumps(point), "--max-gb", str(args.max_gb)]
     cmd += ["--threads", str(args.threads)] if args.threads else []
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    env = {**os.environ, **QUIET}
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     found = json.loads(lines[-1]) if lines else {**point, "error": f"exit code {proc.returncode}"}
-    if args.json and point["kind"] != "merge_setup":
+    return found if point["kind"] == "merge_setup" else emit(found, args)
+
+
+def emit(found: dict, args) -> dict:
+    """--json: print the measurement (or skip note) at once, one line."""
+    if args.json:
         print(json.dumps(found), flush=True)
     return found
 
@@ -77,9 +89,7 @@ def guarded(point: dict, args) -> dict:
     if point["mode"] == "before":
         need = before_gb(point["rows"] * point["width"], point["kind"])
         if need > args.max_gb:
-            found = {**point, "error": "does not fit", "needs_gb": need}
-            print(json.dumps(found), flush=True) if args.json else None
-            return found
+            return emit({**point, "error": "does not fit", "needs_gb": need}, args)
     return child(point, args)
 
 
@@ -91,7 +101,10 @@ def update_rows(part: str, args, workdir: Path) -> list[dict]:
         rows = max(1, tokens // width)
         common = {"part": part, "rows": rows, "width": width, "budget": args.budget}
         row = {"tokens": rows * width, "shape": f"{rows}x{width}"}
-        if part == "opd":
+        slow = too_slow({**common, "kind": "update", "mode": "after"}, table, args, quiet=True)
+        if part == "opd" and slow:  # no update will read the teacher's scores
+            row["score_after"] = row["score_before"] = slow
+        elif part == "opd":
             save = str(workdir / f"scores_{tokens}.pt")
             row["score_after"] = child({**common, "kind": "score", "mode": "after", "save": save}, args)
             row["score_before"] = guarded({**common, "kind": "score", "mode": "before"}, args)
@@ -105,7 +118,7 @@ def update_rows(part: str, args, workdir: Path) -> list[dict]:
     return table
 
 
-def too_slow(point: dict, table: list[dict], args) -> dict | None:
+def too_slow(point: dict, table: list[dict], args, quiet: bool = False) -> dict | None:
     """A skip note when the same mode's last point, scaled by tokens, says this one would take over --max-point-s."""
     done = [r[point["mode"]] for r in table if "seconds" in r.get(point["mode"], {})]
     if not done:
@@ -115,16 +128,15 @@ def too_slow(point: dict, table: list[dict], args) -> dict | None:
     if estimate <= args.max_point_s:
         return None
     found = {**point, "error": f"skipped (~{estimate / 60:.0f} min)", "estimate_s": estimate}
-    print(json.dumps(found), flush=True) if args.json else None
-    return found
+    return found if quiet else emit(found, args)
 
 
 def merge_rows(args, workdir: Path) -> list[dict]:
     ks, layers = MERGE[args.quick]
+    run = str(workdir / "merge")  # base and max(ks) branches; a K-branch merge reads the first K
+    setup = child({"kind": "merge_setup", "mode": "setup", "k": max(ks), "layers": layers, "run": run}, args)
     table = []
     for k in ks:
-        run = str(workdir / f"merge_{k}")
-        setup = child({"kind": "merge_setup", "mode": "setup", "k": k, "layers": layers, "run": run}, args)
         row = {"k": k, "model_mib": setup.get("model_mib")}
         for mode in ("streaming", "in_memory"):
             row[mode] = child({"kind": "merge", "mode": mode, "k": k, "run": run}, args)
@@ -141,7 +153,8 @@ def paper_point(args) -> dict:
         dtype = "bfloat16" if args.device.startswith("cuda") or bf16_speedup("cpu") > 1.1 else "float32"
     scale = mp.QUICK_PAPER if args.quick else mp.QWEN3_4B
     shape = {k: scale[k] if getattr(args, k) is None else getattr(args, k) for k in mp.QWEN3_4B}  # tokens too
-    return {"kind": "paper", "mode": "ckpt", "device": args.device, "dtype": dtype, **shape, "rows": args.rows, "budget": args.budget, "search": args.search, "cap_gb": args.cap_gb}
+    return {"kind": "paper", "mode": "ckpt", "device": args.device, "dtype": dtype, **shape, "rows": args.rows,
+            "budget": args.budget, "search": args.search, "cap_gb": args.cap_gb}
 
 
 # ---- report ---------------------------------------------------------------------------------------
@@ -182,26 +195,29 @@ def unfit_lines(rows: list[dict]) -> list[str]:
     for r in rows:
         for key, found in r.items():
             if isinstance(found, dict) and found.get("error") == "does not fit":
-                n = BEFORE_TENSORS[found["kind"]]
+                n, each = BEFORE_TENSORS[found["kind"]], r["tokens"] * mp.VOCAB * 4 / GB
                 lines.append(f"{r['tokens']:,} tokens, {key}: does not fit: needs about {found['needs_gb']:.0f} GB "
-                             f"({n} fp32 [{r['tokens']:,} x {mp.VOCAB:,}] tensors of {before_gb(r['tokens'], found['kind']) / n:.1f} GB)")
+                             f"({n} fp32 [{r['tokens']:,} x {mp.VOCAB:,}] tensors of {each:.1f} GB)")
     return lines
 
 
 def merge_table(rows: list[dict]) -> str:
-    body = [[str(r["k"]), f"{r['model_mib'] or 0:,.0f}", mb(r["streaming"]), mb(r["in_memory"]), secs(r["streaming"]),
-             secs(r["in_memory"])] for r in rows]
-    return table(["K", "model MB", "streaming MB", "in-memory (before) MB", "streaming s", "in-memory s"], body)
+    body = [[str(r["k"]), f"{r['model_mib'] or 0:,.0f}", mb(r["streaming"], "start_mib"), mb(r["streaming"]),
+             mb(r["in_memory"]), secs(r["streaming"]), secs(r["in_memory"])] for r in rows]
+    return table(["K", "model MB", "start MB", "streaming MB", "in-memory (before) MB", "streaming s", "in-memory s"], body)
 
 
 def paper_table(found: dict) -> str:
-    points = [found, *found.get("search", [])]
-    shape = f"{found['layers']}x{found['hidden']}"
-    body = [[found["device"], found["dtype"], shape, f"{found.get('params', 0) / 1e9:.2f}B", f"{p['rows']}x{found['tokens']:,}",
-             f"{(found['budget'] if p is found else p['rows'] * (mp.PROMPT + found['tokens'])):,}", mb(p), mb(p, "start_mib") if "start_mib" in p else "-",
-             secs(p), f"{p['s_per_1k']:.2f}" if "s_per_1k" in p else "-"] for p in points]
-    return table(["device", "dtype", "layers x hidden", "params", "rows x tokens", "budget", "peak MB", "start MB", "seconds",
-                  "s / 1k tokens"], body)
+    """The update at --rows, then (--search) each row count of one micro-batch."""
+    body = []
+    for p in [found, *found.get("searched", [])]:
+        budget = found["budget"] if p is found else p["rows"] * (mp.PROMPT + found["tokens"])
+        body.append([found["device"], found["dtype"], f"{found['layers']}x{found['hidden']}",
+                     f"{found.get('params', 0) / 1e9:.2f}B", f"{p['rows']}x{found['tokens']:,}", f"{budget:,}",
+                     mb(p, "start_mib") if "start_mib" in p else "-", mb(p), secs(p),
+                     f"{p['s_per_1k']:.2f}" if "s_per_1k" in p else "-"])
+    return table(["device", "dtype", "layers x hidden", "params", "rows x tokens", "budget", "start MB", "peak MB",
+                  "seconds", "s / 1k tokens"], body)
 
 
 def provenance() -> str:
@@ -212,13 +228,17 @@ def provenance() -> str:
 
 
 def report(results: dict, args) -> None:
+    keep = os.environ.get("COPD_KEEP_FREED_MEMORY", "1") != "0"
     print(f"copd memory benchmark ({'quick' if args.quick else 'full'}): {provenance()}; "
-          f"budget {args.budget:,} tokens, guard {args.max_gb:.0f} GB\n")
+          f"budget {args.budget:,} tokens, guard {args.max_gb:.0f} GB, malloc keeps freed memory: {keep}\n")
     titles = {"rl": "One RL update", "opd": "One OPD update (exact_kl, teacher top-16 support)"}
     for part in ("rl", "opd"):
         if part in results:
             print(f"{titles[part]}: peak RSS (MB = MiB) and seconds\n\n{update_table(part, results[part])}")
-            print("\n".join(unfit_lines(results[part])) + "\n")
+            print("".join(line + "\n" for line in unfit_lines(results[part])))
+    if keep and ("rl" in results or "opd" in results):
+        print("Peaks with malloc keeping freed memory vary from run to run by up to GBs (heap fragmentation);\n"
+              "COPD_KEEP_FREED_MEMORY=0 measures what the update allocates.\n")
     if "merge" in results:
         print(f"Merging K branches (mean): peak RSS\n\n{merge_table(results['merge'])}\n")
     if "paper" in results:
@@ -240,13 +260,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="rl/opd: ckpt mode up to this many tokens (the tiny model's activations are a few MB)")
     parser.add_argument("--max-point-s", type=float, default=300, help="skip a point estimated to take longer")
     available = _mem_available_gb()
-    parser.add_argument("--max-gb", type=float, default=round(0.8 * available, 1), help="memory guard per child (80%% of available)")
+    parser.add_argument("--max-gb", type=float, default=round(0.8 * available, 1),
+                        help="memory guard per CPU child (default 80%% of available memory)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     paper = parser.add_argument_group("paper")
     paper.add_argument("--device", default="cpu")
     paper.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     for name, value in mp.QWEN3_4B.items():  # --tokens: completion tokens per row
-        paper.add_argument("--" + name.replace("_", "-"), type=int, help=f"Qwen3-4B: {value}; --quick {mp.QUICK_PAPER[name]}")
+        flag, quick = "--" + name.replace("_", "-"), mp.QUICK_PAPER[name]
+        paper.add_argument(flag, type=int, help=f"Qwen3-4B: {value}; --quick {quick}")
     paper.add_argument("--rows", type=int, default=1)
     paper.add_argument("--search", action="store_true", help="CUDA: double the rows of one micro-batch until OOM")
     paper.add_argument("--cap-gb", type=float, default=80.0, help="CUDA memory cap for --search (GiB)")
@@ -261,11 +283,13 @@ def _mem_available_gb() -> float:
 
 def run_single(args) -> None:
     """Child: the memory guard, then one point, one JSON line."""
-    limit = int((args.max_gb + AS_SLACK_GB) * GB)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    point = json.loads(args.single)
+    if not point.get("device", "cpu").startswith("cuda"):  # CUDA reserves far more address space than it uses
+        limit = int((args.max_gb + AS_SLACK_GB) * GB)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     if args.threads:
         mp.torch.set_num_threads(args.threads)
-    print(json.dumps(mp.measure(json.loads(args.single))), flush=True)
+    print(json.dumps(mp.measure(point)), flush=True)
 
 
 def run(args) -> dict:
@@ -297,5 +321,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()

@@ -25,7 +25,7 @@ PROMPT = 16  # prompt tokens of every row
 MIB = 2**20
 # Qwen3-4B (its config.json): what `paper` builds, scaled down by its flags.
 QWEN3_4B = dict(hidden=2560, layers=36, heads=32, kv_heads=8, head_dim=128, intermediate=9728, tokens=16384)
-QUICK_PAPER = dict(hidden=256, layers=1, heads=4, kv_heads=2, head_dim=64, intermediate=512, tokens=512)  # seconds on a CPU
+QUICK_PAPER = dict(hidden=128, layers=1, heads=2, kv_heads=1, head_dim=64, intermediate=256, tokens=256)  # seconds on a CPU
 DEMO_YAML = Path(__file__).resolve().parents[1] / "examples" / "demo.yaml"
 
 
@@ -96,7 +96,8 @@ def policy(model, mode: str, budget: int, device: str = "cpu") -> HFPolicy:
     tokenizer = types.SimpleNamespace(padding_side="left", pad_token_id=0, eos_token_id=2)
     found = HFPolicy("a", model, tokenizer, lr=1e-5, device=device, gradient_checkpointing=mode == "ckpt",
                      micro_batch_tokens=10**12 if mode == "before" else budget)
-    lm_head.LOGITS_PER_CHUNK = 10**15 if mode == "before" else 2**26
+    if mode == "before":
+        lm_head.LOGITS_PER_CHUNK = 10**15
     return found
 
 
@@ -160,12 +161,12 @@ def merge_in_memory(run: Path, config, names: list[str], out: Path) -> None:
 
 
 def merge_setup(p: dict) -> dict:
-    """RUN/base and RUN/branches/b0..b{K-1}: a Qwen3 from config (~p['mb'] MB in fp32), each branch perturbed."""
+    """RUN/base and RUN/branches/b0..b{K-1}: a Qwen3 from config (hidden 768, vocab 8,000, p['layers'] layers), each
+    branch perturbed. The embedding, the largest tensor, is about a fifth of the model (a merge stacks K of it)."""
     from copd.models.sources import build_char_tokenizer
 
     tokenizer = build_char_tokenizer("0123456789abcdefgh")
-    model = qwen3(hidden=512, layers=p["layers"], heads=8, kv_heads=8, head_dim=64, intermediate=1536,
-                  vocab=32_000)
+    model = qwen3(hidden=768, layers=p["layers"], heads=12, kv_heads=12, head_dim=64, intermediate=2048, vocab=8_000)
     run = Path(p["run"])
     model.save_pretrained(run / "base")
     tokenizer.save_pretrained(run / "base")
@@ -175,7 +176,7 @@ def merge_setup(p: dict) -> dict:
                 param.add_(0.01 * torch.randn_like(param))
         model.save_pretrained(run / "branches" / f"b{k}")
         tokenizer.save_pretrained(run / "branches" / f"b{k}")
-    return {"model_mib": sum(t.numel() * t.element_size() for t in model.state_dict().values()) / MIB}
+    return {"model_mib": sum(t.numel() * t.element_size() for t in model.parameters()) / MIB}  # tied: once
 
 
 def paper_model(p: dict, device: str):
@@ -187,8 +188,8 @@ def paper_model(p: dict, device: str):
 def paper_point(p: dict) -> dict:
     """One RL update of rows x tokens on Qwen3-4B's shapes (scaled by p), budget and checkpointing on.
 
-    With p['search'] on CUDA: then rows per micro-batch doubled (budget = rows x row length)
-    until the update runs out of p['cap_gb'], the largest that fits reported.
+    With p['search'] (CUDA only) the rows of one micro-batch (budget = rows x row length) are then
+    doubled until the update runs out of p['cap_gb']: the last row count before that is the largest that fits.
     """
     device = p["device"]
     if device.startswith("cuda"):
@@ -200,7 +201,7 @@ def paper_point(p: dict) -> dict:
         paper_update(student, 1, min(p["tokens"], 512), device)  # warm-up: kernels, AdamW state
     found = {"params": params, **paper_update(student, p["rows"], p["tokens"], device)}
     if p.get("search") and device.startswith("cuda"):
-        found["search"] = paper_search(student, p)
+        found["searched"] = paper_search(student, p)
     return found
 
 

@@ -29,3 +29,30 @@ def test_the_speed_benchmark_steps_run_on_the_demo_model():
     assert speed.rl_step(student, rl_sampler, sizes, params, seed=0)["tokens"] > 0
     opd = speed.opd_step(student, teacher, rl_sampler, opd_sampler, sizes, params, seed=1)
     assert {"gen_rl", "gen_opd", "score", "update", "step"} <= opd.keys() and opd["score"] > 0
+
+
+def test_the_memory_benchmark_after_peak_is_below_before_at_the_largest_quick_size(tmp_path, monkeypatch):
+    """One RL update at 1,024 tokens of Qwen3's vocabulary, each mode in its own process: the chunked LM head
+    computes the same loss as the one-shot [B, T, V] log-softmax at well below its peak RSS; the scaled-down
+    paper update runs in-process."""
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    import memory  # noqa: PLC0415
+    import memory_points  # noqa: PLC0415
+    import pytest  # noqa: PLC0415
+    from copd.backends.local import lm_head  # noqa: PLC0415
+
+    # malloc's defaults in the children: copd's keep-freed setting fragments the heap, which blurs peak RSS by GBs.
+    monkeypatch.setenv("COPD_KEEP_FREED_MEMORY", "0")
+    args = memory.parse_args(["--quick"])
+    (*_, tokens), width = memory.SIZES[True]
+    point = {"kind": "update", "part": "rl", "rows": tokens // width, "width": width, "budget": args.budget}
+    with ThreadPoolExecutor(2) as pool:  # two processes at once: their start-up (imports) overlaps
+        before, after = pool.map(lambda mode: memory.child({**point, "mode": mode}, args), ["before", "after"])
+    assert "error" not in before and "error" not in after, (before, after)
+    assert after["loss"] == pytest.approx(before["loss"], rel=1e-4, abs=1e-6)
+    grown_before, grown_after = before["peak_mib"] - before["start_mib"], after["peak_mib"] - after["start_mib"]
+    assert grown_after < 0.6 * grown_before, (grown_after, grown_before)
+    monkeypatch.setattr(lm_head, "LOGITS_PER_CHUNK", lm_head.LOGITS_PER_CHUNK)  # restored after the in-process run
+    paper = memory_points.measure(memory.paper_point(args))
+    assert paper["params"] > 0 and paper["s_per_1k"] > 0 and paper["peak_mib"] >= paper["start_mib"] > 0
