@@ -4,9 +4,11 @@ glibc's malloc serves blocks above its mmap threshold (at most 32 MB) with a fre
 returns them to the system on free, so every [B, T, V] logits tensor, log-softmax and
 gradient of a step is faulted in page by page again (on SmolLM2-135M about a quarter of an
 update's time, most of it system time). Raising the mmap and trim thresholds keeps freed
-blocks in the heap for the next step. Peak memory is unchanged; memory freed after the
-peak is not given back to the system until the process ends. Set COPD_KEEP_FREED_MEMORY=0
-to leave malloc as it is. A no-op where the C library is not glibc.
+blocks in the heap for the next step. Memory freed after the peak is not given back to the
+system until the process ends, and the heap can fragment: a step of many micro-batches and
+LM-head chunks of varied sizes reached 18 GB of peak RSS where malloc's defaults needed 1.5
+(a 16k-token OPD update, benchmarks/memory.py). Set COPD_KEEP_FREED_MEMORY=0 to leave
+malloc as it is. A no-op where the C library is not glibc.
 """
 
 from __future__ import annotations
