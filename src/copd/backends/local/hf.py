@@ -276,7 +276,8 @@ def enable_checkpointing(model) -> None:
 def _cat_sampled(parts: list[Sampled], pad_id: int) -> Sampled:
     """Decode loops' outputs over consecutive rows as one, completions right-padded to the longest."""
     width = max(p.ids_B_T.shape[1] for p in parts)
-    pad = lambda x, value: torch.nn.functional.pad(x, (0, 0, 0, width - x.shape[1]) if x.dim() == 3 else (0, width - x.shape[1]), value=value)  # noqa: E731
+    # F.pad lists the last dimension first: nothing after the completion axis (dim 1), then the growth.
+    pad = lambda x, value: torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, width - x.shape[1]), value=value)  # noqa: E731
     topk = None if parts[0].topk_ids_B_T_K is None else torch.cat([pad(p.topk_ids_B_T_K, 0) for p in parts])
     return Sampled(torch.cat([pad(p.ids_B_T, pad_id) for p in parts]), torch.cat([pad(p.mask_B_T, 0.0) for p in parts]), topk)
 
