@@ -77,6 +77,10 @@ class BranchWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    def visible_devices(self) -> str | None:
+        """The GPUs Ray gave this actor (CUDA_VISIBLE_DEVICES), which its colocated rollout engine shares."""
+        return os.environ.get("CUDA_VISIBLE_DEVICES")
+
 
 def fetch(ref, branch: str, where: str):
     """ray.get, with a lost actor (or a lost object it made) reported as the branch it was."""
@@ -233,14 +237,29 @@ def ray_branches(config, base_folder: Path, device: str) -> tuple[dict[str, Bran
         build = partial(build_branch, config, base_folder, branch.name, device)
         start = partial(options.remote, build, max(1, int(cpus)))
         branches[branch.name] = BranchRoles.of(RemoteBranch(branch.name, start))
+        if config.sampling.engine == "vllm":
+            branches[branch.name] = _with_engine(config, base_folder, branches[branch.name].learner, strategy)
     return branches, group
+
+
+def _with_engine(config, base_folder: Path, branch: RemoteBranch, strategy) -> BranchRoles:
+    """The branch's roles with its rollout engine in an actor of its own, on the branch's bundle and GPUs."""
+    from copd.backends.engine.branch import EngineBranch
+    from copd.backends.engine.remote import engine_actor
+
+    devices = fetch(branch.actor.visible_devices.remote(), branch.name, "start")
+    engine = engine_actor(config, branch.name, base_folder, strategy, {"CUDA_VISIBLE_DEVICES": devices} if devices else {})
+    synced = EngineBranch(branch.name, branch, engine)
+    return BranchRoles(sampler=synced, scorer=branch, learner=synced)
 
 
 def release(branches: dict[str, BranchRoles], group) -> None:
     """Stop the branch actors and free their placement group (a run's end, or its failure)."""
     ray = _ray()
     from ray.util.placement_group import remove_placement_group
+    from copd.backends.engine.setup import close_engines
 
+    close_engines(branches)
     for roles in branches.values():
         ray.kill(roles.learner.actor, no_restart=True)
     remove_placement_group(group)

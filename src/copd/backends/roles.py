@@ -80,13 +80,16 @@ class Rollouts:
     completions: list[str]
     vision: VisionInputs | None = None
     topk_ids_B_T_K: torch.Tensor | None = None  # the sampler's top-k ids per position, when asked
+    # A rollout engine's log-probs of the sampled tokens (copd.core.correction); None when the learner sampled.
+    sampler_logprobs_B_T: torch.Tensor | None = None
 
     def to(self, device) -> Rollouts:
         """The same rollouts with every tensor on `device` (a no-op copy on the same device)."""
         move = lambda x: None if x is None else x.to(device)  # noqa: E731
         return Rollouts(self.input_ids_B_L.to(device), self.attention_mask_B_L.to(device), self.prompt_len,
                         self.completion_mask_B_T.to(device), self.completions,
-                        None if self.vision is None else self.vision.to(device), move(self.topk_ids_B_T_K))
+                        None if self.vision is None else self.vision.to(device), move(self.topk_ids_B_T_K),
+                        move(self.sampler_logprobs_B_T))
 
     @property
     def completion_ids_B_T(self) -> torch.Tensor:
@@ -99,7 +102,8 @@ class Rollouts:
     @property
     def nbytes(self) -> int:
         """Bytes of the rollouts' tensors (what a remote sampler keeps in the object store)."""
-        tensors = [self.input_ids_B_L, self.attention_mask_B_L, self.completion_mask_B_T, self.topk_ids_B_T_K]
+        tensors = [self.input_ids_B_L, self.attention_mask_B_L, self.completion_mask_B_T, self.topk_ids_B_T_K,
+                   self.sampler_logprobs_B_T]
         tensors += list(self.vision.tensors.values()) if self.vision is not None else []
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -114,14 +118,16 @@ class Rollouts:
             [self.completions[i] for i in keep],
             None if self.vision is None else self.vision.select_rows(keep),
             None if self.topk_ids_B_T_K is None else self.topk_ids_B_T_K[rows],
+            None if self.sampler_logprobs_B_T is None else self.sampler_logprobs_B_T[rows],
         )
 
     def trimmed(self, width: int) -> Rollouts:
         """The first `width` completion slots only (the padding past a micro-batch's longest completion dropped)."""
         end = self.prompt_len + width
+        cut = lambda x: None if x is None else x[:, :width]  # noqa: E731
         return Rollouts(self.input_ids_B_L[:, :end], self.attention_mask_B_L[:, :end], self.prompt_len,
                         self.completion_mask_B_T[:, :width], self.completions, self.vision,
-                        None if self.topk_ids_B_T_K is None else self.topk_ids_B_T_K[:, :width])
+                        cut(self.topk_ids_B_T_K), cut(self.sampler_logprobs_B_T))
 
     def micro(self, rows: torch.Tensor, width: int) -> Rollouts:
         """Rows `rows` trimmed to `width` completion slots: one micro-batch."""
@@ -250,6 +256,10 @@ class LossSpec:
     # groups, one step each, every old log-prob taken before the first step.
     mini_batches: int = 1
     grad_clip: float = 1.0
+    # Rollouts a rollout engine sampled: how each token's loss makes up for the engine/learner gap
+    # (copd.core.correction.ROLLOUT_CORRECTIONS) and the cap of the importance ratio.
+    correction: str = "tis"
+    correction_cap: float = 2.0
     # Measure approx_kl, the k3 KL between the policy before and after the update: one more
     # forward pass over the update's rollouts (a fifth of an RL step on SmolLM2-135M).
     step_kl: bool = True

@@ -19,6 +19,7 @@ from copd.config.fields import (  # noqa: F401
     TRACKER_NAMES, AdvantageName, EstimatorName, KeyProblem, LossAggregationName, MergeMethodName, PlanName, Section,
     TopologyName, TrackerName, tracker_list, unknown_name,
 )
+from copd.config.sampling import SamplingConfig
 from copd.core.merge import MERGE_METHODS
 
 
@@ -239,12 +240,6 @@ class OPDConfig(Section):
         if self.topk is not None and self.overlap_k > self.topk:
             raise KeyProblem(("overlap_k",), f"must be at most opd.topk ({self.topk}), got {self.overlap_k}: the top-k overlap compares ids from the top-`topk` support")
         return self
-
-
-class SamplingConfig(Section):
-    temperature: float = Field(1.0, gt=0, description="rollout temperature")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
-    max_new_tokens: int = Field(8, gt=0, description="maximum completion length")
 
 
 class OptimConfig(Section):

@@ -6,6 +6,7 @@ This is what `copd train` and `copd demo` call. Everything lands in the run dire
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from copd.evaluation.evaluate import evaluate_policy
 from copd.driver.checkpoint import check_resumable
 from copd.driver.merging import merge_branches
 from copd.models.sources import check_model_source, load_pretrained
-from copd.backends.roles import Prompt, SamplingParams
+from copd.backends.engine.setup import check_engine, check_engine_model, close_engines, evaluation_engines, local_engines
+from copd.backends.roles import BranchRoles, Prompt, SamplingParams
 from copd.reporting.progress import QuietReporter, Reporter
 from copd.reporting.environment import record_environment
 from copd.reporting.run_report import write_report
@@ -109,6 +111,7 @@ def run_training(config: Config, resume: bool = False, reporter: Reporter | None
 
         require_ray()
     check_trackers(config.run.report_to)
+    check_engine(config)
     base_folder = run_dir / "base"
     reuse_base = resume and (base_folder / "config.json").is_file()
     if not reuse_base:
@@ -123,6 +126,7 @@ def run_training(config: Config, resume: bool = False, reporter: Reporter | None
         model, tokenizer, info = prepare_base(config, capabilities, reporter)
     timing["warmup_seconds"] = round(time.perf_counter() - t0, 2)
     check_modalities(capabilities, tokenizer)
+    check_engine_model(config, tokenizer)
     remote = config.run.backend == "ray"
     # With Ray the branches are built inside their actors, from the saved base folder.
     policies, base_policy = (({}, make_policy("base", model, tokenizer, device=device, **config.model.policy_options())) if remote
@@ -185,32 +189,43 @@ class RunContext:
 
 
 def _train_anywhere(run: RunContext, policies: dict, base_policy, device: str) -> None:
-    """Train in this process, or on one Ray actor per branch (built there from the saved base folder)."""
+    """Train in this process, or on one Ray actor per branch (built there from the saved base folder);
+    with sampling.engine vllm, each branch samples through its own engine."""
     if run.config.run.backend != "ray":
-        _train_and_evaluate(run, policies, base_policy)
+        branches = ({name: BranchRoles.of(p) for name, p in policies.items()} if run.config.sampling.engine == "hf"
+                    else local_engines(run.config, run.run_dir, policies))
+        try:
+            _train_and_evaluate(run, branches, base_policy)
+        finally:
+            close_engines(branches)
     else:
         from copd.backends.ray_backend import ray_branches, release
 
         branches, group = ray_branches(run.config, run.run_dir / "base", device)
         try:
-            _train_and_evaluate(run, {name: roles.learner for name, roles in branches.items()}, base_policy)
+            _train_and_evaluate(run, branches, base_policy)
         finally:
             release(branches, group)
     run.timing["total_seconds"] = round(time.perf_counter() - run.started, 2)
 
 
-def _train_and_evaluate(run: RunContext, policies: dict, base_policy) -> None:
+def _train_and_evaluate(run: RunContext, branches: dict[str, BranchRoles], base_policy) -> None:
     """Train the plan, save the branches, merge them, evaluate every model (timings into run.timing)."""
-    run.reporter.print(describe_branches(policies))
+    learners = {name: roles.learner for name, roles in branches.items()}
+    run.reporter.print(describe_branches(learners))
     t1 = time.perf_counter()
-    Trainer(run.config, run.run_dir, policies, run.capabilities, run.reporter, run.trackers).run(resume=run.resume)
+    Trainer(run.config, run.run_dir, branches, run.capabilities, run.reporter, run.trackers).run(resume=run.resume)
     run.timing["train_seconds"] = round(time.perf_counter() - t1, 2)
-    for name, policy in policies.items():
-        policy.save_pretrained(run.run_dir / "branches" / name)
+    for name, learner in learners.items():
+        learner.save_pretrained(run.run_dir / "branches" / name)
     merged = merge_branches(run.run_dir, run.config)
     t2 = time.perf_counter()
-    models = {"base": base_policy, **{f"branch:{n}": p for n, p in policies.items()}, "merged": merged}
-    evaluate_run(run.config, run.run_dir, run.capabilities, models, run.reporter)
+    with contextlib.ExitStack() as stack:
+        if run.config.sampling.eval_engine == "vllm":
+            models = evaluation_engines(run.config, run.run_dir, branches, base_policy.tokenizer, stack)
+        else:  # each branch's own learner samples (not its engine), as the base and the merged model do
+            models = {"base": base_policy, **{f"branch:{n}": r.scorer for n, r in branches.items()}, "merged": merged}
+        evaluate_run(run.config, run.run_dir, run.capabilities, models, run.reporter)
     run.timing["eval_seconds"] = round(time.perf_counter() - t2, 2)
 
 

@@ -65,6 +65,8 @@ def loss_spec(config: Config) -> LossSpec:
         epochs=config.rl.epochs,
         mini_batches=config.optim.mini_batches,
         grad_clip=config.optim.grad_clip,
+        correction=config.sampling.vllm.correction,
+        correction_cap=config.sampling.vllm.correction_cap,
     )
 
 

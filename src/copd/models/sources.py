@@ -80,11 +80,17 @@ def _load(source: str | Path, dtype: str):
     if is_vision_language(config):
         model = own_memory(AutoModelForImageTextToText.from_pretrained(source, dtype=DTYPES[dtype]))
         return model, VLProcessor.from_pretrained(source)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = load_tokenizer(source)
     model = own_memory(AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype]))
+    return model, tokenizer
+
+
+def load_tokenizer(source: str | Path):
+    """A text model's tokenizer, padding with EOS when it has no pad token."""
+    tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return tokenizer
 
 
 def own_memory(model):

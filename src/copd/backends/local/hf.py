@@ -48,8 +48,7 @@ class HFPolicy(Learning):
         self.compute_dtype = compute_dtype
         # Tokens (rows x padded length) of one forward and backward pass: updates, scores, old log-probs.
         self.micro_batch_tokens = micro_batch_tokens
-        has_template = getattr(tokenizer, "chat_template", None) is not None
-        self.use_chat = chat_template == "on" or (chat_template == "auto" and has_template)
+        self.use_chat = uses_chat(tokenizer, chat_template)
         self.system_prompt = system_prompt
         self.device = torch.device(device)
         if self.device.type == "cpu":
@@ -79,20 +78,11 @@ class HFPolicy(Learning):
 
     # ---- sampling and scoring -------------------------------------------------------
     def format_prompt(self, prompt: str | Prompt) -> str:
-        """The text the model sees: the raw prompt, or a chat turn with the generation prompt.
-
-        A sample's own system message replaces model.system_prompt; without a chat template
-        there is nowhere to put it, so it is dropped.
-        """
+        """The text the model sees: the raw prompt, or a chat turn with the generation prompt (chat_prompt_text)."""
         prompt = Prompt(prompt) if isinstance(prompt, str) else prompt
         if prompt.images or prompt.videos:
             raise CopdError(f"policy {self.name!r}: a prompt comes with images or videos, but this model reads text only")
-        if not self.use_chat:
-            return prompt.text
-        system_text = prompt.system or self.system_prompt
-        system = [{"role": "system", "content": system_text}] if system_text else []
-        turns = [*system, {"role": "user", "content": prompt.text}]
-        return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        return chat_prompt_text(self.tokenizer, prompt, self.use_chat, self.system_prompt)
 
     def _encode(self, prompts: list[str | Prompt]) -> tuple[torch.Tensor, torch.Tensor]:
         texts = [self.format_prompt(p) for p in prompts]
@@ -262,6 +252,36 @@ class HFPolicy(Learning):
         folder.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(folder, safe_serialization=True)
         self.tokenizer.save_pretrained(folder)
+
+    def export_weights(self, folder: Path) -> int:
+        """The model's weights as a safetensors folder, what a rollout engine reloads; returns their bytes."""
+        return export_state(self.model, folder)
+
+
+def export_state(model, folder: Path, state_dict: dict | None = None) -> int:
+    """`model`'s weights (or `state_dict` in its layout) written into `folder`; the bytes written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def uses_chat(tokenizer, chat_template: str) -> bool:
+    """Whether prompts are chat turns: model.chat_template on, or auto with a tokenizer that has a template."""
+    return chat_template == "on" or (chat_template == "auto" and getattr(tokenizer, "chat_template", None) is not None)
+
+
+def chat_prompt_text(tokenizer, prompt: Prompt, use_chat: bool, system_prompt: str | None) -> str:
+    """The raw prompt, or a chat turn with the generation prompt.
+
+    A sample's own system message replaces model.system_prompt; without a chat template
+    there is nowhere to put it, so it is dropped.
+    """
+    if not use_chat:
+        return prompt.text
+    system_text = prompt.system or system_prompt
+    system = [{"role": "system", "content": system_text}] if system_text else []
+    turns = [*system, {"role": "user", "content": prompt.text}]
+    return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
 
 
 def enable_checkpointing(model) -> None:

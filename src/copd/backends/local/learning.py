@@ -21,6 +21,7 @@ import torch
 from copd.backends.local.microbatch import micro_batches, mini_batch_rows, scatter_rows
 from copd.backends.local.objective import Tally, opd_loss, rl_loss
 from copd.backends.roles import LossSpec, OPDPart, RLPart, Rollouts, UpdateResult
+from copd.core.correction import correction_weight, engine_mismatch
 from copd.core.losses import approx_kl, loss_normaliser
 
 
@@ -114,12 +115,14 @@ class Learning:
         if isinstance(micro, RLPart):
             values = self._completion_values(micro.rollouts)
             old_B_T = values.logprobs_B_T.detach() if old_B_T is None else old_B_T
-            return rl_loss(values.logprobs_B_T, old_B_T, micro, spec, normaliser, tally), old_B_T
+            weight_B_T = _engine_weight(micro.rollouts, old_B_T, spec, tally)
+            return rl_loss(values.logprobs_B_T, old_B_T, micro, spec, normaliser, tally, weight_B_T), old_B_T
         support = micro.teacher.support_ids_B_T_S
         values = self._completion_values(micro.rollouts, support, topk=spec.overlap_k if support is not None else 0)
         old_B_T = values.logprobs_B_T.detach() if old_B_T is None else old_B_T
+        weight_B_T = _engine_weight(micro.rollouts, old_B_T, spec, tally)
         loss = opd_loss(values.logprobs_B_T, values.extra_B_T_J, values.topk_ids_B_T_K, old_B_T, micro, spec, normaliser,
-                        tally, edge)
+                        tally, edge, weight_B_T)
         return loss, old_B_T
 
     @torch.no_grad()
@@ -131,6 +134,20 @@ class Learning:
             new = self._token_logprobs(r)
             values.append(approx_kl(new, old, r.completion_mask_B_T.to(self.device)).item())
         return sum(values) / max(len(values), 1)
+
+
+def _engine_weight(rollouts: Rollouts, old_B_T: torch.Tensor, spec: LossSpec, tally: Tally) -> torch.Tensor | None:
+    """Each token's correction for rollouts a rollout engine sampled (None when the learner sampled them),
+    with the engine/learner gap tallied (copd.core.correction)."""
+    engine_B_T = rollouts.sampler_logprobs_B_T
+    if engine_B_T is None:
+        return None
+    weight_B_T = correction_weight(spec.correction, old_B_T, engine_B_T, spec.correction_cap)
+    mask_B_T = rollouts.completion_mask_B_T
+    tokens = float(mask_B_T.sum().item())
+    for name, value in engine_mismatch(old_B_T, engine_B_T, mask_B_T, weight_B_T).items():
+        tally.mean(name, value, tokens)
+    return weight_B_T
 
 
 def _mini_batches(pieces: list[Piece], count: int) -> list[list[Piece]]:

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from copd.errors import CopdError
-from copd.backends.local.hf import HFPolicy
+from copd.backends.local.hf import HFPolicy, export_state
 
 
 def _peft():
@@ -132,6 +132,12 @@ class LoraPolicy(HFPolicy):
     def load_checkpoint(self, folder: Path) -> None:
         self.set_weights(load_file(str(folder / "adapter.safetensors"), device=str(self.device)))
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.device))
+
+    def export_weights(self, folder: Path) -> int:
+        """The branch's merged weights (base + its adapter's delta) as a safetensors folder, what a rollout engine
+        reloads; returns their bytes. Merged rather than the adapter: the engine then runs the plain model."""
+        state = self.shared.base_state if self.adapter is None else self.shared.merged_state_dict(self.adapter)
+        return export_state(self.model.get_base_model(), folder, dict(state))
 
     def save_pretrained(self, folder: Path) -> None:
         """A standard transformers folder (base + delta) and the PEFT adapter in folder/adapter."""

@@ -39,15 +39,17 @@ class Tally:
         return {k: v / max(self.weights[k], 1.0) if k in self.weights else v for k, v in self.sums.items()}
 
 
-def rl_loss(logprobs_B_T, old_B_T, part: RLPart, spec: LossSpec, normaliser=None, tally: Tally | None = None) -> torch.Tensor:
+def rl_loss(logprobs_B_T, old_B_T, part: RLPart, spec: LossSpec, normaliser=None, tally: Tally | None = None,
+            weight_B_T=None) -> torch.Tensor:
     """Clipped policy-gradient loss with group advantages (docs/method.md §3).
 
     `normaliser`: the whole part's (copd.core.losses.loss_normaliser) when these rows are
-    one micro-batch of it; `tally` collects pg_loss and clip_frac.
+    one micro-batch of it; `tally` collects pg_loss and clip_frac; `weight_B_T`: each token's
+    rollout-engine correction (copd.core.correction), None when the learner sampled.
     """
     mask = part.rollouts.completion_mask_B_T
     loss_B_T, clipped_B_T = clipped_pg_loss(logprobs_B_T, old_B_T, part.advantages_B_T, spec.eps_low, spec.eps_high)
-    loss = aggregate_loss(loss_B_T, mask, spec.aggregation, normaliser)
+    loss = aggregate_loss(_weighted(loss_B_T, weight_B_T), mask, spec.aggregation, normaliser)
     if tally is not None:
         tally.total("pg_loss", loss.item())
         tally.mean("clip_frac", masked_mean(clipped_B_T.float(), mask).item(), _tokens(mask))
@@ -67,7 +69,7 @@ def opd_inputs(logprobs_B_T, support_B_T_S, old_B_T, part: OPDPart, spec: LossSp
 
 
 def opd_loss(logprobs_B_T, support_B_T_S, student_topk_B_T_K, old_B_T, part: OPDPart, spec: LossSpec, normaliser=None,
-             tally: Tally | None = None, edge: Tally | None = None) -> torch.Tensor:
+             tally: Tally | None = None, edge: Tally | None = None, weight_B_T=None) -> torch.Tensor:
     """OPD loss of one edge; `tally` gets opd_clip_frac, `edge` the edge's diagnostics on the student's own states.
 
     support_B_T_S: the student's log-probs on the teacher's support ids (None when no support
@@ -75,7 +77,7 @@ def opd_loss(logprobs_B_T, support_B_T_S, student_topk_B_T_K, old_B_T, part: OPD
     """
     x = opd_inputs(logprobs_B_T, support_B_T_S, old_B_T, part, spec)
     loss_B_T, clipped, adv = opd_estimate(spec.opd_estimator, x)
-    loss = aggregate_loss(loss_B_T, x.mask_B_T, spec.aggregation, normaliser)
+    loss = aggregate_loss(_weighted(loss_B_T, weight_B_T), x.mask_B_T, spec.aggregation, normaliser)
     tokens = _tokens(x.mask_B_T)
     if tally is not None:
         tally.mean("opd_clip_frac", masked_mean(clipped.float(), x.mask_B_T).item(), tokens)
@@ -86,6 +88,10 @@ def opd_loss(logprobs_B_T, support_B_T_S, student_topk_B_T_K, old_B_T, part: OPD
         edge.total("opd_loss", loss.item())
         edge.total("tokens", tokens)
     return loss
+
+
+def _weighted(loss_B_T, weight_B_T):
+    return loss_B_T if weight_B_T is None else loss_B_T * weight_B_T
 
 
 def _tokens(mask_B_T) -> float:

@@ -1,0 +1,100 @@
+"""Rollout engines for a run: checked before the run folder is written, started beside the branches, closed at the end."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from copd.backends.engine.branch import EngineBranch
+from copd.backends.engine.process import EngineProcess, check_engine_python
+from copd.backends.engine.sampler import EngineSampler, TextPrompts
+from copd.backends.roles import BranchRoles
+from copd.errors import CopdError
+
+
+def uses_engine(config) -> bool:
+    return "vllm" in (config.sampling.engine, config.sampling.eval_engine)
+
+
+def engine_python(config) -> str:
+    return config.sampling.vllm.python or sys.executable
+
+
+def check_engine(config) -> None:
+    """With sampling.engine or eval_engine vllm: an interpreter that has vLLM (a one-line error otherwise)."""
+    if uses_engine(config):
+        check_engine_python(engine_python(config))
+
+
+def check_engine_model(config, processing) -> None:
+    """A vision-language model cannot go through the engine here (see the README): say so before the run starts."""
+    from copd.multimodal.processor import VLProcessor
+
+    if uses_engine(config) and isinstance(processing, VLProcessor):
+        raise CopdError("sampling.engine: vllm samples text models only in copd for now (vLLM's image and video processors "
+                        "need torchvision, which the CPU build of vLLM cannot import); use sampling.engine: hf for "
+                        "vision-language models")
+
+
+def engine_options(config, model_folder: Path) -> dict:
+    """What the engine process is started with (copd/backends/engine/vllm_server.py)."""
+    vllm, model = config.sampling.vllm, config.model
+    dtype = vllm.dtype
+    if dtype == "auto":
+        dtype = model.compute_dtype if model.compute_dtype != "float32" else model.dtype
+    return {"model": str(model_folder), "dtype": dtype, "enforce_eager": vllm.enforce_eager, "sleep": vllm.sleep,
+            "gpu_memory_utilization": vllm.gpu_memory_utilization, "max_model_len": vllm.max_model_len,
+            "env": {"VLLM_CPU_KVCACHE_SPACE": f"{vllm.kv_cache_gib:g}", **vllm.env}}
+
+
+def start_engine(config, name: str, model_folder: Path, log_folder: Path, tokenizer, env: dict | None = None) -> EngineSampler:
+    """An engine process for one branch (or for evaluation), loaded from `model_folder`; `env` added to its environment."""
+    options = engine_options(config, model_folder)
+    options["env"].update(env or {})
+    process = EngineProcess(name, engine_python(config), options, log_folder / f"{name}.log", config.sampling.vllm.start_timeout)
+    return EngineSampler(name, process, TextPrompts.of(tokenizer, config.model.chat_template, config.model.system_prompt))
+
+
+def local_engines(config, run_dir: Path, policies: dict) -> dict[str, BranchRoles]:
+    """Each in-process branch with its own engine, started from the run's base folder; teachers score with the learner."""
+    roles = {}
+    try:
+        for name, policy in policies.items():
+            engine = start_engine(config, name, run_dir / "base", run_dir / "engines", policy.tokenizer)
+            branch = EngineBranch(name, policy, engine)
+            roles[name] = BranchRoles(sampler=branch, scorer=policy, learner=branch)
+    except BaseException:
+        close_engines(roles)
+        raise
+    return roles
+
+
+def close_engines(roles: dict[str, BranchRoles]) -> None:
+    for r in roles.values():
+        if isinstance(r.sampler, EngineBranch):
+            r.sampler.close()
+
+
+class FolderSampler:
+    """An engine sampling with the weights of a model folder (evaluation of base, branches and merged)."""
+
+    def __init__(self, engine, folder: Path, loaded: list):
+        self.engine, self.folder, self.loaded = engine, folder, loaded  # loaded: [folder the engine holds], shared
+
+    def generate(self, prompts, n, params, seed):
+        if self.loaded[:1] != [self.folder]:
+            self.engine.reload(self.folder)
+            self.loaded[:] = [self.folder]
+        return self.engine.generate(prompts, n, params, seed)
+
+
+def evaluation_engines(config, run_dir: Path, branches: dict[str, BranchRoles], tokenizer, stack) -> dict[str, FolderSampler]:
+    """The models eval.json scores (base, each branch, merged), each sampled from its folder by one engine:
+    the first branch's, or (when the branches sample with copd's own decoder) one started for this and closed by `stack`."""
+    engine = next((r.sampler.engine for r in branches.values() if isinstance(r.sampler, EngineBranch)), None)
+    if engine is None:
+        engine = start_engine(config, "eval", run_dir / "base", run_dir / "engines", tokenizer)
+        stack.callback(engine.close)
+    loaded: list = []
+    folders = {"base": run_dir / "base", **{f"branch:{n}": run_dir / "branches" / n for n in branches}, "merged": run_dir / "final"}
+    return {label: FolderSampler(engine, folder, loaded) for label, folder in folders.items()}
