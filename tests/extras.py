@@ -1,6 +1,8 @@
 """Tests that need an optional extra skip, naming the install, where it is missing."""
 
 import importlib.util
+import os
+from pathlib import Path
 
 import pytest
 
@@ -22,3 +24,14 @@ def needs(module: str) -> pytest.MarkDecorator:
 def require(module: str):
     """Import `module` for a test module or a test, or skip it, naming the extra."""
     return pytest.importorskip(module, reason=reason(module))
+
+
+# The interpreter of vLLM's own environment (`make vllm` builds .venv-vllm); COPD_VLLM_PYTHON names another.
+VLLM_PYTHON = os.environ.get("COPD_VLLM_PYTHON") or str(Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python")
+
+
+def require_vllm() -> str:
+    """The interpreter of an environment with vLLM, or skip the test, saying how to build one."""
+    if not Path(VLLM_PYTHON).is_file():
+        pytest.skip(f"needs vLLM's environment ({VLLM_PYTHON} is missing): make vllm")
+    return VLLM_PYTHON

@@ -1,6 +1,8 @@
 """The command line in-process: user mistakes give exit code 2 and one line, nothing is written."""
 
+import importlib.util
 import json
+import sys
 
 import pytest
 import yaml
@@ -266,4 +268,24 @@ def test_a_budget_below_max_new_tokens_and_mini_batches_that_do_not_divide_are_c
     path = write_config(tmp_path, optim={"mini_batches": 3}, rl={"prompts_per_step": 16})
     err = fails(capsys, ["train", str(path), "--quiet"])
     assert "optim.mini_batches" in err and "rl.prompts_per_step = 16" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_vllm_engine_without_vllm_stops_before_the_run_folder(tmp_path, capsys):
+    path = write_config(tmp_path, sampling={"engine": "vllm", "vllm": {"python": sys.executable}})
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("this interpreter has vLLM")
+    err = fails(capsys, ["train", str(path), "--quiet"])
+    assert f"{sys.executable} has no vllm module" in err and "make vllm" in err
+    path = write_config(tmp_path, sampling={"engine": "vllm", "vllm": {"python": str(tmp_path / "nowhere")}})
+    assert "sampling.vllm.python" in fails(capsys, ["train", str(path), "--quiet"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_vllm_engine_on_a_vision_language_model_stops_before_the_run_folder(tmp_path, capsys, monkeypatch):
+    from copd.backends.engine import setup
+
+    monkeypatch.setattr(setup, "check_engine_python", lambda python: None)  # as if vLLM were there
+    err = fails(capsys, ["demo", "--multimodal", "--quiet", "--out", str(tmp_path / "run"), "sampling.engine=vllm"])
+    assert "vllm samples text models only" in err
     assert not (tmp_path / "run").exists()

@@ -188,6 +188,9 @@ class RemoteBranch:
     def save_pretrained(self, folder: Path) -> None:
         self._call("save_pretrained", folder)
 
+    def export_weights(self, folder: Path) -> int:
+        return self._call("export_weights", folder)
+
     def pid(self) -> int:
         return fetch(self.actor.pid.remote(), self.name, "pid")
 

@@ -335,6 +335,9 @@ class Learner(Protocol):
     def save_pretrained(self, folder: Path) -> None:
         """A standard transformers folder."""
 
+    def export_weights(self, folder: Path) -> int:
+        """The model's weights alone as safetensors in `folder`, for a rollout engine to reload; their bytes."""
+
 
 class Policy(Sampler, Scorer, Learner, Protocol):
     """One object playing all three roles (the local backend's branches, fakes in tests)."""

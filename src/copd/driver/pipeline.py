@@ -112,6 +112,7 @@ def run_training(config: Config, resume: bool = False, reporter: Reporter | None
         require_ray()
     check_trackers(config.run.report_to)
     check_engine(config)
+    check_engine_model(config)
     base_folder = run_dir / "base"
     reuse_base = resume and (base_folder / "config.json").is_file()
     if not reuse_base:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -26,14 +27,29 @@ def check_engine(config) -> None:
         check_engine_python(engine_python(config))
 
 
-def check_engine_model(config, processing) -> None:
-    """A vision-language model cannot go through the engine here (see the README): say so before the run starts."""
+def check_engine_model(config, processing=None) -> None:
+    """A vision-language model cannot go through the engine here (see the README): say so before the run starts.
+
+    Without `processing` (before the base is loaded) the config tells: a tiny vision-language
+    architecture, or a model folder whose config.json names a vision-language family.
+    """
     from copd.multimodal.processor import VLProcessor
 
-    if uses_engine(config) and isinstance(processing, VLProcessor):
+    if not uses_engine(config):
+        return
+    if isinstance(processing, VLProcessor) if processing is not None else _configured_vision(config.model):
         raise CopdError("sampling.engine: vllm samples text models only in copd for now (vLLM's image and video processors "
                         "need torchvision, which the CPU build of vLLM cannot import); use sampling.engine: hf for "
                         "vision-language models")
+
+
+def _configured_vision(model) -> bool:
+    from copd.multimodal.families import FAMILIES
+
+    if model.path:
+        found = Path(model.path).expanduser() / "config.json"
+        return found.is_file() and json.loads(found.read_text()).get("model_type") in FAMILIES
+    return not model.gguf_file and model.tiny.architecture not in ("llama", "qwen2")
 
 
 def engine_options(config, model_folder: Path) -> dict:

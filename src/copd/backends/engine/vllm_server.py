@@ -79,6 +79,23 @@ def answer(completion, k: int):
     return ids, logprobs, topk
 
 
+def retie_output_embeddings(worker) -> None:
+    """Tie the output head to the input embeddings again after a reload (models with tied embeddings).
+
+    A checkpoint of a tied model holds the embeddings only; an in-place reload fills them and
+    puts the head's old tensors back, so the engine would score with the old head. Tying it
+    again, then redoing the head's post-load processing (the CPU build keeps a prepared GEMM
+    of it), gives the head the new weights.
+    """
+    runner = getattr(worker, "worker", worker).model_runner
+    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+    config = getattr(model, "config", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if getattr(config, "tie_word_embeddings", False) and embed is not None and hasattr(model, "lm_head"):
+        head = model.lm_head.tie_weights(embed)
+        head.quant_method.process_weights_after_loading(head)
+
+
 class Engine:
     def __init__(self, options: dict):
         self.sleep = options["sleep"]
@@ -109,6 +126,7 @@ class Engine:
         t0 = time.perf_counter()
         self.wake()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": request["path"]})
+        self.llm.collective_rpc(retie_output_embeddings)
         self.llm.reset_prefix_cache()
         self.rest()
         return time.perf_counter() - t0

@@ -14,6 +14,7 @@ does not depend on the budget, up to float rounding.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,7 @@ class Learning:
 
     def update(self, rl: list[RLPart], opd: list[OPDPart], spec: LossSpec) -> UpdateResult:
         """`spec.epochs` passes over the parts, `spec.mini_batches` optimizer steps each."""
+        started = time.perf_counter()
         self.activate()
         self.model.train()
         parts = [p.resolved().to(self.device) for p in rl] + [p.to(self.device) for p in opd]
@@ -61,6 +63,7 @@ class Learning:
         result = _mean_results(results)
         if spec.step_kl:
             result.metrics["approx_kl"] = self._policy_kl([p.part.rollouts for p in pieces], [p.old_B_T for p in pieces])
+        result.metrics["update_seconds"] = time.perf_counter() - started
         return result
 
     def _optimizer_step(self, batch: list[Piece], spec: LossSpec) -> UpdateResult:
