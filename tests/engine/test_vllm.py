@@ -130,6 +130,7 @@ def test_a_run_whose_engine_is_killed_resumes_like_any_other(tmp_path, monkeypat
     assert_same_run(records(resumed), rows)
 
 
+@pytest.mark.slow  # 2.5 min more (`pytest -m slow tests/engine`): not in CI
 def test_engines_on_ray_give_the_run_in_one_process(tmp_path, reference):
     rows, python = reference
     require("ray")

@@ -6,9 +6,9 @@ log pi_engine(y_t) differs a little from the learner's log pi_old(y_t) on the sa
 tokens were drawn from pi_old; they were drawn from pi_engine. Per token, the importance
 ratio that makes up for it is
 
-    rho_t = pi_old(y_t) / pi_engine(y_t) = exp(log pi_old(y_t) - log pi_engine(y_t)),
+    w_t = pi_old(y_t) / pi_engine(y_t) = exp(log pi_old(y_t) - log pi_engine(y_t)),
 
-and a correction multiplies each token's loss by a weight w_t made from rho_t, without
+and a correction multiplies each token's loss by a weight w^_t made from w_t, without
 gradient. The ratio of a whole sequence is the product of its tokens' ratios, which
 explodes on long completions from per-token gaps of ~0.01, so every correction here works
 per token and bounds the weight.
@@ -26,12 +26,12 @@ CorrectionFn = Callable[[torch.Tensor, float], torch.Tensor]
 
 
 def truncated_weight(ratio_B_T: torch.Tensor, cap: float) -> torch.Tensor:
-    """Truncated importance sampling: w_t = min(rho_t, cap). Never drops a token; bounds the variance."""
+    """Truncated importance sampling: w^_t = min(w_t, cap). Never drops a token; bounds the variance."""
     return ratio_B_T.clamp(max=cap)
 
 
 def masked_weight(ratio_B_T: torch.Tensor, cap: float) -> torch.Tensor:
-    """Token masking: w_t = 1 when 1/cap <= rho_t <= cap, else 0 (the token leaves the loss)."""
+    """Token masking: w^_t = 1 when 1/cap <= w_t <= cap, else 0 (the token leaves the loss)."""
     return ((ratio_B_T <= cap) & (ratio_B_T >= 1.0 / cap)).to(ratio_B_T.dtype)
 
 
@@ -48,7 +48,7 @@ ROLLOUT_CORRECTIONS: dict[str, CorrectionFn] = {
 
 
 def correction_weight(name: str, learner_B_T: torch.Tensor, engine_B_T: torch.Tensor, cap: float) -> torch.Tensor:
-    """w_t of correction `name` from both sides' log-probs of the sampled tokens (no gradient)."""
+    """w^_t of correction `name` from both sides' log-probs of the sampled tokens (no gradient)."""
     ratio_B_T = (learner_B_T.detach().float() - engine_B_T.float()).exp()
     return ROLLOUT_CORRECTIONS[name](ratio_B_T, cap)
 
@@ -59,7 +59,7 @@ def engine_mismatch(learner_B_T: torch.Tensor, engine_B_T: torch.Tensor, mask_B_
 
     engine_logprob_gap: mean |log pi_old - log pi_engine| over completion tokens;
     engine_kl: the k3 estimate of KL(pi_engine || pi_old) from the engine's own samples,
-        mean of (rho - 1) - log rho, which is >= 0 per token;
+        mean of (w - 1) - log w, which is >= 0 per token;
     engine_weight_mean: mean correction weight (1.0 when nothing was corrected).
     """
     log_ratio_B_T = learner_B_T.detach().float() - engine_B_T.float()
