@@ -35,7 +35,7 @@ PAPER_PARAMS, PAPER_BYTES = 4.44e9, 2
 def run(engine: str, args) -> list[dict]:
     overrides = [f"model.path={fetch_model('smollm2-135m')}", f"run.out={args.out / engine}", f"sampling.engine={engine}",
                  f"sampling.vllm.python={args.python}", "branches=[{name: addsub, capabilities: [add_sub]}]",
-                 "schedule.plan=experts", "schedule.cycles=1", f"schedule.rl_steps={args.steps}",
+                 "schedule.plan=experts", "schedule.cycles=1", f"schedule.rl_steps={args.steps}", "schedule.opd_steps=0",
                  f"rl.prompts_per_step={args.prompts}", "rl.rollouts_per_prompt=8", "sampling.max_new_tokens=24",
                  "eval.samples=8", "optim.step_kl_every=0"]
     run_dir = run_training(load_config(EXAMPLE, overrides))

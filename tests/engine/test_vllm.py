@@ -90,7 +90,7 @@ def test_a_sync_gives_the_engine_the_learners_new_weights(smollm2, tmp_path):
 # One branch of RL on SmolLM2, short: 2 cycles of 2 RL steps (experts: rl_steps + opd_steps), a checkpoint after cycle 1.
 RUN = ["branches=[{name: addsub, capabilities: [add_sub]}]", "schedule.plan=experts", "schedule.cycles=2", "schedule.rl_steps=1", "schedule.opd_steps=1",
        "rl.prompts_per_step=2", "rl.rollouts_per_prompt=4", "sampling.max_new_tokens=12", "eval.samples=4", "optim.lr=1e-5",
-       "sampling.engine=vllm", "optim.step_kl_every=0"]
+       "sampling.engine=vllm", "sampling.eval_engine=vllm", "optim.step_kl_every=0"]
 
 
 def records(run_dir):
@@ -104,6 +104,8 @@ def reference(tmp_path_factory):
     python = require_vllm()
     folder = tmp_path_factory.mktemp("vllm_runs")
     run_dir = run_training(load_config(EXAMPLE, overrides(folder, python, "whole", *RUN)))
+    evaluated = json.loads((run_dir / "eval.json").read_text())["models"]
+    assert set(evaluated) == {"base", "branch:addsub", "merged"}  # each sampled by the engine from its folder
     return records(run_dir), python
 
 
