@@ -58,7 +58,11 @@ def engine_options(config, model_folder: Path) -> dict:
     dtype = vllm.dtype
     if dtype == "auto":
         dtype = model.compute_dtype if model.compute_dtype != "float32" else model.dtype
+    # vLLM refuses more log-probs per token than it was started with (20 by default); the
+    # student's top-k of a sparse support (opd.topk) must fit.
+    max_logprobs = max(20, config.opd.topk or 0)
     return {"model": str(model_folder), "dtype": dtype, "enforce_eager": vllm.enforce_eager, "sleep": vllm.sleep,
+            "max_logprobs": max_logprobs,
             "gpu_memory_utilization": vllm.gpu_memory_utilization, "max_model_len": vllm.max_model_len,
             "env": {"VLLM_CPU_KVCACHE_SPACE": f"{vllm.kv_cache_gib:g}", **vllm.env}}
 

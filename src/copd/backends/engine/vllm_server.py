@@ -34,6 +34,7 @@ def engine(options: dict):
         enforce_eager=options["enforce_eager"],
         gpu_memory_utilization=options["gpu_memory_utilization"],
         max_model_len=options["max_model_len"],
+        max_logprobs=options["max_logprobs"],
         enable_prefix_caching=True,
         enable_sleep_mode=options["sleep"],
         # The tokenizer's EOS is the only stop, as in copd's own decoding: no extra stop ids or
