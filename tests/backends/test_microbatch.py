@@ -46,7 +46,7 @@ def _assert_same(reference, other):
     for a, b in zip(ref_grads, grads):
         torch.testing.assert_close(b, a, **GRAD_TOLERANCE)
     assert set(result.metrics) == set(ref_result.metrics)
-    for key, value in ref_result.metrics.items():
+    for key, value in untimed(ref_result.metrics).items():
         assert result.metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     for edge, metrics in ref_result.edge_metrics.items():
         for key, value in metrics.items():
@@ -189,8 +189,13 @@ def test_a_second_epoch_clips_the_same_tokens_whatever_the_budget():
         results.append(_update(student, rl, opd, spec, budget)[0])
     one_shot, micro = results
     assert one_shot.metrics["clip_frac"] > 0 and one_shot.metrics["opd_clip_frac"] > 0
-    for key, value in one_shot.metrics.items():
+    for key, value in untimed(one_shot.metrics).items():
         assert micro.metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
     for edge, metrics in one_shot.edge_metrics.items():
         for key, value in metrics.items():
             assert micro.edge_metrics[edge][key] == pytest.approx(value, rel=1e-4, abs=1e-5), (edge, key)
+
+
+def untimed(metrics: dict) -> dict:
+    """Metrics without the timings (update_seconds), which no two updates share."""
+    return {k: v for k, v in metrics.items() if not k.endswith("seconds")}

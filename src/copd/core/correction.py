@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from copd.core.losses import masked_mean
+from .losses import masked_mean
 
 CorrectionFn = Callable[[torch.Tensor, float], torch.Tensor]
 
