@@ -44,13 +44,17 @@ def check_engine_python(python: str) -> None:
 class EngineProcess:
     """One engine process serving one model; `request` sends a command and waits for its answer."""
 
-    def __init__(self, name: str, python: str, options: dict, log_path: Path | None = None, start_timeout: float = 600.0):
+    def __init__(self, name: str, python: str, options: dict, log_path: Path | None = None, start_timeout: float = 600.0,
+                 wait: bool = True):
+        """Start the engine; with wait=False, `ready()` waits for it to load (so several engines load side by side)."""
         self.name, self.python, self.options, self.start_timeout = name, python, options, start_timeout
         self.log_path = Path(log_path) if log_path else Path(tempfile.mkdtemp(prefix="copd-engine-")) / "engine.log"
         self.info: dict = {}
-        self._start()
+        self._launch()
+        if wait:
+            self.ready()
 
-    def _start(self) -> None:
+    def _launch(self) -> None:
         folder = tempfile.mkdtemp(prefix="copd-socket-")
         key = secrets.token_bytes(32)
         listener = Listener(os.path.join(folder, "engine.sock"), family="AF_UNIX", authkey=key)
@@ -63,21 +67,24 @@ class EngineProcess:
         log.close()
         # An engine left behind by a crash of this process would hold its memory: kill it at exit.
         self._finalizer = weakref.finalize(self, _kill, self.process)
-        self.connection = self._accept(listener)
-        listener.close()
-        self.info = self._answer("loading the model", self.start_timeout)
+        self.connection, self._listener, self._accepted = None, listener, []
+        # Accepted at once (the key exchange needs both sides), so the engine goes on to load its model.
+        self._accepting = threading.Thread(target=_accept_into, args=(listener, self._accepted), daemon=True)
+        self._accepting.start()
 
-    def _accept(self, listener: Listener):
-        accepted: list = []
-        thread = threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True)
-        thread.start()
+    def ready(self) -> None:
+        """Wait until the engine has connected and loaded its model."""
+        if self.connection is not None:
+            return
         deadline = time.monotonic() + self.start_timeout
-        while not accepted:
-            thread.join(0.2)
+        while not self._accepted:
+            self._accepting.join(0.2)
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.close()
                 raise CopdError(f"the vLLM engine of {self.name!r} did not start ({self._tail()})")
-        return accepted[0]
+        self.connection = self._accepted[0]
+        self._listener.close()
+        self.info = self._answer("loading the model", self.start_timeout)
 
     def _answer(self, what: str, timeout: float | None = None):
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -113,17 +120,27 @@ class EngineProcess:
 
     def restart(self) -> None:
         self.close()
-        self._start()
+        self._launch()
+        self.ready()
 
     def close(self) -> None:
         """Ask the engine to stop; kill it if it does not within 30 s."""
-        if self.process.poll() is None and getattr(self, "connection", None) is not None:
+        if self.process.poll() is None and self.connection is not None:
             try:
                 self.connection.send(("close", {}))
                 self.process.wait(30)
             except (OSError, subprocess.TimeoutExpired):
                 pass
+        self._listener.close()
         self._finalizer()
+
+
+def _accept_into(listener: Listener, accepted: list) -> None:
+    """The engine's connection, appended to `accepted`; nothing when the listener is closed first (the engine died)."""
+    try:
+        accepted.append(listener.accept())
+    except OSError:
+        pass
 
 
 def _kill(process: subprocess.Popen) -> None:

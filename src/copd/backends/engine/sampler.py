@@ -66,6 +66,10 @@ class EngineSampler:
         """The weights of a safetensors folder into the engine; seconds it took there."""
         return self.engine.request("reload", "a weight sync", path=str(folder))
 
+    def ready(self) -> None:
+        """Wait until the engine has loaded its model (see start_engine's `wait`)."""
+        self.engine.ready()
+
     def restart(self) -> None:
         self.engine.restart()
 

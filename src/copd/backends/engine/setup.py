@@ -67,11 +67,14 @@ def engine_options(config, model_folder: Path) -> dict:
             "env": {"VLLM_CPU_KVCACHE_SPACE": f"{vllm.kv_cache_gib:g}", **vllm.env}}
 
 
-def start_engine(config, name: str, model_folder: Path, log_folder: Path, tokenizer, env: dict | None = None) -> EngineSampler:
-    """An engine process for one branch (or for evaluation), loaded from `model_folder`; `env` added to its environment."""
+def start_engine(config, name: str, model_folder: Path, log_folder: Path, tokenizer, env: dict | None = None,
+                 wait: bool = True) -> EngineSampler:
+    """An engine process for one branch (or for evaluation), loaded from `model_folder`; `env` added to its environment.
+    With wait=False it is still loading: `.engine.ready()` waits for it."""
     options = engine_options(config, model_folder)
     options["env"].update(env or {})
-    process = EngineProcess(name, engine_python(config), options, log_folder / f"{name}.log", config.sampling.vllm.start_timeout)
+    process = EngineProcess(name, engine_python(config), options, log_folder / f"{name}.log", config.sampling.vllm.start_timeout,
+                            wait)
     return EngineSampler(name, process, TextPrompts.of(tokenizer, config.model.chat_template, config.model.system_prompt))
 
 
@@ -79,10 +82,12 @@ def local_engines(config, run_dir: Path, policies: dict) -> dict[str, BranchRole
     """Each in-process branch with its own engine, started from the run's base folder; teachers score with the learner."""
     roles = {}
     try:
-        for name, policy in policies.items():
-            engine = start_engine(config, name, run_dir / "base", run_dir / "engines", policy.tokenizer)
+        for name, policy in policies.items():  # every engine starts loading before any is waited for
+            engine = start_engine(config, name, run_dir / "base", run_dir / "engines", policy.tokenizer, wait=False)
             branch = EngineBranch(name, policy, engine)
             roles[name] = BranchRoles(sampler=branch, scorer=policy, learner=branch)
+        for r in roles.values():
+            r.sampler.engine.ready()
     except BaseException:
         close_engines(roles)
         raise
