@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from copd.backends.engine.branch import EngineBranch
-from copd.backends.engine.sampler import rollouts_of
+from copd.backends.engine.sampler import engine_rollouts
 from copd.backends.roles import Pending, UpdateResult, settle
 
 
@@ -113,7 +113,7 @@ def test_engine_answers_are_laid_out_as_copd_rollouts():
     mask = torch.tensor([[0, 1], [0, 1], [1, 1], [1, 1]])
     answers = [([1, 9], [-0.1, -0.2], [[1, 2], [9, 3]]), ([2], [-0.3], [[2, 1]]),
                ([3, 4, 9], [-0.4, -0.5, -0.6], [[3, 1], [4, 1], [9, 1]]), ([], [], [])]
-    rollouts = rollouts_of(ids, mask, answers, CharTokenizer(), topk=2)
+    rollouts = engine_rollouts(ids, mask, answers, CharTokenizer(), topk=2)
     assert rollouts.prompt_len == 2
     assert rollouts.completion_ids_B_T.tolist() == [[1, 9, 0], [2, 0, 0], [3, 4, 9], [0, 0, 0]]
     assert rollouts.completion_mask_B_T.tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0]]

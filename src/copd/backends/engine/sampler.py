@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from copd.backends.engine.process import EngineProcess
-from copd.backends.local.hf import chat_prompt_text, uses_chat
+from copd.backends.local.hf import chat_prompt_text, rollouts_of, uses_chat
+from copd.backends.local.sampling import Sampled
 from copd.backends.roles import Prompt, Rollouts, SamplingParams
 from copd.errors import CopdError
 
@@ -60,7 +61,7 @@ class EngineSampler:
             greedy=params.greedy, max_tokens=params.max_new_tokens, seed=seed, topk=params.record_topk,
             stop_ids=[tokenizer.eos_token_id],
         )
-        return rollouts_of(ids_P_L.repeat_interleave(n, 0), mask_P_L.repeat_interleave(n, 0), answers, tokenizer, params.record_topk)
+        return engine_rollouts(ids_P_L.repeat_interleave(n, 0), mask_P_L.repeat_interleave(n, 0), answers, tokenizer, params.record_topk)
 
     def reload(self, folder) -> float:
         """The weights of a safetensors folder into the engine; seconds it took there."""
@@ -77,8 +78,9 @@ class EngineSampler:
         self.engine.close()
 
 
-def rollouts_of(ids_B_P: torch.Tensor, mask_B_P: torch.Tensor, answers: list, tokenizer, topk: int) -> Rollouts:
-    """Rollouts from the engine's answers: per row (completion ids, their log-probs, top-k ids per position)."""
+def engine_rollouts(ids_B_P: torch.Tensor, mask_B_P: torch.Tensor, answers: list, tokenizer, topk: int) -> Rollouts:
+    """Rollouts from the engine's answers: per row (completion ids, their log-probs, top-k ids per position),
+    laid out by copd.backends.local.hf.rollouts_of as copd's own decoder's are."""
     rows, width = len(answers), max(1, max(len(ids) for ids, _, _ in answers))
     completion_B_T = torch.full((rows, width), tokenizer.pad_token_id, dtype=ids_B_P.dtype)
     mask_B_T = torch.zeros(rows, width)
@@ -91,12 +93,5 @@ def rollouts_of(ids_B_P: torch.Tensor, mask_B_P: torch.Tensor, answers: list, to
         logprobs_B_T[row, :length] = torch.tensor(logprobs)
         if topk and length:
             topk_B_T_K[row, :length] = torch.tensor([(t + [0] * topk)[:topk] for t in top], dtype=torch.int32)
-    return Rollouts(
-        input_ids_B_L=torch.cat([ids_B_P, completion_B_T], 1),
-        attention_mask_B_L=torch.cat([mask_B_P, mask_B_T.long()], 1),
-        prompt_len=ids_B_P.shape[1],
-        completion_mask_B_T=mask_B_T,
-        completions=tokenizer.batch_decode(completion_B_T, skip_special_tokens=True),
-        topk_ids_B_T_K=topk_B_T_K,
-        sampler_logprobs_B_T=logprobs_B_T,
-    )
+    return rollouts_of(ids_B_P, mask_B_P, Sampled(completion_B_T, mask_B_T, topk_B_T_K), tokenizer,
+                       sampler_logprobs_B_T=logprobs_B_T)

@@ -107,18 +107,7 @@ class HFPolicy(Learning):
 
     def _rollouts(self, ids, mask, sampled: Sampled, vision=None) -> Rollouts:
         """CPU rollouts of the prompts and their sampled completions."""
-        # Rows that finished are padded after EOS, so skipping special tokens leaves the answer text.
-        texts = self.tokenizer.batch_decode(sampled.ids_B_T, skip_special_tokens=True)
-        topk = sampled.topk_ids_B_T_K
-        return Rollouts(
-            input_ids_B_L=torch.cat([ids, sampled.ids_B_T], 1).cpu(),
-            attention_mask_B_L=torch.cat([mask, sampled.mask_B_T.long()], 1).cpu(),
-            prompt_len=ids.shape[1],
-            completion_mask_B_T=sampled.mask_B_T.cpu(),
-            completions=texts,
-            vision=vision,
-            topk_ids_B_T_K=None if topk is None else topk.cpu(),
-        )
+        return rollouts_of(ids, mask, sampled, self.tokenizer, vision)
 
     def _dist(self, rollouts: Rollouts) -> torch.Tensor:
         """Log-softmax [B, T, V] at every completion slot, for rollouts whose logits fit one chunk."""
@@ -256,6 +245,23 @@ class HFPolicy(Learning):
     def export_weights(self, folder: Path) -> int:
         """The model's weights as a safetensors folder, what a rollout engine reloads; returns their bytes."""
         return export_state(self.model, folder)
+
+
+def rollouts_of(ids_B_P, mask_B_P, sampled: Sampled, tokenizer, vision=None, sampler_logprobs_B_T=None) -> Rollouts:
+    """CPU rollouts of left-padded prompts and their completions (padded after EOS, the mask 1 up to and including it)."""
+    # Rows that finished are padded after EOS, so skipping special tokens leaves the answer text.
+    texts = tokenizer.batch_decode(sampled.ids_B_T, skip_special_tokens=True)
+    cpu = lambda x: None if x is None else x.cpu()  # noqa: E731
+    return Rollouts(
+        input_ids_B_L=torch.cat([ids_B_P, sampled.ids_B_T], 1).cpu(),
+        attention_mask_B_L=torch.cat([mask_B_P, sampled.mask_B_T.long()], 1).cpu(),
+        prompt_len=ids_B_P.shape[1],
+        completion_mask_B_T=sampled.mask_B_T.cpu(),
+        completions=texts,
+        vision=vision,
+        topk_ids_B_T_K=cpu(sampled.topk_ids_B_T_K),
+        sampler_logprobs_B_T=cpu(sampler_logprobs_B_T),
+    )
 
 
 def export_state(model, folder: Path, state_dict: dict | None = None) -> int:
