@@ -11,3 +11,11 @@ class BranchLost(CopdError):
     def __init__(self, branch: str, where: str):
         self.branch, self.where = branch, where
         super().__init__(f"branch {branch!r} was lost during {where}")
+
+
+class BranchNotStarted(CopdError):
+    """A restarted branch's new worker did not come up (no resources left to place it, say: a lost node)."""
+
+    def __init__(self, branch: str, why: str):
+        self.branch, self.why = branch, why
+        super().__init__(f"branch {branch!r}: its new actor {why}")

@@ -10,7 +10,7 @@ import torch
 from copd.config.schema import TinyModelConfig
 from copd.models.sources import build_char_tokenizer, build_tiny_model
 from copd.errors import CopdError
-from copd.backends.local.hf import HFPolicy
+from copd.backends.local.hf import HFPolicy, pad_completions
 from copd.backends.roles import LossSpec, OPDPart, Prompt, RLPart, SamplingParams, ScoreRequest
 from copd.driver.warmstart import TINY_ALPHABET
 from tests.fakes import full_distribution
@@ -193,13 +193,47 @@ def test_a_group_shares_one_prompt_pass_with_the_same_logits_and_gradients():
 
 
 def test_sampling_draws_tokens_with_their_probabilities_and_never_a_cut_one():
-    from copd.backends.local.sampling import next_tokens, sample_categorical
+    from copd.backends.local.sampling import RowNoise, next_tokens, sample_categorical
 
     probs = torch.tensor([[0.0, 0.1, 0.2, 0.7, 0.0]]).expand(200_000, 5).contiguous()
-    counts = torch.bincount(sample_categorical(probs, torch.Generator().manual_seed(0)), minlength=5) / 200_000
+    noise = RowNoise(0, torch.arange(200_000))
+    counts = torch.bincount(sample_categorical(probs, noise.uniform(0)), minlength=5) / 200_000
     torch.testing.assert_close(counts, probs[0], atol=0.005, rtol=0)
     assert counts[0] == 0 and counts[4] == 0
     # top_p = 0.6 keeps only the 0.7 token; temperature changes nothing about that.
     logits = probs[:1000].log()
-    drawn = next_tokens(logits, SamplingParams(temperature=0.7, top_p=0.6), torch.Generator().manual_seed(1))
+    drawn = next_tokens(logits, SamplingParams(temperature=0.7, top_p=0.6), noise.uniform(1)[:1000])
     assert torch.equal(drawn, torch.full((1000,), 3))
+
+
+def test_row_noise_is_uniform_and_keyed_by_seed_row_and_position_only():
+    from copd.backends.local.sampling import RowNoise
+
+    u = RowNoise(7, torch.arange(100_000)).uniform(3)
+    assert u.shape == (100_000, 1) and 0 <= u.min() and u.max() < 1
+    # Uniform: each tenth of [0, 1) holds a tenth of the draws, and positions are not correlated.
+    torch.testing.assert_close(torch.histc(u, 10, 0, 1) / 100_000, torch.full((10,), 0.1), atol=0.005, rtol=0)
+    v = RowNoise(7, torch.arange(100_000)).uniform(4)
+    assert abs(torch.corrcoef(torch.cat([u, v], 1).T)[0, 1]) < 0.02
+    # A row's draws do not depend on the rows around it: rows 40..49 alone, or picked out of the batch.
+    alone = RowNoise(7, torch.arange(40, 50)).uniform(3)
+    assert torch.equal(alone, u[40:50]) and torch.equal(RowNoise(7, torch.arange(100)).rows(slice(40, 50)).uniform(3), alone)
+    assert not torch.equal(RowNoise(8, torch.arange(40, 50)).uniform(3), alone)
+
+
+def test_a_share_of_the_prompts_samples_what_the_whole_step_samples_for_them():
+    policy = tiny_policy()
+    prompts = ["1+2=", "33+4=", "5+60=", "7+8="]
+    params = SamplingParams(max_new_tokens=5, temperature=1.0)
+    whole = policy.generate(prompts, 2, params, seed=3)
+    share = policy.generate_share(prompts, 2, params, seed=3, share=range(2, 4))
+    assert share.prompt_len == whole.prompt_len  # prompts padded to the longest of all
+    assert torch.equal(share.input_ids_B_L[:, : share.prompt_len], whole.input_ids_B_L[4:, : whole.prompt_len])
+    width = share.completion_ids_B_T.shape[1]
+    assert torch.equal(share.completion_ids_B_T, whole.completion_ids_B_T[4:, :width])
+    assert share.completions == whole.completions[4:]
+    # The shares joined are the whole step's rollouts, tensor for tensor.
+    joined = pad_completions([policy.generate_share(prompts, 2, params, 3, range(0, 2)), share], policy.tokenizer.pad_token_id)
+    for name in ("input_ids_B_L", "attention_mask_B_L", "completion_mask_B_T"):
+        assert torch.equal(getattr(joined, name), getattr(whole, name)), name
+    assert joined.completions == whole.completions and joined.prompt_len == whole.prompt_len

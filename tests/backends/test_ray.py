@@ -3,6 +3,8 @@
 import json
 import os
 import signal
+import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -11,9 +13,11 @@ from tests.extras import require  # noqa: E402
 
 ray = require("ray")
 
+from copd.backends.ray_backend import BranchWorker, RemoteBranch  # noqa: E402
 from copd.config.loader import load_config  # noqa: E402
 from copd.driver import trainer as trainer_module  # noqa: E402
 from copd.driver.pipeline import run_training  # noqa: E402
+from copd.errors import BranchNotStarted  # noqa: E402
 
 DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo.yaml"
 SHORT = ["schedule.cycles=2", "schedule.rl_steps=2", "schedule.opd_steps=2", "eval.samples=16", "rl.prompts_per_step=4",
@@ -100,3 +104,39 @@ def test_lora_branches_on_ray_match_the_local_run(tmp_path, local_ray):
     remote = run_training(load_config(DEMO, [*lora, f"run.out={tmp_path / 'ray'}", "run.backend=ray"]))
     assert records(remote) == records(local)
     assert (remote / "eval.json").read_text() == (local / "eval.json").read_text()
+
+
+def test_a_restarted_branch_that_cannot_be_placed_fails_within_its_timeout(local_ray):
+    # A resource no node has: the actor stays pending for good, as on a cluster that lost the branch's node.
+    unplaceable = ray.remote(BranchWorker).options(num_cpus=0, resources={"lost_node": 1})
+    branch = RemoteBranch("rev", partial(unplaceable.remote, dict, 1), restart_timeout=1)
+    begin = time.monotonic()
+    with pytest.raises(BranchNotStarted, match=r"^branch 'rev': its new actor could not be placed or started within 1 s"):
+        branch.restart()
+    assert time.monotonic() - begin < 15
+    ray.kill(branch.actor, no_restart=True)
+
+
+def test_a_restarted_branch_whose_actor_fails_to_build_names_the_cause(local_ray):
+    def unbuildable():
+        raise ValueError("no base folder")
+
+    worker = ray.remote(BranchWorker).options(num_cpus=0)
+    branch = RemoteBranch("rev", partial(worker.remote, unbuildable, 1), restart_timeout=60)
+    with pytest.raises(BranchNotStarted, match=r"^branch 'rev': its new actor died while starting \(ValueError: no base folder\)$"):
+        branch.restart()
+
+
+def test_a_restarted_actor_lost_before_it_ran_is_started_again(local_ray):
+    worker, starts = ray.remote(BranchWorker).options(num_cpus=0), []
+
+    def start():
+        starts.append(worker.remote(dict, 1))
+        if len(starts) == 2:  # the restart's first actor dies before it runs, as when its node is found dead
+            ray.kill(starts[-1], no_restart=True)
+        return starts[-1]
+
+    branch = RemoteBranch("rev", start, restart_timeout=60)
+    branch.restart()
+    assert len(starts) == 3 and branch.pid() > 0
+    ray.kill(branch.actor, no_restart=True)

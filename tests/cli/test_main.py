@@ -289,3 +289,32 @@ def test_a_vllm_engine_on_a_vision_language_model_stops_before_the_run_folder(tm
     err = fails(capsys, ["demo", "--multimodal", "--quiet", "--out", str(tmp_path / "run"), "sampling.engine=vllm"])
     assert "vllm samples text models only" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_branches_of_several_ranks_that_cannot_run_stop_before_the_run_folder(tmp_path, capsys):
+    config = str(write_config(tmp_path))
+    err = fails(capsys, ["train", config, "resources.ranks_per_branch=2", "--quiet"])
+    assert "resources.ranks_per_branch" in err and "run.backend: ray" in err
+    # A mesh that does not divide the prompt groups.
+    err = fails(capsys, ["train", config, "run.backend=ray", "resources.ranks_per_branch=3", "rl.prompts_per_step=4", "--quiet"])
+    assert "resources.ranks_per_branch" in err and "do not divide into 1 mini-batch(es) x 3 ranks" in err
+    err = fails(capsys, ["train", config, "run.backend=ray", "resources.ranks_per_branch=2", "optim.mini_batches=4",
+                         "rl.prompts_per_step=4", "opd.prompts_per_step=4", "--quiet"])
+    assert "4 mini-batch(es) x 2 ranks" in err
+    err = fails(capsys, ["train", config, "run.backend=ray", "resources.ranks_per_branch=2", "resources.gpus_per_branch=4", "--quiet"])
+    assert "2 ranks on 4 GPUs" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_ranks_that_ray_cannot_place_stop_before_the_run_folder(tmp_path, capsys):
+    pytest.importorskip("ray")
+    import ray
+
+    config = str(write_config(tmp_path))
+    try:
+        err = fails(capsys, ["train", config, "run.backend=ray", "resources.ranks_per_branch=2", "resources.cpus_per_branch=64",
+                             "--quiet"])
+    finally:
+        ray.shutdown()
+    assert "need 128 CPUs" in err and "resources.ranks_per_branch" in err
+    assert not (tmp_path / "run").exists()

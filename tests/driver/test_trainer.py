@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from copd.errors import CopdError
+from copd.errors import BranchLost, BranchNotStarted, CopdError
 from copd.driver.pipeline import load_capabilities
 from copd.schedule.plan import Phase
 from copd.schedule.topology import Edge
@@ -261,3 +261,28 @@ def test_the_step_kl_is_asked_for_on_every_nth_step(tmp_path, monkeypatch):
     by_branch = {name: [flag for n, flag in asked if n == name] for name in ("add", "rev")}
     assert by_branch["add"] == [(i - 1) % 3 == 0 for i in range(1, steps + 1)]  # steps 1, 4, 7
     assert by_branch["rev"] == by_branch["add"]
+
+
+class LostWithItsNode(FakePolicy):
+    """A branch whose worker is lost in cycle 2 and whose new one cannot be placed (its node is gone)."""
+
+    def update(self, rl, opd, spec):
+        if self.state["updates"] == 5:
+            raise BranchLost(self.name, "its update")
+        return super().update(rl, opd, spec)
+
+    def restart(self):
+        raise BranchNotStarted(self.name, "could not be placed or started within 5 s")
+
+
+def test_a_restart_that_fails_stops_the_run_with_one_line_saying_how_to_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = make_config(run_dir)
+    policies = {"add": FakePolicy("add", []), "rev": LostWithItsNode("rev", [])}
+    with pytest.raises(CopdError) as failed:
+        Trainer(config, run_dir, policies, load_capabilities(config)).run()
+    assert type(failed.value) is CopdError and str(failed.value) == (
+        "branch 'rev' was lost during its update (step 6); the restart failed: branch 'rev': its new actor could not be "
+        f"placed or started within 5 s; resume with --resume {run_dir}")
+    assert (run_dir / "checkpoints" / "cycle_0001" / "state.json").is_file()

@@ -20,6 +20,7 @@ base per GPU group, which is small beside full-weight branches and their AdamW s
 from __future__ import annotations
 
 import os
+import re
 import time
 from functools import cached_property, partial
 from pathlib import Path
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from copd.backends.roles import BranchRoles, OPDPart, Pending, RLPart
-from copd.errors import BranchLost, CopdError
+from copd.errors import BranchLost, BranchNotStarted, CopdError
 
 
 def require_ray() -> None:
@@ -91,6 +92,31 @@ def fetch(ref, branch: str, where: str):
         raise BranchLost(branch, where) from err
 
 
+def answered(actor, branch: str, deadline: float, seconds: float) -> str | None:
+    """None once a new actor answers (placed, its branch built); why it died, when it died without failing itself
+    (its node lost before it ran, say: a new start may be placed elsewhere).
+
+    BranchNotStarted when it has not answered by `deadline` (`seconds` after its restart began),
+    or when building its branch failed. Ray keeps an actor it cannot place pending for good
+    (its node lost, and no other node with room for its bundle), and every call to it waits
+    with it: this bounds that wait.
+    """
+    ray = _ray()
+    try:
+        ray.get(actor.pid.remote(), timeout=max(0.0, deadline - time.monotonic()))
+        return None
+    except ray.exceptions.GetTimeoutError:
+        raise BranchNotStarted(branch, f"could not be placed or started within {seconds:g} s "
+                                       "(a lost node, say; see `ray status`)") from None
+    except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as err:
+        # Ray's message ends with the cause (the error its __init__ raised, say), after a traceback.
+        lines = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines()
+        why = lines[-1].strip() if lines else type(err).__name__
+        if getattr(err, "actor_init_failed", False):
+            raise BranchNotStarted(branch, f"died while starting ({why})") from err
+        return why
+
+
 class RemoteValue(Pending):
     """The answer of one remote call, fetched when needed."""
 
@@ -144,17 +170,35 @@ def _ref(x):
     return x.ref if isinstance(x, RemoteWork) else x
 
 
+START_ATTEMPTS = 3  # starts of a restarted branch's actor that died before it ran (its node lost), before giving up
+
+
 class RemoteBranch:
     """The driver's handle on a branch actor; plays sampler, scorer and learner."""
 
-    def __init__(self, name: str, start):
+    def __init__(self, name: str, start, restart_timeout: float = 300.0):
         self.name, self.start = name, start  # start() makes a fresh actor of this branch
+        self.restart_timeout = restart_timeout  # seconds a restarted actor has to answer (run.restart_timeout)
         self.actor = start()
 
     def restart(self) -> None:
-        """A new actor built from the base folder (its predecessor is killed if still there)."""
-        _ray().kill(self.actor, no_restart=True)
-        self.actor = self.start()
+        """A new actor built from the base folder (its predecessor is killed if still there), once it answers.
+
+        BranchNotStarted when none does within restart_timeout seconds: the calls that follow
+        would otherwise wait for an actor Ray may never place. An actor that dies before it
+        runs (its node found dead meanwhile) is started again, up to START_ATTEMPTS times:
+        Ray places the new one on a node still alive, where there is one with room.
+        """
+        ray = _ray()
+        deadline = time.monotonic() + self.restart_timeout
+        for attempt in range(1, START_ATTEMPTS + 1):
+            ray.kill(self.actor, no_restart=True)
+            self.actor = self.start()
+            died = answered(self.actor, self.name, deadline, self.restart_timeout)
+            if died is None:
+                return
+            if attempt == START_ATTEMPTS or time.monotonic() >= deadline:
+                raise BranchNotStarted(self.name, f"died while starting ({died}); starts tried: {attempt}")
 
     def generate(self, prompts, n, params, seed) -> RemoteRollouts:
         return RemoteRollouts(*self.actor.generate.options(num_returns=3).remote(prompts, n, params, seed), self.name)
@@ -221,27 +265,36 @@ def start_ray(config) -> None:
 
 
 def ray_branches(config, base_folder: Path, device: str) -> tuple[dict[str, BranchRoles], object]:
-    """(roles of one actor per branch, their placement group): each actor in its bundle (PACK: as few nodes as fit)."""
+    """(roles of each branch, their placement group): one actor per rank, each in its bundle (PACK: as few nodes as fit).
+    A branch of several ranks is a worker group (copd.backends.ray_group)."""
     ray = _ray()
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    from copd.backends.ray_group import group_handle
 
     start_ray(config)
-    wants = [config.resources.of(b.name) for b in config.branches]
-    bundles = [{"CPU": cpus, **({"GPU": gpus} if gpus else {})} for cpus, gpus in wants]
+    wants = [config.resources.bundles(b.name) for b in config.branches]
+    bundles = [bundle for own in wants for bundle in own]
     group = placement_group(bundles, strategy="PACK")
     if not group.wait(timeout_seconds=120):
         raise CopdError(f"ray: the cluster cannot place the branches' bundles {bundles} (see `ray status`)")
     worker = ray.remote(BranchWorker)
-    branches = {}
-    for index, (branch, (cpus, gpus)) in enumerate(zip(config.branches, wants)):
-        strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)
-        options = worker.options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy=strategy)
+    branches, first = {}, 0
+    for branch, own in zip(config.branches, wants):
+        options = [dict(num_cpus=b["CPU"], num_gpus=b.get("GPU", 0),
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=first + rank))
+                   for rank, b in enumerate(own)]
+        first += len(own)
+        threads = max(1, int(own[0]["CPU"]))
+        if len(own) > 1:
+            branches[branch.name] = BranchRoles.of(group_handle(config, base_folder, branch.name, device, options, threads))
+            continue
         build = partial(build_branch, config, base_folder, branch.name, device)
-        start = partial(options.remote, build, max(1, int(cpus)))
-        branches[branch.name] = BranchRoles.of(RemoteBranch(branch.name, start))
+        start = partial(worker.options(**options[0]).remote, build, threads)
+        branches[branch.name] = BranchRoles.of(RemoteBranch(branch.name, start, config.run.restart_timeout))
         if config.sampling.engine == "vllm":
-            branches[branch.name] = _with_engine(config, base_folder, branches[branch.name].learner, strategy)
+            branches[branch.name] = _with_engine(config, base_folder, branches[branch.name].learner,
+                                                 options[0]["scheduling_strategy"])
     return branches, group
 
 
@@ -264,5 +317,6 @@ def release(branches: dict[str, BranchRoles], group) -> None:
 
     close_engines(branches)
     for roles in branches.values():
-        ray.kill(roles.learner.actor, no_restart=True)
+        for actor in getattr(roles.learner, "actors", [roles.learner.actor]):  # every rank of a worker group
+            ray.kill(actor, no_restart=True)
     remove_placement_group(group)

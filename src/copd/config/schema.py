@@ -264,21 +264,37 @@ class MergeConfig(Section):
 
 
 class BranchResources(Section):
-    cpus: float | None = Field(None, gt=0, description="CPUs of this branch's actor (default: resources.cpus_per_branch)")
-    gpus: float | None = Field(None, ge=0, description="GPUs of this branch's actor (default: resources.gpus_per_branch)")
+    cpus: float | None = Field(None, gt=0, description="CPUs of this branch (default: resources.cpus_per_branch)")
+    gpus: float | None = Field(None, ge=0, description="GPUs of this branch (default: resources.gpus_per_branch)")
+    ranks: int | None = Field(None, gt=0, strict=True, description="ranks of this branch (default: resources.ranks_per_branch)")
 
 
 class ResourcesConfig(Section):
-    """What each branch's actor reserves with run.backend: ray (one bundle of a placement group per branch)."""
+    """What each branch reserves with run.backend: ray: one actor per rank, each in its bundle of a placement group."""
 
-    cpus_per_branch: float = Field(1.0, gt=0, description="CPUs per branch actor; its torch threads are this, rounded down (at least 1)")
-    gpus_per_branch: float = Field(0.0, ge=0, description="GPUs per branch actor (0: the branch runs on CPU)")
+    cpus_per_branch: float = Field(1.0, gt=0, description="CPUs per branch, shared by its ranks; an actor's torch threads are its share, rounded down (at least 1)")
+    gpus_per_branch: float = Field(0.0, ge=0, description="GPUs per branch (0: the branch runs on CPU); a branch of several ranks takes one GPU per rank")
+    ranks_per_branch: int | None = Field(None, gt=0, strict=True, description="processes per branch, each holding 1/ranks of the weights, gradients and AdamW state (FSDP2) and training on 1/ranks of each step's prompt groups; default: one per GPU, or 1 on CPU")
     branches: dict[str, BranchResources] = Field(default_factory=dict, description="per-branch overrides, e.g. {text: {gpus: 2}} for a hub")
 
     def of(self, branch: str) -> tuple[float, float]:
-        """(cpus, gpus) of one branch."""
+        """(cpus, gpus) of one branch, all its ranks together."""
         own = self.branches.get(branch, BranchResources())
         return (own.cpus or self.cpus_per_branch, self.gpus_per_branch if own.gpus is None else own.gpus)
+
+    def ranks_of(self, branch: str) -> int:
+        """The branch's rank count: as set, else one per whole GPU, else 1."""
+        own = self.branches.get(branch, BranchResources())
+        ranks = own.ranks or self.ranks_per_branch
+        if ranks is not None:
+            return ranks
+        gpus = self.of(branch)[1]
+        return int(gpus) if gpus >= 1 and gpus == int(gpus) else 1
+
+    def bundles(self, branch: str) -> list[dict[str, float]]:
+        """One Ray bundle per rank of the branch: its share of the branch's CPUs and GPUs."""
+        (cpus, gpus), ranks = self.of(branch), self.ranks_of(branch)
+        return [{"CPU": cpus / ranks, **({"GPU": gpus / ranks} if gpus else {})} for _ in range(ranks)]
 
 
 class RunConfig(Section):
@@ -286,6 +302,7 @@ class RunConfig(Section):
     backend: Literal["local", "ray"] = Field("local", description="local: every branch in this process (the reference); ray: one Ray actor per branch (needs copd[ray])")
     ray_address: str | None = Field(None, description="with backend ray: the address of a running cluster (`ray start --head` prints it); unset: start a local Ray")
     max_restarts: int = Field(3, ge=0, strict=True, description="when a branch's worker dies, restart every branch from the last checkpoint all of them completed, up to this many times")
+    restart_timeout: float = Field(300.0, gt=0, description="with backend ray: seconds a restarted branch's new actor has to be placed and to build its model; past that (its node lost, say, and no other with room) the run stops with an error that says how to resume")
     seed: int = Field(0, description="seed of sampling, data order and initialisation")
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where branches train; auto picks cuda when available")
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")
@@ -351,11 +368,33 @@ class Config(Section):
         for key, prompts in (("rl", self.rl.prompts_per_step), ("opd", self.opd.prompts_per_step)):
             if prompts % self.optim.mini_batches:
                 raise KeyProblem(("optim", "mini_batches"), f"{self.optim.mini_batches} mini-batches do not divide {key}.prompts_per_step = {prompts}")
+        self._check_ranks()
         row = self.sampling.max_new_tokens + 1  # at least one prompt token
         if self.model.micro_batch_tokens < row:
             raise KeyProblem(("model", "micro_batch_tokens"), f"{self.model.micro_batch_tokens} tokens cannot hold one row: "
                              f"sampling.max_new_tokens = {self.sampling.max_new_tokens} plus the prompt")
         return self
+
+    def _check_ranks(self) -> None:
+        """Branches of several ranks: on Ray, one GPU each, full weights, text models, prompts that the ranks share."""
+        for b in self.branches:
+            ranks, (_, gpus) = self.resources.ranks_of(b.name), self.resources.of(b.name)
+            if ranks == 1:
+                continue
+            key = ("resources", "branches", b.name, "ranks") if b.name in self.resources.branches and \
+                self.resources.branches[b.name].ranks else ("resources", "ranks_per_branch")
+            if self.run.backend != "ray":
+                raise KeyProblem(key, f"branch {b.name!r} has {ranks} ranks, which run as Ray actors: set run.backend: ray")
+            if gpus and gpus != ranks:
+                raise KeyProblem(key, f"branch {b.name!r}: {ranks} ranks on {gpus:g} GPUs; a rank takes one GPU")
+            for other, value, why in (("lora", "enabled", "a LoRA branch trains few weights and fits one device"),
+                                      ("sampling", "engine", "a rollout engine serves one-rank branches")):
+                if getattr(getattr(self, other), value) not in (False, "hf"):
+                    raise KeyProblem(key, f"branch {b.name!r} has {ranks} ranks, which {other}.{value} does not support yet ({why})")
+            for part, prompts in (("rl", self.rl.prompts_per_step), ("opd", self.opd.prompts_per_step)):
+                if prompts % (ranks * self.optim.mini_batches):
+                    raise KeyProblem(key, f"branch {b.name!r}: {part}.prompts_per_step = {prompts} prompt groups do not divide "
+                                          f"into {self.optim.mini_batches} mini-batch(es) x {ranks} ranks")
 
     def to_yaml_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -106,9 +106,14 @@ def _aggregation(mode: str) -> Aggregation:
         raise ValueError(f"unknown loss aggregation {mode!r}; valid modes: {valid}") from None
 
 
+def part_count(mask_B_T: Tensor, mode: str) -> Tensor:
+    """What `mode` counts in these rows (tokens, rows or padded slots); counts of disjoint rows add up."""
+    return _aggregation(mode).count(mask_B_T)
+
+
 def loss_normaliser(mask_B_T: Tensor, mode: str) -> Tensor:
     """What `mode` divides a part's summed loss by, from the part's whole completion mask (at least 1)."""
-    return _aggregation(mode).count(mask_B_T).clamp(min=1)
+    return part_count(mask_B_T, mode).clamp(min=1)
 
 
 def aggregate_loss(loss_B_T: Tensor, mask_B_T: Tensor, mode: str, normaliser: Tensor | None = None) -> Tensor:

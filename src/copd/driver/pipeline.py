@@ -22,6 +22,7 @@ from copd.evaluation.evaluate import evaluate_policy
 from copd.driver.checkpoint import check_resumable
 from copd.driver.merging import merge_branches
 from copd.models.sources import check_model_source, load_pretrained
+from copd.backends.ray_group import check_rank_model
 from copd.backends.engine.setup import check_engine, check_engine_model, close_engines, evaluation_engines, local_engines
 from copd.backends.roles import BranchRoles, Prompt, SamplingParams
 from copd.reporting.progress import QuietReporter, Reporter
@@ -83,12 +84,18 @@ def prepare_run_dir(config: Config, run_dir: Path, resume: bool) -> None:
         dump_config(config, run_dir / "config.yaml")
 
 
+# run.* keys that say where a run goes, not what it computes.
+PLACEMENT_KEYS = ("out", "backend", "ray_address", "restart_timeout")
+
+
 def _check_same_run(config: Config, saved: Path) -> None:
     # Read through the schema, so a run saved before a key existed compares with its default.
     old = load_config(saved).to_yaml_dict()
     new = config.to_yaml_dict()
-    old["run"].pop("out", None)
-    new["run"].pop("out", None)
+    for settings in (old, new):  # where branches run may change: a run resumes on other resources or rank counts
+        settings.pop("resources", None)
+        for key in PLACEMENT_KEYS:
+            settings["run"].pop(key, None)
     for section in new:
         if old.get(section) != new[section]:
             raise CopdError(f"{saved}: the run there was made with a different config (section {section!r} differs); resume with the same config")
@@ -107,9 +114,9 @@ def run_training(config: Config, resume: bool = False, reporter: Reporter | None
     for warning in warnings:
         reporter.print(f"warning: {warning}")
     if config.run.backend == "ray":
-        from copd.backends.ray_backend import require_ray
+        from copd.backends.ray_group import check_placement
 
-        require_ray()
+        check_placement(config)  # Ray installed, and room for every rank
     check_trackers(config.run.report_to)
     check_engine(config)
     check_engine_model(config)
@@ -128,6 +135,7 @@ def run_training(config: Config, resume: bool = False, reporter: Reporter | None
     timing["warmup_seconds"] = round(time.perf_counter() - t0, 2)
     check_modalities(capabilities, tokenizer)
     check_engine_model(config, tokenizer)
+    check_rank_model(config, tokenizer)
     remote = config.run.backend == "ray"
     # With Ray the branches are built inside their actors, from the saved base folder.
     policies, base_policy = (({}, make_policy("base", model, tokenizer, device=device, **config.model.policy_options())) if remote

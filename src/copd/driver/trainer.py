@@ -25,7 +25,7 @@ from copd.config.schema import Config
 from copd.core.opd import OPD_ESTIMATORS
 from copd.driver.checkpoint import latest_checkpoint, load_latest_intact, save_checkpoint
 from copd.driver.rollout import MixtureSampler, collect_opd_part, collect_opd_rollouts, derived_seed, finish_rl, start_rl
-from copd.errors import BranchLost, CopdError
+from copd.errors import BranchLost, BranchNotStarted, CopdError
 from copd.evaluation.diagnose import measure_pair
 from copd.reporting.progress import QuietReporter, Reporter
 from copd.reporting.trackers import Trackers
@@ -112,7 +112,11 @@ class Trainer:
 
     # ---- running the plan --------------------------------------------------------------
     def run(self, resume: bool = False) -> None:
-        """Run the plan; a lost branch worker restarts every branch from the last checkpoint (run.max_restarts)."""
+        """Run the plan; a lost branch worker restarts every branch from the last checkpoint (run.max_restarts).
+
+        A restart that fails (a new worker that cannot be placed within run.restart_timeout, or
+        is lost while loading the checkpoint) ends the run with one error saying how to resume.
+        """
         if resume:
             self._restore()
         restarts = 0
@@ -120,14 +124,16 @@ class Trainer:
             try:
                 return self._run_plan()
             except BranchLost as lost:
+                what = f"{lost} (step {self.state['global_step']})"
                 if restarts >= self.config.run.max_restarts:
-                    raise CopdError(f"{lost} (step {self.state['global_step']}); {restarts} restarts used (run.max_restarts); "
-                                    f"resume with --resume {self.run_dir}") from None
+                    raise CopdError(f"{what}; {restarts} restarts used (run.max_restarts); resume with --resume {self.run_dir}") from None
                 restarts += 1
                 self.reporter.stop()
-                self.reporter.print(f"{lost} (step {self.state['global_step']}); restarting every branch from the last "
-                                    f"checkpoint ({restarts}/{self.config.run.max_restarts})")
-                self._start_over()
+                self.reporter.print(f"{what}; restarting every branch from the last checkpoint ({restarts}/{self.config.run.max_restarts})")
+                try:
+                    self._start_over()
+                except (BranchLost, BranchNotStarted) as failed:
+                    raise CopdError(f"{what}; the restart failed: {failed}; resume with --resume {self.run_dir}") from None
 
     def _start_over(self) -> None:
         """Fresh workers for every branch, then the state of the last checkpoint (or of the start)."""

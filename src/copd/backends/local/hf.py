@@ -18,7 +18,7 @@ from copd.backends.local.allocator import keep_freed_memory
 from copd.backends.local.learning import Learning
 from copd.backends.local import lm_head
 from copd.backends.local.microbatch import micro_batches, scatter_rows
-from copd.backends.local.sampling import Sampled, completion_hidden, completion_logits, output_head, plain_model, sample_completions
+from copd.backends.local.sampling import RowNoise, Sampled, completion_hidden, completion_logits, output_head, plain_model, sample_completions
 from copd.backends.roles import Prompt, Rollouts, SamplingParams, ScoreRequest, Scores
 from copd.errors import CopdError
 
@@ -39,6 +39,9 @@ class CompletionValues(NamedTuple):
 
 class HFPolicy(Learning):
     """One branch: a model, its tokenizer and its optimizer."""
+
+    # Scoring passes run each distinct prompt once and the completions on its cache (sampling.completion_logits).
+    shared_prefill = True
 
     def __init__(self, name: str, model, tokenizer, lr: float = 1e-4, weight_decay: float = 0.0, device: str = "cpu",
                  chat_template: str = "auto", system_prompt: str | None = None, params: list | None = None,
@@ -90,19 +93,27 @@ class HFPolicy(Learning):
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
     def generate(self, prompts: list[str | Prompt], n: int, params: SamplingParams, seed: int) -> Rollouts:
-        """n samples per prompt. Batches whose rows x (prompt + max_new_tokens) exceed the token budget
-        are sampled a few whole prompt groups at a time, one generator running through them."""
+        """n samples per prompt (each row's draws keyed by its index: copd.backends.local.sampling.RowNoise)."""
+        return self.generate_share(prompts, n, params, seed, range(len(prompts)))
+
+    def generate_share(self, prompts: list[str | Prompt], n: int, params: SamplingParams, seed: int, share: range) -> Rollouts:
+        """The samples of prompts[share] only, as they are in the whole step's rollouts: the prompts padded to
+        the longest of all, each row's draws keyed by its index in the step (a data-parallel rank's part).
+
+        Rows x (prompt + max_new_tokens) beyond the token budget are sampled a few whole prompt groups at a time."""
         self.activate()
         ids, mask = self._encode([p for p in prompts for _ in range(n)])
-        generator = torch.Generator(device=self.device).manual_seed(seed)
+        rows = torch.arange(share.start * n, share.stop * n)
+        ids, mask, noise = ids[rows.to(ids.device)], mask[rows.to(ids.device)], RowNoise(seed, rows)
         self.model.eval()
         group_tokens = n * (ids.shape[1] + params.max_new_tokens)
         step = n * max(1, self.micro_batch_tokens // group_tokens)
         sampled = []
         for start in range(0, ids.shape[0], step):
+            chunk = slice(start, start + step)
             with self._compute():
-                sampled.append(sample_completions(self.model, ids[start : start + step], mask[start : start + step], params,
-                                                  self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, generator))
+                sampled.append(sample_completions(self.model, ids[chunk], mask[chunk], params, self.tokenizer.eos_token_id,
+                                                  self.tokenizer.pad_token_id, noise.rows(chunk)))
         return self._rollouts(ids, mask, sampled[0] if len(sampled) == 1 else _cat_sampled(sampled, self.tokenizer.pad_token_id))
 
     def _rollouts(self, ids, mask, sampled: Sampled, vision=None) -> Rollouts:
@@ -112,15 +123,14 @@ class HFPolicy(Learning):
     def _dist(self, rollouts: Rollouts) -> torch.Tensor:
         """Log-softmax [B, T, V] at every completion slot, for rollouts whose logits fit one chunk."""
         with self._compute():
-            logits = completion_logits(
-                self.model, rollouts.input_ids_B_L.to(self.device), rollouts.attention_mask_B_L.to(self.device), rollouts.prompt_len
-            )
+            logits = completion_logits(self.model, rollouts.input_ids_B_L.to(self.device), rollouts.attention_mask_B_L.to(self.device),
+                                       rollouts.prompt_len, self.shared_prefill)
         return logits.float().log_softmax(-1)
 
     def _hidden(self, rollouts: Rollouts) -> torch.Tensor:
         """Hidden states [B, T, H] that the LM head turns into each completion slot's logits."""
         return completion_hidden(self.model, rollouts.input_ids_B_L.to(self.device), rollouts.attention_mask_B_L.to(self.device),
-                                 rollouts.prompt_len)
+                                 rollouts.prompt_len, self.shared_prefill)
 
     def _completion_values(self, rollouts: Rollouts, extra_ids_B_T_J: torch.Tensor | None = None, topk: int = 0) -> CompletionValues:
         """Log-probs of the sampled tokens and of `extra_ids_B_T_J`, and the top-`topk` (ids, log-probs).
@@ -170,7 +180,7 @@ class HFPolicy(Learning):
         if len(cuts) == 1:
             return self._score_rows(rollouts, request)
         pieces = [self._score_rows(rollouts.micro(c.rows, c.width), _request_rows(request, c)) for c in cuts]
-        return _scatter_scores(pieces, cuts, *rollouts.completion_mask_B_T.shape)
+        return scatter_scores(pieces, cuts, *rollouts.completion_mask_B_T.shape)
 
     def _score_rows(self, rollouts: Rollouts, request: ScoreRequest | None) -> Scores:
         if request is None or not request.wants_support:
@@ -264,6 +274,25 @@ def rollouts_of(ids_B_P, mask_B_P, sampled: Sampled, tokenizer, vision=None, sam
     )
 
 
+def pad_completions(parts: list[Rollouts], pad_id: int) -> Rollouts:
+    """Rollouts of consecutive rows with one prompt layout (generate_share's) as one, completions padded to the longest."""
+    width = max(p.completion_mask_B_T.shape[1] for p in parts)
+    # F.pad lists the last dimension first: nothing after the completion axis (dim 1), then the growth.
+    pad = lambda x, value: torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, width - x.shape[1]), value=value)  # noqa: E731
+    joined = lambda get, value: None if get(parts[0]) is None else torch.cat([pad(get(p), value) for p in parts])  # noqa: E731
+    prompt = parts[0].prompt_len
+    return Rollouts(
+        input_ids_B_L=torch.cat([torch.cat([p.input_ids_B_L[:, :prompt] for p in parts]), joined(lambda p: p.completion_ids_B_T, pad_id)], 1),
+        attention_mask_B_L=torch.cat([torch.cat([p.attention_mask_B_L[:, :prompt] for p in parts]),
+                                      joined(lambda p: p.attention_mask_B_L[:, prompt:], 0)], 1),
+        prompt_len=prompt,
+        completion_mask_B_T=joined(lambda p: p.completion_mask_B_T, 0.0),
+        completions=[text for p in parts for text in p.completions],
+        topk_ids_B_T_K=joined(lambda p: p.topk_ids_B_T_K, 0),
+        sampler_logprobs_B_T=joined(lambda p: p.sampler_logprobs_B_T, 0.0),
+    )
+
+
 def export_state(model, folder: Path, state_dict: dict | None = None) -> int:
     """`model`'s weights (or `state_dict` in its layout) written into `folder`; the bytes written."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -314,7 +343,7 @@ def _request_rows(request: ScoreRequest | None, cut) -> ScoreRequest | None:
     return ScoreRequest(request.topk, request.ids_B_T_J[cut.rows, : cut.width], request.student_topk)
 
 
-def _scatter_scores(pieces: list[Scores], cuts, rows: int, width: int) -> Scores:
+def scatter_scores(pieces: list[Scores], cuts, rows: int, width: int) -> Scores:
     """Scores of micro-batches (rows sorted by length, trimmed) as one, in the rollouts' row order."""
     gather = lambda get: None if get(pieces[0]) is None else scatter_rows([get(p) for p in pieces], cuts, rows, width)  # noqa: E731
     return Scores(gather(lambda p: p.token_logprobs_B_T), gather(lambda p: p.support_ids_B_T_S),

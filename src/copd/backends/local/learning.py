@@ -14,6 +14,7 @@ does not depend on the budget, up to float rounding.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -37,6 +38,10 @@ class Piece:
     def is_rl(self) -> bool:
         return isinstance(self.part, RLPart)
 
+    @property
+    def rows(self) -> int:
+        return self.part.rollouts.completion_mask_B_T.shape[0]
+
 
 class Learning:
     """HFPolicy's update; needs `_completion_values`, `_token_logprobs`, `model`, `optimizer`, `params`, `micro_batch_tokens`."""
@@ -46,12 +51,12 @@ class Learning:
         started = time.perf_counter()
         self.activate()
         self.model.train()
-        parts = [p.resolved().to(self.device) for p in rl] + [p.to(self.device) for p in opd]
-        pieces = [Piece(p) for p in parts]
+        batches = self._mini_batches([p.resolved() for p in rl] + list(opd), spec.mini_batches)
+        pieces = [piece for batch in batches for piece in batch]
         if spec.mini_batches > 1:  # mini-batch 2 must see the policy from before step 1
-            for piece in pieces:
-                piece.old_B_T = self._token_logprobs(piece.part.rollouts)
-        batches = _mini_batches(pieces, spec.mini_batches)
+            with self._no_grad_passes():
+                for piece in pieces:
+                    piece.old_B_T = self._token_logprobs(piece.part.rollouts) if piece.rows else None
         results: list[UpdateResult] = []
         for _ in range(spec.epochs):
             results = []
@@ -62,9 +67,22 @@ class Learning:
                 results.append(result)
         result = _mean_results(results)
         if spec.step_kl:
-            result.metrics["approx_kl"] = self._policy_kl([p.part.rollouts for p in pieces], [p.old_B_T for p in pieces])
+            result.metrics["approx_kl"] = self._policy_kl([p for p in pieces if p.rows])
         result.metrics["update_seconds"] = time.perf_counter() - started
         return result
+
+    def _mini_batches(self, parts: list[RLPart | OPDPart], count: int) -> list[list[Piece]]:
+        """`count` lists of pieces on this device, mini-batch i holding group chunk i of every part (empty chunks
+        left out), of which this process keeps its share (`_share`)."""
+        if count == 1 and not self.lockstep:
+            return [[Piece(p.to(self.device)) for p in parts]]
+        batches: list[list[Piece]] = [[] for _ in range(count)]
+        for part in parts:
+            width = part.rollouts.completion_mask_B_T.shape[1]
+            for batch, rows in zip(batches, mini_batch_rows(part.rollouts, count)):
+                if len(rows):
+                    batch.append(Piece(part.micro(self._share(rows, part.rollouts), width).to(self.device)))
+        return [b for b in batches if b]
 
     def _optimizer_step(self, batch: list[Piece], spec: LossSpec) -> UpdateResult:
         self.optimizer.zero_grad(set_to_none=True)
@@ -81,37 +99,77 @@ class Learning:
 
     def _accumulate(self, batch: list[Piece], spec: LossSpec) -> tuple[dict, dict, bool]:
         """Backward each part's loss in turn (gradients add up; peak memory stays one micro-batch's)."""
-        tally, edges, loss, tokens = Tally(), {}, 0.0, 0.0
+        tally, edges = Tally(), {}
+        tally.total("loss", 0.0)
+        tally.total("tokens", 0.0)
         for piece in batch:
             edge = None if piece.is_rl else edges.setdefault(piece.part.edge, Tally())
             part_loss = self._backward_part(piece, spec, tally, edge)
             if part_loss is None:
                 return {"loss": float("nan")}, {}, False
-            loss += part_loss
-            tokens += float(piece.part.rollouts.num_tokens)
-        metrics = {"loss": loss, "tokens": tokens, **tally.result()}
-        return metrics, {name: e.result() for name, e in edges.items()}, True
+            tally.total("loss", part_loss)
+            tally.total("tokens", float(piece.part.rollouts.num_tokens))
+        self._reduce([tally, *edges.values()])
+        return tally.result(), {name: e.result() for name, e in edges.items()}, True
 
     def _backward_part(self, piece: Piece, spec: LossSpec, tally: Tally, edge: Tally | None) -> float | None:
         """The part's loss, backpropagated micro-batch by micro-batch; None if it is not finite."""
         part = piece.part
         mask_B_T = part.rollouts.completion_mask_B_T
-        normaliser = loss_normaliser(mask_B_T, spec.aggregation)
-        cuts = micro_batches(part.rollouts, self.micro_batch_tokens)
+        normaliser = self._normaliser(mask_B_T, spec.aggregation)
+        cuts = micro_batches(part.rollouts, self.micro_batch_tokens) if piece.rows else []  # a rank may have no rows
         whole = len(cuts) == 1
-        olds, total = [], 0.0
-        for cut in cuts:
+        olds, total, finite = [], 0.0, True
+        for index in range(self._passes(len(cuts))):
+            if index >= len(cuts):
+                self._idle_pass()
+                continue
+            cut = cuts[index]
             micro = part if whole else part.micro(cut.rows, cut.width)
             old = None if piece.old_B_T is None else piece.old_B_T if whole else piece.old_B_T[cut.rows, : cut.width]
             loss, old = self._micro_loss(micro, old, spec, normaliser, tally, edge)
             if not torch.isfinite(loss):
-                return None
-            loss.backward()
+                finite = False
+                if not self.lockstep:
+                    return None
+            self._backward(loss)  # in lockstep a non-finite loss still runs its (collective) backward; the step is skipped
             total += loss.item()
             olds.append(old)
-        if piece.old_B_T is None:  # the first pass's log-probs are the old policy's (later epochs reuse them)
+        if not self._agree(finite):
+            return None
+        if piece.old_B_T is None and olds:  # the first pass's log-probs are the old policy's (later epochs reuse them)
             piece.old_B_T = olds[0] if whole else scatter_rows(olds, cuts, *mask_B_T.shape)
         return total
+
+    # ---- hooks: what the ranks of a sharded branch agree on (copd.backends.local.sharded) ----
+    lockstep = False  # whether every pass with gradients must run on every rank (collective passes)
+
+    def _normaliser(self, mask_B_T: torch.Tensor, aggregation: str) -> torch.Tensor:
+        return loss_normaliser(mask_B_T, aggregation)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def _passes(self, count: int) -> int:
+        """Passes to run for a part of `count` micro-batches (the most any rank runs, in lockstep)."""
+        return count
+
+    def _idle_pass(self) -> None:
+        raise NotImplementedError("only a rank of a sharded branch runs idle passes")
+
+    def _agree(self, finite: bool) -> bool:
+        return finite
+
+    def _reduce(self, tallies: list[Tally]) -> None:
+        """Tallies of this process's rows are the whole step's."""
+
+    def _share(self, rows: torch.Tensor, rollouts: Rollouts) -> torch.Tensor:
+        """The rows of a mini-batch this process trains on: all of them."""
+        return rows
+
+    def _no_grad_passes(self):
+        """Around passes without gradients that not every rank runs alike."""
+        return contextlib.nullcontext()
 
     def _micro_loss(self, micro, old_B_T, spec: LossSpec, normaliser, tally: Tally, edge: Tally | None):
         """(loss of one micro-batch, its old log-probs): the student's values computed once, with gradient."""
@@ -129,13 +187,19 @@ class Learning:
         return loss, old_B_T
 
     @torch.no_grad()
-    def _policy_kl(self, rollouts: list[Rollouts], olds: list[torch.Tensor]) -> float:
-        """k3 estimate of KL(pi_old || pi_new) on this update's tokens: how far one step moved."""
+    def _policy_kl(self, pieces: list[Piece]) -> float:
+        """k3 estimate of KL(pi_old || pi_new) on this update's tokens: how far one step moved (mean over parts)."""
         self.model.eval()
-        values = []
-        for r, old in zip(rollouts, olds):
-            new = self._token_logprobs(r)
-            values.append(approx_kl(new, old, r.completion_mask_B_T.to(self.device)).item())
+        tally = Tally()
+        with self._no_grad_passes():
+            for piece in pieces:
+                rollouts = piece.part.rollouts
+                new = self._token_logprobs(rollouts)
+                mask_B_T = rollouts.completion_mask_B_T
+                name = piece.part.edge if not piece.is_rl else "rl"
+                tally.mean(name, approx_kl(new, piece.old_B_T, mask_B_T).item(), float(mask_B_T.sum().item()))
+        self._reduce([tally])
+        values = list(tally.result().values())
         return sum(values) / max(len(values), 1)
 
 
@@ -151,19 +215,6 @@ def _engine_weight(rollouts: Rollouts, old_B_T: torch.Tensor, spec: LossSpec, ta
     for name, value in engine_mismatch(old_B_T, engine_B_T, mask_B_T, weight_B_T).items():
         tally.mean(name, value, tokens)
     return weight_B_T
-
-
-def _mini_batches(pieces: list[Piece], count: int) -> list[list[Piece]]:
-    """`count` lists of pieces, mini-batch i holding group chunk i of every part (empty chunks left out)."""
-    if count == 1:
-        return [pieces]
-    batches: list[list[Piece]] = [[] for _ in range(count)]
-    for piece in pieces:
-        width = piece.part.rollouts.completion_mask_B_T.shape[1]
-        for batch, rows in zip(batches, mini_batch_rows(piece.part.rollouts, count)):
-            if len(rows):
-                batch.append(Piece(piece.part.micro(rows, width), piece.old_B_T[rows]))
-    return [b for b in batches if b]
 
 
 def _mean_results(results: list[UpdateResult]) -> UpdateResult:

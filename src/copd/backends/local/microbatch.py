@@ -8,7 +8,8 @@ A part that fits the budget is one cut, left as it is (its rows in order, nothin
 so a run whose budget holds its batches computes exactly what it computed without one.
 
 Mini-batches (several optimizer steps per batch) are a different cut: whole prompt groups,
-as evenly as possible (`mini_batch_rows`).
+as evenly as possible (`mini_batch_rows`); so are the shares of a data-parallel branch's
+ranks (`rank_rows`), taken inside each mini-batch.
 """
 
 from __future__ import annotations
@@ -76,6 +77,12 @@ def mini_batch_rows(rollouts: Rollouts, count: int) -> list[torch.Tensor]:
     group = prompt_group(rollouts)
     groups = torch.arange(rollouts.input_ids_B_L.shape[0]).view(-1, group)
     return [chunk.reshape(-1) for chunk in torch.tensor_split(groups, count)]
+
+
+def rank_rows(rows: torch.Tensor, group: int, rank: int, world: int) -> torch.Tensor:
+    """Rank `rank`'s share of `rows` (runs of `group` rows, one prompt group each): whole groups, shares as equal
+    as they can be (ranks past the groups get none). A group is never split: its advantages are its own."""
+    return torch.tensor_split(rows.view(-1, group), world)[rank].reshape(-1)
 
 
 def scatter_rows(pieces: list[torch.Tensor], cuts: list[MicroBatch], rows: int, width: int, fill: float = 0.0) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """Batched autoregressive sampling with a KV cache, and log-probabilities of completions.
 
 A lean loop instead of `generate()`: one prefill, then one cached forward per new token,
-with temperature, top-p and an explicit torch.Generator so rollouts are reproducible from
-a seed (which is what makes resumed runs match uninterrupted ones).
+with temperature, top-p and counter-based noise (`RowNoise`): each row's draws are a pure
+function of the seed, the row's index in the step and the token position, so rollouts are
+reproducible from a seed (resumed runs match uninterrupted ones) and a row samples the same
+tokens whichever batch it is sampled in (a chunk of a long step, a data-parallel rank's share).
 """
 
 from __future__ import annotations
@@ -40,14 +42,52 @@ def top_p_filter(logits_B_V: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits_B_V.masked_fill(drop, float("-inf"))
 
 
-def next_tokens(logits_B_V: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+MASK32 = 0xFFFFFFFF
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix (the "lowbias32" constants) of int64 values in [0, 2**32), elementwise.
+
+    Products may pass 2**63 and wrap; only their low 32 bits are kept, which wrapping leaves exact.
+    """
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & MASK32
+    return x ^ (x >> 16)
+
+
+class RowNoise:
+    """Uniform draws in [0, 1), one per row and decode position, keyed by (seed, row key, position).
+
+    `row_keys_B`: each row's index in the whole step (prompt index * n + sample). A
+    torch.Generator's stream depends on how many draws came before, so a row's tokens
+    would depend on the batch around it; keyed draws do not.
+    """
+
+    def __init__(self, seed: int, row_keys_B: torch.Tensor):
+        self.rows_B = hash32((hash32(torch.tensor(seed & MASK32)) ^ row_keys_B.long()) & MASK32)
+
+    def uniform(self, position: int) -> torch.Tensor:
+        """[B, 1] float32 uniforms for this position (24 random bits each, exact in float32)."""
+        h = hash32((self.rows_B + hash32(torch.tensor(position))) & MASK32)
+        return ((h >> 8).float() / float(1 << 24))[:, None]
+
+    def rows(self, index) -> "RowNoise":
+        """The noise of a subset of the rows (a chunk sampled on its own)."""
+        picked = object.__new__(RowNoise)
+        picked.rows_B = self.rows_B[index]
+        return picked
+
+
+def next_tokens(logits_B_V: torch.Tensor, params: SamplingParams, uniforms_B_1: torch.Tensor | None) -> torch.Tensor:
     if params.greedy:
         return logits_B_V.argmax(-1)
     logits = top_p_filter(logits_B_V.float() / params.temperature, params.top_p)
-    return sample_categorical(logits.softmax(-1), generator)
+    return sample_categorical(logits.softmax(-1), uniforms_B_1)
 
 
-def sample_categorical(probs_B_V: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def sample_categorical(probs_B_V: torch.Tensor, uniforms_B_1: torch.Tensor) -> torch.Tensor:
     """One index per row, drawn with probability probs (inverse CDF: one uniform per row).
 
     torch.multinomial spends an exponential draw on every vocabulary entry; with a 50k
@@ -55,7 +95,7 @@ def sample_categorical(probs_B_V: torch.Tensor, generator: torch.Generator) -> t
     cdf[j-1] <= u < cdf[j], so a token with zero mass (cut by top-p) is never picked.
     """
     cdf_B_V = probs_B_V.cumsum(-1)
-    u_B_1 = torch.rand(probs_B_V.shape[0], 1, generator=generator, device=probs_B_V.device) * cdf_B_V[:, -1:]
+    u_B_1 = uniforms_B_1.to(probs_B_V.device) * cdf_B_V[:, -1:]
     return torch.searchsorted(cdf_B_V, u_B_1, right=True).squeeze(-1).clamp(max=probs_B_V.shape[-1] - 1)
 
 
@@ -67,14 +107,14 @@ def sample_completions(
     params: SamplingParams,
     eos_id: int,
     pad_id: int,
-    generator: torch.Generator,
+    noise: RowNoise | None,
 ) -> Sampled:
     """Sample up to max_new_tokens per row; returns (completion_ids_B_T, completion_mask_B_T, top-k ids or None).
 
     The mask is 1 on generated tokens up to and including EOS; finished rows are padded.
     """
     cache, logits = prefill(model, input_ids_B_P, attention_mask_B_P)
-    return decode(model, cache, logits[:, -1], attention_mask_B_P, params, eos_id, pad_id, generator,
+    return decode(model, cache, logits[:, -1], attention_mask_B_P, params, eos_id, pad_id, noise,
                   lambda mask: positions_from_mask(mask)[:, -1:])
 
 
@@ -124,7 +164,7 @@ def preallocate(cache, new_tokens: int):
 
 
 def decode(model, cache, logits_B_V: torch.Tensor, attention_mask_B_P: torch.Tensor, params: SamplingParams, eos_id: int,
-           pad_id: int, generator: torch.Generator | None, new_position) -> Sampled:
+           pad_id: int, noise: RowNoise | None, new_position) -> Sampled:
     """The token-by-token loop after a prefill: completion ids, their mask and (when asked) top-k ids.
 
     `new_position(mask)` gives the position ids of the token just appended to `mask` (plain
@@ -140,7 +180,7 @@ def decode(model, cache, logits_B_V: torch.Tensor, attention_mask_B_P: torch.Ten
     for step in range(params.max_new_tokens):
         if k:
             topks.append(logits.topk(k, dim=-1).indices.int())
-        token = next_tokens(logits, params, generator)
+        token = next_tokens(logits, params, None if params.greedy else noise.uniform(step))
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         tokens.append(token)
         alive.append(~finished)
@@ -198,12 +238,18 @@ def repeat_groups(cache, last_B_1_X: torch.Tensor, size: int):
     return cache, last_B_1_X
 
 
-def completion_logits(model, input_ids_B_L: torch.Tensor, attention_mask_B_L: torch.Tensor, prompt_len: int) -> torch.Tensor:
+def completion_logits(model, input_ids_B_L: torch.Tensor, attention_mask_B_L: torch.Tensor, prompt_len: int,
+                      shared_prefill: bool = True) -> torch.Tensor:
     """Logits that predict each completion token: positions prompt_len-1 .. L-2, as [B, T, V].
 
     The prompt goes through `prefill` (once per distinct prompt), then the completions run on
-    its cache; the LM head only ever sees the positions whose logits are returned.
+    its cache; the LM head only ever sees the positions whose logits are returned. Without
+    `shared_prefill`, one forward of the whole rows (each module called once per pass, which a
+    sharded model's collectives need: copd.backends.local.sharded).
     """
+    if not shared_prefill:
+        hidden_B_T_H = completion_hidden(model, input_ids_B_L, attention_mask_B_L, prompt_len, shared_prefill=False)
+        return output_head(model)(hidden_B_T_H)
     cache, first_B_1_V = prefill(model, input_ids_B_L[:, :prompt_len], attention_mask_B_L[:, :prompt_len])
     if input_ids_B_L.shape[1] - prompt_len < 2:
         return first_B_1_V
@@ -264,8 +310,13 @@ def replay_cache(prefix=None) -> Cache:
     return Cache(layers=[ReplayLayer(layer.keys, layer.values) for layer in prefix.layers])
 
 
-def completion_hidden(model, input_ids_B_L: torch.Tensor, attention_mask_B_L: torch.Tensor, prompt_len: int) -> torch.Tensor:
+def completion_hidden(model, input_ids_B_L: torch.Tensor, attention_mask_B_L: torch.Tensor, prompt_len: int,
+                      shared_prefill: bool = True) -> torch.Tensor:
     """Hidden states [B, T, H] that predict each completion token (what `completion_logits` feeds the LM head)."""
+    if not shared_prefill:
+        out = decoder_body(model)(input_ids=input_ids_B_L[:, :-1], attention_mask=attention_mask_B_L[:, :-1],
+                                  position_ids=positions_from_mask(attention_mask_B_L)[:, :-1], use_cache=False)
+        return out.last_hidden_state[:, prompt_len - 1 :]
     cache, first_B_1_H = prefill(model, input_ids_B_L[:, :prompt_len], attention_mask_B_L[:, :prompt_len], hidden=True)
     if input_ids_B_L.shape[1] - prompt_len < 2:
         return first_B_1_H

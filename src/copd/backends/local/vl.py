@@ -16,7 +16,7 @@ from copd.config.schema import VisionConfig
 from copd.backends.roles import Prompt, Rollouts, SamplingParams, VisionInputs
 from copd.backends.local.hf import HFPolicy
 from copd.backends.local.lora import LoraPolicy
-from copd.backends.local.sampling import repeat_rows
+from copd.backends.local.sampling import RowNoise, repeat_rows
 from copd.backends.local.vl_decoding import vl_completion_hidden, vl_completion_logits, vl_sample
 from copd.multimodal.inputs import PIXEL_KEYS, prompt_inputs
 from copd.multimodal.media import VideoSampling
@@ -79,10 +79,10 @@ class VisionLanguageInputs:
     def generate(self, prompts: list[str | Prompt], n: int, params: SamplingParams, seed: int) -> Rollouts:
         self.activate()
         inputs, vision = self.encode_prompts(prompts, n)
-        generator = torch.Generator(device=self.device).manual_seed(seed)
+        noise = RowNoise(seed, torch.arange(len(prompts) * n))
         self.model.eval()
         with self._compute():
-            sampled = vl_sample(self.model, inputs, params, generator, self.tokenizer.eos_token_id,
+            sampled = vl_sample(self.model, inputs, params, noise, self.tokenizer.eos_token_id,
                                             self.tokenizer.pad_token_id, rows_per_prompt=n)
         ids, mask = repeat_rows(inputs["input_ids"], n), repeat_rows(inputs["attention_mask"], n)
         return self._rollouts(ids, mask, sampled, vision)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from copd.backends.local.sampling import Sampled, decode, decoder_body, repeat_groups, repeat_rows, replay_cache
+from copd.backends.local.sampling import RowNoise, Sampled, decode, decoder_body, repeat_groups, repeat_rows, replay_cache
 from copd.backends.roles import SamplingParams
 from copd.multimodal.inputs import FORWARD_PIXEL_KEYS, decode_positions, rope_positions
 
@@ -37,7 +37,7 @@ def _prefill(model, prompts: dict, rows_per_prompt: int = 1, hidden: bool = Fals
 
 
 @torch.no_grad()
-def vl_sample(model, prompts: dict, params: SamplingParams, generator: torch.Generator | None, eos_id: int, pad_id: int,
+def vl_sample(model, prompts: dict, params: SamplingParams, noise: RowNoise | None, eos_id: int, pad_id: int,
               rows_per_prompt: int = 1) -> Sampled:
     """(completion_ids [B, T], completion_mask [B, T], top-k ids or None): rows_per_prompt samples of each prompt.
 
@@ -45,7 +45,7 @@ def vl_sample(model, prompts: dict, params: SamplingParams, generator: torch.Gen
     """
     mask = repeat_rows(prompts["attention_mask"], rows_per_prompt)
     cache, logits, deltas = _prefill(model, prompts, rows_per_prompt)
-    return decode(model, cache, logits[:, -1], mask, params, eos_id, pad_id, generator,
+    return decode(model, cache, logits[:, -1], mask, params, eos_id, pad_id, noise,
                   lambda grown: decode_positions(grown, deltas, -1))
 
 
