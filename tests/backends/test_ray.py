@@ -19,9 +19,7 @@ from copd.driver import trainer as trainer_module  # noqa: E402
 from copd.driver.pipeline import run_training  # noqa: E402
 from copd.errors import BranchNotStarted  # noqa: E402
 
-DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo.yaml"
-SHORT = ["schedule.cycles=2", "schedule.rl_steps=2", "schedule.opd_steps=2", "eval.samples=16", "rl.prompts_per_step=4",
-         "opd.prompts_per_step=4", "warmup.max_steps=50", "run.threads=1"]
+from tests.backends.conftest import DEMO, SHORT  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +31,9 @@ def local_ray():
 
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory):
+def local_run(demo_local_run):
     """The reference: the same config in one process (one torch thread, as each actor has)."""
-    folder = tmp_path_factory.mktemp("ray")
-    cache = f"model.cache_dir={folder / 'cache'}"
-    return run_training(load_config(DEMO, [*SHORT, cache, f"run.out={folder / 'local'}"])), cache
+    return demo_local_run
 
 
 def records(run_dir):

@@ -66,6 +66,9 @@ def stop(run: subprocess.Popen, seen: list) -> None:
     run.wait(timeout=30)
 
 
+# 40-60 s on 2 busy cores, most of it Ray and the actors starting (`pytest -m slow tests/backends`): not in CI;
+# tests/backends/test_ray.py and tests/driver/test_trainer.py check its parts there.
+@pytest.mark.slow
 def test_a_lost_node_stops_the_run_with_one_line_saying_how_to_resume(tmp_path):
     run_dir, err = tmp_path / "run", tmp_path / "stderr.txt"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own, started by the driver

@@ -4,7 +4,6 @@ import json
 import math
 import os
 import signal
-from pathlib import Path
 
 import pytest
 
@@ -16,12 +15,11 @@ from copd.config.loader import load_config  # noqa: E402
 from copd.driver import trainer as trainer_module  # noqa: E402
 from copd.driver.pipeline import run_training  # noqa: E402
 
-DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo.yaml"
-SHORT = ["schedule.cycles=2", "schedule.rl_steps=2", "schedule.opd_steps=2", "eval.samples=16", "rl.prompts_per_step=4",
-         "opd.prompts_per_step=4", "warmup.max_steps=50", "run.threads=1"]
+from tests.backends.conftest import DEMO, SHORT  # noqa: E402
+
 TWO_RANKS = ["run.backend=ray", "resources.ranks_per_branch=2"]
 # Two ranks compute each row in one forward and sum their gradients in another order than one rank:
-# metrics agree to this relative tolerance (measured: about 1e-5 after 8 steps).
+# metrics agree to this relative tolerance (measured: at most 1.4e-5 after 8 steps; eval.json identical).
 REL = 1e-3
 
 
@@ -33,12 +31,10 @@ def local_ray():
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, local_ray):
+def runs(demo_local_run, tmp_path_factory, local_ray):
     """(one-rank run in one process, two-rank run on Ray, the model cache) of the same config."""
-    folder = tmp_path_factory.mktemp("ranks")
-    cache = f"model.cache_dir={folder / 'cache'}"
-    one = run_training(load_config(DEMO, [*SHORT, cache, f"run.out={folder / 'one'}"]))
-    two = run_training(load_config(DEMO, [*SHORT, *TWO_RANKS, cache, f"run.out={folder / 'two'}"]))
+    one, cache = demo_local_run
+    two = run_training(load_config(DEMO, [*SHORT, *TWO_RANKS, cache, f"run.out={tmp_path_factory.mktemp('ranks') / 'two'}"]))
     return one, two, cache
 
 
@@ -88,6 +84,7 @@ def test_a_killed_rank_restarts_every_branch_and_the_run_ends_as_if_uninterrupte
     assert (again / "eval.json").read_text() == (two / "eval.json").read_text()
 
 
+@pytest.mark.slow  # tests/backends/test_sharded.py checks the checkpoint itself across rank counts
 def test_a_run_saved_by_two_ranks_resumes_on_one(tmp_path, runs, monkeypatch):
     one, _, cache = runs
     step = trainer_module.Trainer.step

@@ -101,14 +101,45 @@ def _task(function):
     return _ray().remote(num_cpus=0)(function)
 
 
+# Seconds a rank whose collective failed waits for its peers' fate: a killed peer is noticed by gloo at once,
+# by Ray a little later.
+PEER_GRACE_S = 30.0
+
+
 def settle(refs: list, branch: str, where: str) -> list:
-    """Every rank's answer; a lost rank is reported at once, though the others may never answer."""
+    """Every rank's answer; a lost rank is reported at once, though the others may never answer. A rank whose
+    collective failed (its peer gone) makes the group lost too: every branch then restarts as for a lost actor."""
     ray = _ray()
     pending = list(refs)
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
-        fetch(ready[0], branch, where)
+        try:
+            fetch(ready[0], branch, where)
+        except ray.exceptions.RayTaskError as err:
+            if _collective_failed(err) or _any_lost(pending, branch, where):
+                raise BranchLost(branch, where) from err
+            raise
     return [fetch(ref, branch, where) for ref in refs]
+
+
+def _collective_failed(err) -> bool:
+    """Whether a rank's error is its process group breaking (a peer killed, or its node gone)."""
+    cause = getattr(err, "cause", None)
+    return isinstance(cause, torch.distributed.DistError) or any(
+        sign in str(cause) for sign in ("by peer", "Connection reset", "Connection closed", "NCCL error"))
+
+
+def _any_lost(refs: list, branch: str, where: str) -> bool:
+    ray = _ray()
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=PEER_GRACE_S) if refs else ([], [])
+    for ref in ready:
+        try:
+            fetch(ref, branch, where)
+        except BranchLost:
+            return True
+        except ray.exceptions.RayTaskError:
+            pass
+    return False
 
 
 class GroupRollouts(RemoteRollouts):
