@@ -25,7 +25,7 @@ import torch
 
 from copd.backends.ray_backend import BranchWorker, RemoteRollouts, RemoteScores, RemoteValue, _ray, _ref, answered, fetch
 from copd.backends.roles import OPDPart, RLPart, Rollouts, ScoreRequest
-from copd.errors import BranchNotStarted, CopdError
+from copd.errors import BranchLost, BranchNotStarted, CopdError
 
 
 class RankWorker(BranchWorker):
