@@ -98,7 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--layers", type=int, default=30, help="decoder layers (30: SmolLM2-135M)")
-    parser.add_argument("--prompts", type=int, default=4, help="prompt groups of 8 rollouts in the update")
+    parser.add_argument("--prompts", type=int, default=2, help="prompt groups of 8 rollouts in the update")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=32, help="completion tokens per rollout")
     parser.add_argument("--budget", type=int, default=512, help="model.micro_batch_tokens")

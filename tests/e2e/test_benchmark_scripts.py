@@ -56,3 +56,16 @@ def test_the_memory_benchmark_after_peak_is_below_before_at_the_largest_quick_si
     monkeypatch.setattr(lm_head, "LOGITS_PER_CHUNK", lm_head.LOGITS_PER_CHUNK)  # restored after the in-process run
     paper = memory_points.measure(memory.paper_point(args))
     assert paper["params"] > 0 and paper["s_per_1k"] > 0 and paper["peak_mib"] >= paper["start_mib"] > 0
+
+
+def test_the_ranks_benchmark_measures_half_the_state_on_two_ranks():
+    import argparse
+
+    import pytest
+    import ranks  # noqa: PLC0415
+
+    args = argparse.Namespace(layers=1, prompts=1, prompt_len=4, tokens=4, budget=512, repeats=1)
+    one, two = ranks.measure(1, args), ranks.measure(2, args)
+    for key in ("params", "grads", "adam"):
+        assert two[key] == pytest.approx(one[key] / 2, rel=0.01), key
+    assert one["update"] > 0
