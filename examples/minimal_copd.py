@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import time
 import warnings
 
 import torch
 import transformers
 
-from copd.backends.local.sampling import completion_logits, sample_completions, token_logprobs
+from copd.backends.local.sampling import RowNoise, completion_logits, sample_completions, token_logprobs
 from copd.backends.roles import SamplingParams
 from copd.capabilities import load_capability
 from copd.config.schema import TinyModelConfig
@@ -81,7 +82,7 @@ print(f"model: {sum(t.numel() for t in base.parameters()) / 1e3:.0f}k parameters
 
 sampling = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
 greedy = SamplingParams(max_new_tokens=args.max_new_tokens, greedy=True)
-generator = torch.Generator().manual_seed(args.seed)  # one stream of sampling randomness
+calls = itertools.count()  # each rollout call draws its own keyed noise: seed (args.seed, call), one key per row
 
 
 def encode(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +94,8 @@ def rollout(model, samples, n: int, params: SamplingParams = sampling) -> dict:
     """n completions y ~ pi(.|x) per prompt x; rows of one prompt are adjacent (a GRPO group)."""
     ids, mask = encode([s.prompt for s in samples for _ in range(n)])
     model.eval()
-    sampled = sample_completions(model, ids, mask, params, EOS, PAD, generator)
+    noise = RowNoise(hash((args.seed, next(calls))), torch.arange(ids.shape[0]))
+    sampled = sample_completions(model, ids, mask, params, EOS, PAD, noise)
     comp, comp_mask = sampled.ids_B_T, sampled.mask_B_T  # mask: 1 up to and including EOS
     return {"ids": torch.cat([ids, comp], 1), "mask": torch.cat([mask, comp_mask.long()], 1), "prompt_len": ids.shape[1],
             "comp": comp, "comp_mask": comp_mask, "texts": tokenizer.batch_decode(comp, skip_special_tokens=True)}

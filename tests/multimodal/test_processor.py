@@ -16,6 +16,7 @@ from transformers.utils import is_torchvision_available
 from copd.models.sources import load_pretrained
 from copd.backends.roles import SamplingParams
 from copd.backends.local.vl_decoding import vl_completion_logits, vl_sample
+from copd.backends.local.sampling import RowNoise
 from copd.multimodal.families import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from copd.multimodal.inputs import rope_positions, video_patches
 from copd.multimodal.media import Video
@@ -46,9 +47,10 @@ def encode(processor, texts, images=None, videos=None):
     return processor.encode(texts, images or [[] for _ in texts], videos)
 
 
-def sample(model, tokenizer, inputs, max_new_tokens, temperature=0.0, generator=None, rows_per_prompt=1):
+def sample(model, tokenizer, inputs, max_new_tokens, temperature=0.0, seed=None, rows_per_prompt=1):
     params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, greedy=temperature <= 0)
-    return vl_sample(model, inputs, params, generator, tokenizer.eos_token_id, tokenizer.pad_token_id, rows_per_prompt)[:2]
+    noise = None if seed is None else RowNoise(seed, torch.arange(inputs["input_ids"].shape[0] * rows_per_prompt))
+    return vl_sample(model, inputs, params, noise, tokenizer.eos_token_id, tokenizer.pad_token_id, rows_per_prompt)[:2]
 
 
 def with_completions(inputs, ids, mask):
@@ -181,7 +183,7 @@ def test_sampling_is_reproducible_and_masks_after_eos(tiny):
     model, tokenizer, processor = tiny
     inputs = mixed_batch(processor)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    runs = [sample(model, tokenizer, inputs, 10, 1.0, torch.Generator().manual_seed(5)) for _ in range(2)]
+    runs = [sample(model, tokenizer, inputs, 10, 1.0, 5) for _ in range(2)]
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     for row, mask in zip(*runs[0]):
         hits = (row == eos).nonzero()
@@ -240,7 +242,7 @@ def test_completion_logits_accept_a_sampled_image_pad_id(tiny):
 def test_gradients_reach_the_vision_tower(tiny):
     model, tokenizer, processor = tiny
     inputs = mixed_batch(processor)
-    ids, mask = sample(model, tokenizer, inputs, 6, 1.0, torch.Generator().manual_seed(0))
+    ids, mask = sample(model, tokenizer, inputs, 6, 1.0, 0)
     model.zero_grad()
     logits = vl_completion_logits(model, inputs, *with_completions(inputs, ids, mask), inputs["input_ids"].shape[1])
     logprobs = logits.log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
