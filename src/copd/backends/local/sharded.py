@@ -231,7 +231,9 @@ class ShardedPolicy(HFPolicy):
         return state
 
     def close(self) -> None:
+        """Leave the group together: a rank that tears gloo down while a peer still works can abort at exit."""
         if dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 
