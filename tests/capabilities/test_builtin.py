@@ -1,6 +1,7 @@
 """Built-in capabilities, samplers and verifiers."""
 
 import json
+import re
 import textwrap
 
 import pytest
@@ -235,3 +236,22 @@ def test_language_tasks_have_correct_numeric_answers():
         dst, amount, src = words_[2], float(words_[5]), words_[6].rstrip("?")
         assert float(s.answer) == amount * factors[(src, dst)]
     assert words.score("The answer is 19.", type(s)("q", "19")) == 1.0
+
+
+def test_comparisons_add_for_more_and_subtract_for_fewer():
+    for relation, combine in (("more", lambda a, b: a + b), ("fewer", lambda a, b: a - b)):
+        capability = BUILTIN_CAPABILITIES["comparisons"](relations=relation)
+        for s in capability.train_sampler(seed=3).draw(30):
+            a, b = (int(w) for w in s.prompt.replace(".", " ").split() if w.isdigit())
+            assert f" {b} {relation} " in s.prompt and s.answer == str(combine(a, b)) and int(s.answer) > 0
+    both = {s.prompt.split()[7] for s in BUILTIN_CAPABILITIES["comparisons"]().train_sampler(seed=3).draw(40)}
+    assert both == {"more", "fewer"}
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"relations": "more,less"}, "option 'relations': unknown less; valid: more, fewer"),
+    ({"max_diff": 20}, "options need 2 <= max_diff < max_value, got 20 and 20"),
+])
+def test_comparisons_reject_bad_options(options, message):
+    with pytest.raises(CopdError, match=re.escape(message)):
+        BUILTIN_CAPABILITIES["comparisons"](**options)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from copd.capabilities.core import Capability, Sample, merge_options
+from copd.errors import CopdError
 from copd.capabilities.sources import ProceduralSource
 from copd.capabilities.verifiers import numeric
 
@@ -54,9 +55,32 @@ def _unit_conversion(rng: random.Random, o: dict[str, Any]) -> Sample:
     return Sample(f"How many {dst} are in {shown} {src}?" + ANSWER_HINT, str(int(value) if value == int(value) else value))
 
 
-def _factory(name: str, generate: Callable[[random.Random, dict[str, Any]], Sample], defaults: dict[str, Any]):
+RELATIONS = {"more": lambda a, b: a + b, "fewer": lambda a, b: a - b}
+
+
+def _comparison(rng: random.Random, o: dict[str, Any]) -> Sample:
+    """One person has b more (or fewer) items than another: the two relations read almost alike
+    and need opposite operations, which a small model tends to confuse."""
+    first, second = rng.sample(NAMES, 2)
+    item, relation = rng.choice(ITEMS), rng.choice(o["relations"].split(","))
+    a, b = rng.randint(o["max_diff"] + 1, o["max_value"]), rng.randint(2, o["max_diff"])
+    text = f"{first} has {a} {item}. {second} has {b} {relation} {item} than {first}. How many {item} does {second} have?"
+    return Sample(text + ANSWER_HINT, str(RELATIONS[relation](a, b)))
+
+
+def _check_comparison(o: dict[str, Any]) -> None:
+    unknown = set(o["relations"].split(",")) - set(RELATIONS)
+    if unknown:
+        raise CopdError(f"option 'relations': unknown {', '.join(sorted(unknown))}; valid: {', '.join(RELATIONS)}")
+    if not 2 <= o["max_diff"] < o["max_value"]:
+        raise CopdError(f"options need 2 <= max_diff < max_value, got {o['max_diff']} and {o['max_value']}")
+
+
+def _factory(name: str, generate: Callable[[random.Random, dict[str, Any]], Sample], defaults: dict[str, Any],
+             check: Callable[[dict[str, Any]], None] = lambda o: None):
     def make(**options: Any) -> Capability:
         opts = merge_options(defaults, options)
+        check(opts)
         return Capability(name, numeric, ProceduralSource(name, lambda rng: generate(rng, opts), opts["test_size"]))
 
     make.__name__ = f"make_{name}"
@@ -66,4 +90,6 @@ def _factory(name: str, generate: Callable[[random.Random, dict[str, Any]], Samp
 LANGUAGE_CAPABILITIES = {
     "word_problems": _factory("word_problems", _word_problem, {"max_value": 50, "ops": "add,sub,mul", "test_size": 200}),
     "unit_conversion": _factory("unit_conversion", _unit_conversion, {"max_value": 100, "halves": True, "test_size": 200}),
+    "comparisons": _factory("comparisons", _comparison, {"relations": "more,fewer", "max_value": 20, "max_diff": 9, "test_size": 200},
+                            _check_comparison),
 }

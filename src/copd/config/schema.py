@@ -119,7 +119,7 @@ class CapabilityConfig(Section):
     # reads them (a plain dict is validated through this model first).
 
     name: str = Field(description="name used by branches and reports")
-    builtin: str | None = Field(None, description="built-in generator: addition, reversal, sort, count (character tasks); word_problems, unit_conversion (natural language); shapes (image), motion (video)")
+    builtin: str | None = Field(None, description="built-in generator: addition, reversal, sort, count (character tasks); word_problems, unit_conversion, comparisons (natural language); shapes (image), motion (video)")
     options: dict[str, Any] = Field(default_factory=dict, description="options of the built-in generator")
     path: str | None = Field(None, description="data file: .jsonl, .json (a list of objects or JSON lines), .parquet or .csv (parquet and csv need copd[data])")
     dataset: str | None = Field(None, description="instead of `path`: anything `datasets.load_dataset` reads, a local dataset folder (also one written by save_to_disk) or a hub id (needs copd[data])")
