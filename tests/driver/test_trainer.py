@@ -8,7 +8,7 @@ from copd.errors import BranchLost, BranchNotStarted, CopdError
 from copd.driver.pipeline import load_capabilities
 from copd.schedule.plan import Phase
 from copd.schedule.topology import Edge
-from copd.backends.roles import OPDPart, RLPart
+from copd.backends.roles import OPDPart, RLPart, SamplingParams
 from copd.driver.trainer import Trainer
 from tests.fakes import BRANCHES, V, FakePolicy, make_config  # noqa: F401  (imported from here by other tests)
 
@@ -286,3 +286,32 @@ def test_a_restart_that_fails_stops_the_run_with_one_line_saying_how_to_resume(t
         "branch 'rev' was lost during its update (step 6); the restart failed: branch 'rev': its new actor could not be "
         f"placed or started within 5 s; resume with --resume {run_dir}")
     assert (run_dir / "checkpoints" / "cycle_0001" / "state.json").is_file()
+
+
+def test_held_out_accuracy_is_recorded_before_training_and_every_n_steps(tmp_path):
+    trainer, _ = make_trainer(tmp_path, eval={"every": 3, "samples": 5})
+    trainer.run()
+    evals = [r for r in records(trainer.run_dir) if r["type"] == "eval"]
+    assert [(r["step"], r["branch"]) for r in evals] == [(s, b) for s in (0, 3, 6) for b in ("add", "rev")]
+    capabilities = load_capabilities(trainer.config)
+    # Step 0 scores the untrained branches: the fake answers right with probability `skill`, keyed by prompt.
+    for r in evals[:2]:
+        fake = FakePolicy(r["branch"], [], SKILL[r["branch"]])
+        for name, cap in capabilities.items():
+            right = [fake.generate([s.prompt], 1, SamplingParams(), 7).completions[0] == s.answer for s in cap.test_set(5)]
+            assert r[f"greedy/{name}"] == pytest.approx(sum(right) / 5)
+    # Scoring is read-only: the run trains exactly as one without it.
+    plain_run, _ = make_trainer(tmp_path, "plain")
+    plain_run.run()
+    assert states(plain_run) == states(trainer)
+
+
+def test_a_resumed_run_records_the_same_held_out_curve(tmp_path):
+    full, _ = make_trainer(tmp_path, "full", eval={"every": 2, "samples": 3})
+    full.run()
+    broken, _ = make_trainer(tmp_path, "run", policy_kw={"rev": {"crash_after": 6}}, eval={"every": 2, "samples": 3})
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        broken.run()
+    resumed, _ = make_trainer(tmp_path, "run", eval={"every": 2, "samples": 3})
+    resumed.run(resume=True)
+    assert plain(records(resumed.run_dir)) == plain(records(full.run_dir))

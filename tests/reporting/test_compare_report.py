@@ -54,3 +54,21 @@ def test_report_without_runs(tmp_path):
     text = write_compare_report(tmp_path, result).read_text()
     assert "| base |" in text and text.index("| MOPD |") < text.index("| CoPD |")
     assert "- did NOT hold: CoPD > static OPD / MOPD (20.0 vs 21.0)" in text
+
+
+def test_held_out_curves_average_over_seeds_per_run_branch_and_capability(tmp_path):
+    import json
+
+    from copd.reporting.compare_report import held_out_curves
+
+    for seed, accuracy in ((0, 0.25), (1, 0.75)):
+        run = tmp_path / "runs" / f"experts-seed{seed}"
+        run.mkdir(parents=True)
+        records = [{"type": "branch", "step": 1, "branch": "s", "reward": 0.5},
+                   {"type": "eval", "step": 0, "branch": "s", "greedy/sort": 0.0},
+                   {"type": "eval", "step": 2, "branch": "s", "greedy/sort": accuracy}]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert held_out_curves(tmp_path) == {"sort": {"experts s": [(0, 0.0), (2, 0.5)]}}
+    result = result_of(("experts",))
+    text = write_compare_report(tmp_path, result).read_text()
+    assert "![heldout_sort](plots/heldout_sort.png)" in text and "K times as many steps" in text

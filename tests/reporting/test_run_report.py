@@ -145,3 +145,22 @@ def test_deterministic(tmp_path):
     pngs = {p.name: p.read_bytes() for p in (run / "plots").glob("*.png")}
     assert write_report(run).read_text() == first
     assert {p.name: p.read_bytes() for p in (run / "plots").glob("*.png")} == pngs
+
+
+def test_held_out_records_draw_a_curve_per_branch_and_capability(tmp_path):
+    run = _run_dir(tmp_path)
+    held_out = [{"type": "eval", "step": s, "branch": b, "greedy/addition": 0.1 * s, "greedy/reversal": 0.05 * s}
+                for s in (0, 5, 10) for b in ("add", "rev")]
+    with (run / "metrics.jsonl").open("a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in held_out)
+    text = write_report(run).read_text()
+    assert "](plots/heldout.png)" in text and (run / "plots" / "heldout.png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "plain").mkdir()
+    assert "](plots/heldout.png)" not in write_report(_run_dir(tmp_path / "plain")).read_text()
+
+
+def test_held_out_series_split_each_record_by_capability():
+    from copd.reporting.run_report import _held_out_series
+
+    series = _held_out_series([{"type": "eval", "step": 3, "branch": "add", "greedy/addition": 0.5, "greedy/reversal": 0.25}])
+    assert series == {"add on addition": [{"step": 3, "accuracy": 0.5}], "add on reversal": [{"step": 3, "accuracy": 0.25}]}

@@ -36,6 +36,11 @@ def test_edge_and_probe_records_use_the_edge_label():
     assert scalars_of({"type": "other", "x": 1.0}) == {}
 
 
+def test_a_held_out_record_goes_under_its_branch():
+    record = {"step": 6, "type": "eval", "branch": "sort", "greedy/sort": 0.5, "greedy/reversal": 0.0}
+    assert scalars_of(record) == {"heldout/sort/greedy/sort": 0.5, "heldout/sort/greedy/reversal": 0.0}
+
+
 def test_eval_scores_and_hyperparameters_flatten():
     ev = {"samples": 8, "models": {"base": {"greedy": {"sort": 0.5}, "sampled": {"sort": 0.25}}, "merged": {"greedy": {"sort": 1.0}}}}
     assert eval_scalars(ev) == {"eval/base/greedy/sort": 0.5, "eval/base/sampled/sort": 0.25, "eval/merged/greedy/sort": 1.0}

@@ -254,6 +254,7 @@ class OptimConfig(Section):
 class EvalConfig(Section):
     samples: int = Field(200, gt=0, description="test prompts per capability")
     batch_size: int = Field(128, gt=0, description="prompts per generation batch")
+    every: int = Field(0, ge=0, strict=True, description="also score every branch greedily on every capability's test split (its first `samples` prompts) before the first step and after every this many steps, as `eval` records in metrics.jsonl: held-out accuracy curves (0: only at the end)")
 
 
 class MergeConfig(Section):

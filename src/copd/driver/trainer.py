@@ -27,6 +27,7 @@ from copd.driver.checkpoint import latest_checkpoint, load_latest_intact, save_c
 from copd.driver.rollout import MixtureSampler, collect_opd_part, collect_opd_rollouts, derived_seed, finish_rl, start_rl
 from copd.errors import BranchLost, BranchNotStarted, CopdError
 from copd.evaluation.diagnose import measure_pair
+from copd.evaluation.evaluate import pass_rates
 from copd.reporting.progress import QuietReporter, Reporter
 from copd.reporting.trackers import Trackers
 from copd.schedule.plan import TOPOLOGY_PLANS, Phase, Roles, build_plan, with_overlap_trigger, with_probes
@@ -87,6 +88,7 @@ class Trainer:
         self.opd_samplers = {e.label: MixtureSampler(caps_of[e.teacher], derived_seed(seed, "opd", e.label)) for e in self.edges}
         probed = {e for phase in self.plan for e in phase.probe_edges}
         self.opd_samplers.update({f"probe:{e.label}": MixtureSampler(caps_of[e.teacher], derived_seed(seed, "probe", e.label)) for e in probed})
+        self.capabilities = list(capabilities.values())  # every branch is scored on all of them (eval.every)
         self.beta = {b.name: b.beta for b in config.branches}
         self.spec = loss_spec(config)
         self.sampling = SamplingParams.from_config(config.sampling)
@@ -150,6 +152,8 @@ class Trainer:
         self.reporter.start("training", total)
         for _ in range(done):
             self.reporter.advance("resumed")
+        if self.state["global_step"] == 0:
+            self._held_out_due()
         for index in range(self.state["next_phase"], len(self.plan)):
             phase = self.plan[index]
             for branch, source in phase.forks:  # e.g. static OPD: the student starts as a copy of an expert
@@ -157,6 +161,7 @@ class Trainer:
             limit = phase.steps + (self.state.pop("carry", 0) if phase.absorbs_carry else 0)
             for done in range(1, limit + 1):
                 self.step(phase)
+                self._held_out_due()
                 # A trigger needs no probe after the phase's last step; a diagnostic probe does.
                 probing = phase.probe_edges and (done < limit or phase.stop_below is None)
                 overlap = self._probe(phase) if probing else None
@@ -227,6 +232,17 @@ class Trainer:
         for b in timer:
             shown.append(self._record(phase, b, rl.get(b), results[b], seconds[b], {**step_times, "rollout_bytes": sampled[b]}))
         self.reporter.advance(f"cycle {phase.cycle}/{self.config.schedule.cycles} {phase.name}", "  ".join(shown))
+
+    def _held_out_due(self) -> None:
+        """eval.every: every branch's greedy accuracy on every capability's test split, as `eval` records."""
+        every, step = self.config.eval.every, self.state["global_step"]
+        if not every or step % every:
+            return
+        greedy = dataclasses.replace(self.sampling, greedy=True)
+        tests = {c.name: c.test_set(self.config.eval.samples) for c in self.capabilities}
+        for branch, roles in self.roles.items():
+            rates = pass_rates(roles.scorer, self.capabilities, tests, greedy, self.config.run.seed, self.config.eval.batch_size)
+            self.metrics.write({"step": step, "type": "eval", "branch": branch, **{f"greedy/{c}": v for c, v in rates.items()}})
 
     def _needs_support(self) -> bool:
         """Whether this OPD step's teachers send the top-k support: the estimator needs it, or diagnostics

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -50,6 +51,19 @@ def _curves(out: Path, run_glob: str, kind: str, key: str, by: str) -> dict[str,
     return series
 
 
+def held_out_curves(out: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """eval.every's records of every run: capability -> "RUN BRANCH" -> (step, greedy accuracy, mean over seeds)."""
+    values: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for run_dir in sorted((out / "runs").glob("*-seed*")):
+        run = run_dir.name.rsplit("-seed", 1)[0]
+        for r in load_metrics(run_dir / "metrics.jsonl"):
+            for key, value in r.items() if r.get("type") == "eval" else ():
+                if key.startswith("greedy/"):
+                    values[key.removeprefix("greedy/")][f"{run} {r['branch']}"][r["step"]].append(value)
+    return {cap: {label: [(step, statistics.fmean(v)) for step, v in sorted(steps.items())] for label, steps in series.items()}
+            for cap, series in sorted(values.items())}
+
+
 def _plot(series: dict, title: str, ylabel: str, path: Path) -> bool:
     if not series:
         return False
@@ -78,6 +92,9 @@ def write_plots(out: Path) -> list[str]:
     for name, glob, kind, key, by, title, ylabel in specs:
         if _plot(_curves(out, glob, kind, key, by), title, ylabel, plots / f"{name}.png"):
             made.append(name)
+    for cap, series in held_out_curves(out).items():
+        if _plot(series, f"Greedy accuracy on {cap}'s test split, mean over seeds", "accuracy", plots / f"heldout_{cap}.png"):
+            made.append(f"heldout_{cap}")
     return made
 
 
@@ -103,7 +120,11 @@ def write_compare_report(out: Path, result: dict) -> Path:
         *compute_table(result),
         "",
     ]
-    for name in write_plots(out):
+    made = write_plots(out)
+    if any(name.startswith("heldout_") for name in made):
+        lines += ["Held-out curves (eval.every): a step is one update of every branch of a run, so mixed RLVR, "
+                  "with K times the updates on its one policy, runs K times as many steps.", ""]
+    for name in made:
         lines += [f"![{name}](plots/{name}.png)", ""]
     path = out / "compare.md"
     path.write_text("\n".join(lines))

@@ -146,7 +146,7 @@ def _results(ev: Any, plots: set[str]) -> list[str]:
     out += [f"Greedy accuracy (%), {desc}; test prompts per capability: {counted}.", ""]
     out += _score_table(models, "greedy") + ["", "Sampled mean reward (%), at the rollout temperature.", ""]
     out += _score_table(models, "sampled") + ["", merged_vs_base(models, "greedy"), ""]
-    return out + _images(plots, ("eval",))
+    return out + _images(plots, ("eval", "heldout"))
 
 
 def _by(records: list[dict], key: str) -> dict[str, list[dict]]:
@@ -154,6 +154,16 @@ def _by(records: list[dict], key: str) -> dict[str, list[dict]]:
     for r in records:
         groups[str(r.get(key, "?"))].append(r)
     return {k: sorted(v, key=lambda r: _num(r.get("step")) or 0.0) for k, v in sorted(groups.items())}
+
+
+def _held_out_series(evals: list[dict]) -> dict[str, list[dict]]:
+    """eval.every's records as one series per (branch, capability)."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in evals:
+        for key, value in r.items():
+            if key.startswith("greedy/"):
+                groups[f"{r.get('branch', '?')} on {key.removeprefix('greedy/')}"].append({"step": r.get("step"), "accuracy": value})
+    return dict(sorted(groups.items()))
 
 
 def _images(plots: set[str], names: tuple[str, ...]) -> list[str]:
@@ -283,7 +293,7 @@ def _eval_plot(path: Path, ev: Any) -> bool:
     return _save(fig, ax, path)
 
 
-def _write_plots(plot_dir: Path, branches: list[dict], edges: list[dict], ev: Any) -> set[str]:
+def _write_plots(plot_dir: Path, branches: list[dict], edges: list[dict], ev: Any, evals: list[dict]) -> set[str]:
     plot_dir.mkdir(parents=True, exist_ok=True)
     spans = _consolidate_spans(branches)
     by_branch, by_edge = _by(branches, "branch"), _by(edges, "edge")
@@ -292,6 +302,7 @@ def _write_plots(plot_dir: Path, branches: list[dict], edges: list[dict], ev: An
         "loss": (by_branch, "loss", ("Loss per branch", "loss"), True),
         "overlap": (by_edge, "overlap_topk", ("Top-k overlap per edge", "overlap"), False),
         "sym_kl": (by_edge, "sym_kl", ("Symmetric KL per edge", "sym KL"), False),
+        "heldout": (_held_out_series(evals), "accuracy", ("Greedy accuracy on the test splits (eval.every)", "accuracy"), False),
     }
     made = {name: _line_plot(plot_dir / f"{name}.png", g, k, lab, spans, sm) for name, (g, k, lab, sm) in lines.items()}
     made["eval"] = _eval_plot(plot_dir / "eval.png", ev)
@@ -307,8 +318,8 @@ def write_report(run_dir: Path) -> Path:
     cfg, ev = _load(run_dir / "config.yaml"), _load(run_dir / "eval.json")
     warm, timing = _load(run_dir / "warmup.json"), _load(run_dir / "timing.json")
     records = load_metrics(run_dir / "metrics.jsonl")
-    branches, edges = ([r for r in records if r.get("type") == kind] for kind in ("branch", "edge"))
-    plots = _write_plots(run_dir / "plots", branches, edges, ev)
+    branches, edges, evals = ([r for r in records if r.get("type") == kind] for kind in ("branch", "edge", "eval"))
+    plots = _write_plots(run_dir / "plots", branches, edges, ev, evals)
     inputs = (("config.yaml", cfg), ("metrics.jsonl", records), ("eval.json", ev))
     missing = [name for name, content in inputs if not content]
     lines = [f"# CoPD run report: {run_dir.name}", ""] + _summary(cfg) + [""] + _environment(_load(run_dir / "environment.json"))

@@ -38,6 +38,8 @@ def scalars_of(record: Mapping[str, Any]) -> dict[str, float]:
         prefix = f"branch/{record['branch']}"
     elif record.get("type") == "edge":
         prefix = f"{'probe' if record.get('probe') else 'edge'}/{record['edge']}"
+    elif record.get("type") == "eval":
+        prefix = f"heldout/{record['branch']}"
     else:
         return {}
     return {f"{prefix}/{key}": float(value) for key, value in record.items()
