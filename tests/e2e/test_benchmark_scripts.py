@@ -69,3 +69,22 @@ def test_the_ranks_benchmark_measures_half_the_state_on_two_ranks():
     for key in ("params", "grads", "adam"):
         assert two[key] == pytest.approx(one[key] / 2, rel=0.01), key
     assert one["update"] > 0
+
+
+def test_comparison_operations_sorts_answers_by_the_operation_they_follow():
+    import comparison_operations as ops  # noqa: PLC0415
+
+    from copd.backends.roles import Rollouts  # noqa: PLC0415
+    from copd.capabilities import BUILTIN_CAPABILITIES, Sample  # noqa: PLC0415
+
+    sample = Sample("Li has 12 cards. Ben has 5 fewer cards than Li. How many cards does Ben have? Answer with the number only.", "7")
+    assert ops.operands(sample) == (12, 5)
+    assert [ops.operation_of(t, sample) for t in ("7", "12 + 5 = 17", "Ben has 8", "no idea")] == ["difference", "sum", "neither", "neither"]
+
+    class AlwaysAdds:
+        def generate(self, prompts, n, params, seed):
+            sums = [str(sum(ops.operands(Sample(p.text, ""))) if i % 4 else "x") for i, p in enumerate(prompts)]
+            return Rollouts(None, None, 0, None, sums)
+
+    fewer = BUILTIN_CAPABILITIES["comparisons"](relations="fewer")
+    assert ops.tally(AlwaysAdds(), fewer, 8, SamplingParams(greedy=True)) == {"sum": 6, "difference": 0, "neither": 2}
