@@ -173,7 +173,35 @@ def _ref(x):
 START_ATTEMPTS = 3  # starts of a restarted branch's actor that died before it ran (its node lost), before giving up
 
 
-class RemoteBranch:
+class ForwardsCalls:
+    """The learner's calls a branch handle forwards to its actor(s) as they are; `_call` says how."""
+
+    def _call(self, method: str, *args):
+        raise NotImplementedError
+
+    def parameter_counts(self):
+        return self._call("parameter_counts")
+
+    def get_weights(self):
+        return self._call("get_weights")
+
+    def set_weights(self, weights) -> None:
+        self._call("set_weights", weights)
+
+    def save_checkpoint(self, folder: Path) -> None:
+        self._call("save_checkpoint", folder)
+
+    def load_checkpoint(self, folder: Path) -> None:
+        self._call("load_checkpoint", folder)
+
+    def save_pretrained(self, folder: Path) -> None:
+        self._call("save_pretrained", folder)
+
+    def export_weights(self, folder: Path) -> int:
+        return self._call("export_weights", folder)
+
+
+class RemoteBranch(ForwardsCalls):
     """The driver's handle on a branch actor; plays sampler, scorer and learner."""
 
     def __init__(self, name: str, start, restart_timeout: float = 300.0):
@@ -213,27 +241,6 @@ class RemoteBranch:
 
     def _call(self, method: str, *args):
         return fetch(self.actor.call.remote(method, *args), self.name, method.replace("_", " "))
-
-    def parameter_counts(self):
-        return self._call("parameter_counts")
-
-    def get_weights(self):
-        return self._call("get_weights")
-
-    def set_weights(self, weights) -> None:
-        self._call("set_weights", weights)
-
-    def save_checkpoint(self, folder: Path) -> None:
-        self._call("save_checkpoint", folder)
-
-    def load_checkpoint(self, folder: Path) -> None:
-        self._call("load_checkpoint", folder)
-
-    def save_pretrained(self, folder: Path) -> None:
-        self._call("save_pretrained", folder)
-
-    def export_weights(self, folder: Path) -> int:
-        return self._call("export_weights", folder)
 
     def pid(self) -> int:
         return fetch(self.actor.pid.remote(), self.name, "pid")

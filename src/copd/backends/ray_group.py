@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from copd.backends.ray_backend import BranchWorker, RemoteRollouts, RemoteScores, RemoteValue, _ray, _ref, answered, fetch
+from copd.backends.ray_backend import BranchWorker, ForwardsCalls, RemoteRollouts, RemoteScores, RemoteValue, _ray, _ref, answered, fetch
 from copd.backends.roles import OPDPart, RLPart, Rollouts, ScoreRequest
 from copd.errors import BranchLost, BranchNotStarted, CopdError
 
@@ -142,8 +142,9 @@ def _any_lost(refs: list, branch: str, where: str) -> bool:
     return False
 
 
-class GroupRollouts(RemoteRollouts):
-    """The joined rollouts of a group's ranks; waiting on them waits on every rank."""
+class _JoinedAnswer:
+    """What a Ray task joined from a group's ranks: reading any of it first waits on every rank,
+    so a rank that died is reported as the group lost rather than as a broken join."""
 
     def __init__(self, refs, ranks: list, branch: str):
         super().__init__(*refs, branch)
@@ -152,33 +153,24 @@ class GroupRollouts(RemoteRollouts):
     def result(self):
         settle(self.ranks, self.branch, self.where)
         return super().result()
+
+    @cached_property
+    def meta(self) -> dict:
+        settle(self.ranks, self.branch, self.where)
+        return fetch(self._meta, self.branch, self.where)
+
+
+class GroupRollouts(_JoinedAnswer, RemoteRollouts):
+    """The joined rollouts of a group's ranks."""
 
     @cached_property
     def completions(self) -> list[str]:
         settle(self.ranks, self.branch, self.where)
         return fetch(self._completions, self.branch, self.where)
 
-    @cached_property
-    def meta(self) -> dict:
-        settle(self.ranks, self.branch, self.where)
-        return fetch(self._meta, self.branch, self.where)
 
-
-class GroupScores(RemoteScores):
-    """The joined scores of a group's ranks; waiting on them waits on every rank."""
-
-    def __init__(self, refs, ranks: list, branch: str):
-        super().__init__(*refs, branch)
-        self.ranks = ranks
-
-    def result(self):
-        settle(self.ranks, self.branch, self.where)
-        return super().result()
-
-    @cached_property
-    def meta(self) -> dict:
-        settle(self.ranks, self.branch, self.where)
-        return fetch(self._meta, self.branch, self.where)
+class GroupScores(_JoinedAnswer, RemoteScores):
+    """The joined scores of a group's ranks."""
 
 
 class GroupValue(RemoteValue):
@@ -192,7 +184,7 @@ class GroupValue(RemoteValue):
         return settle(self.refs, self.branch, self.where)[0]
 
 
-class BranchGroup:
+class BranchGroup(ForwardsCalls):
     """The driver's handle on a branch's worker group; plays sampler, scorer and learner."""
 
     def __init__(self, name: str, start):
@@ -234,27 +226,6 @@ class BranchGroup:
     def _call(self, method: str, *args):
         refs = [a.call.remote(method, *args) for a in self.actors]
         return settle(refs, self.name, method.replace("_", " "))[0]
-
-    def parameter_counts(self):
-        return self._call("parameter_counts")
-
-    def get_weights(self):
-        return self._call("get_weights")
-
-    def set_weights(self, weights) -> None:
-        self._call("set_weights", weights)
-
-    def save_checkpoint(self, folder: Path) -> None:
-        self._call("save_checkpoint", folder)
-
-    def load_checkpoint(self, folder: Path) -> None:
-        self._call("load_checkpoint", folder)
-
-    def save_pretrained(self, folder: Path) -> None:
-        self._call("save_pretrained", folder)
-
-    def export_weights(self, folder: Path) -> int:
-        return self._call("export_weights", folder)
 
     def pid(self) -> int:
         return self.pids()[0]
