@@ -121,6 +121,11 @@ def test_out_of_range_value_names_the_key(tmp_path):
     assert "rl.rollouts_per_prompt" in message and "greater than 1" in message
 
 
+def test_experts_from_belongs_to_the_distilling_plans(tmp_path):
+    message = error_of(write(tmp_path, VALID), ["schedule.experts_from=runs/experts"])
+    assert "schedule.experts_from" in message and "static_opd and mopd" in message and "'copd'" in message
+
+
 def test_branch_with_unknown_capability(tmp_path):
     path = write(tmp_path, VALID.replace("capabilities: [reversal]", "capabilities: [reversl]"))
     message = error_of(path)

@@ -90,6 +90,9 @@ def test_compare_smoke_on_a_tiny_model(tmp_path, capsys):
     values = [row["seeds"][s]["overall"] for s in ("3", "4")]
     assert row["mean"]["overall"] == pytest.approx(sum(values) / 2)
     assert result["compute"]["experts-seed3"]["updates"] == 2 * 2  # 2 experts x 1 cycle x (1 + 1) steps
+    # MOPD distils from the experts run's experts (1 step) and counts their updates as its own.
+    assert result["compute"]["mopd-seed3"]["updates"] == 2 * 2 + 1
+    assert yaml.safe_load((out / "runs" / "mopd-seed3" / "config.yaml").read_text())["schedule"]["experts_from"] == str(out / "runs" / "experts-seed3")
     md = (out / "compare.md").read_text()
     assert "| CoPD |" in md and "## Orderings" in md and "CoPD > base" in md
     # A second call reuses the finished runs instead of training again.

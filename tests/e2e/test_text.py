@@ -12,6 +12,7 @@ from copd.config.loader import validate_config
 from copd.driver.pipeline import run_training
 from copd.reporting.run_report import write_report
 from copd.driver.trainer import Trainer
+from copd.errors import CopdError
 
 TINY = {
     "model": {"tiny": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "max_positions": 48}},
@@ -85,6 +86,30 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch):
     resumed = run_training(crashed_config, resume=True)
     assert records(resumed) == records(straight)
     assert json.loads((resumed / "eval.json").read_text()) == json.loads((straight / "eval.json").read_text())
+
+
+def test_distilling_from_a_finished_experts_run_matches_training_the_experts(tmp_path):
+    """schedule.experts_from: MOPD that starts from an experts run gives MOPD's own numbers."""
+    from copd.schedule.methods import METHODS
+
+    base = tiny_config(tmp_path, "unused", eval={"samples": 16, "every": 2})
+
+    def derived(method: str, name: str, **schedule):
+        raw = METHODS[method].transform(base).to_yaml_dict()
+        raw["run"]["out"] = str(tmp_path / name)
+        raw["schedule"].update(schedule)
+        return validate_config(raw)
+
+    whole = run_training(derived("mopd", "whole"))
+    experts = run_training(derived("experts", "experts"))
+    adopted = run_training(derived("mopd", "adopted", experts_from=str(experts)))
+    # 2 cycles x (2 + 1) expert steps are skipped; the distillation (steps 7, 8) and the held-out
+    # scores from step 6 on are the same, bit for bit.
+    assert [r for r in records(whole) if r["step"] > 6 or (r["type"] == "eval" and r["step"] == 6)] == records(adopted)
+    assert json.loads((adopted / "eval.json").read_text()) == json.loads((whole / "eval.json").read_text())
+    with pytest.raises(CopdError, match=r"schedule.experts_from: .*nowhere/branches/rev/config.json is missing"):
+        run_training(derived("mopd", "broken", experts_from=str(tmp_path / "nowhere")))
+    assert not (tmp_path / "broken").exists()
 
 
 def test_cli_eval_and_merge_on_a_finished_run(tmp_path, capsys):

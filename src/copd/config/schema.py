@@ -10,15 +10,16 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 # KeyProblem and unknown_name are imported from here too (copd.config.loader, copd.driver.compare).
 from copd.config.fields import (  # noqa: F401
     TRACKER_NAMES, AdvantageName, EstimatorName, KeyProblem, LossAggregationName, MergeMethodName, PlanName, Section,
-    TopologyName, TrackerName, tracker_list, unknown_name,
+    TopologyName, unknown_name,
 )
+from copd.config.run import ResourcesConfig, RunConfig
 from copd.config.sampling import SamplingConfig
 from copd.core.merge import MERGE_METHODS
 
@@ -214,6 +215,13 @@ class ScheduleConfig(Section):
     overlap_threshold: float = Field(0.8, gt=0, le=1, description="top-k overlap that starts consolidation (trigger: overlap)")
     probe_prompts: int = Field(8, gt=0, description="teacher prompts per edge for each overlap probe")
     probe: bool = Field(False, description="log the top-k overlap between branches after every Phase I step (diagnostic only; training is unchanged)")
+    experts_from: str | None = Field(None, description="plans static_opd and mopd: a finished run of the same experts (plan experts, same seed and settings) whose RUN/branches/NAME folders this run starts its distillation from, skipping the experts' training; their updates still count as this run's compute (copd compare sets it)")
+
+    @model_validator(mode="after")
+    def _experts_from_distillation(self) -> ScheduleConfig:
+        if self.experts_from is not None and self.plan not in ("static_opd", "mopd"):
+            raise KeyProblem(("experts_from",), f"only plans static_opd and mopd distil from trained experts, the plan is {self.plan!r}")
+        return self
 
 
 class RLConfig(Section):
@@ -262,55 +270,6 @@ class MergeConfig(Section):
     branches: list[str] | None = Field(None, description="branches merged into RUN/final (default: all)")
     scale: float = Field(1.0, gt=0, description="task-vector scale (task_arithmetic, ties)")
     density: float = Field(0.2, gt=0, le=1, description="fraction of task-vector entries kept (ties)")
-
-
-class BranchResources(Section):
-    cpus: float | None = Field(None, gt=0, description="CPUs of this branch (default: resources.cpus_per_branch)")
-    gpus: float | None = Field(None, ge=0, description="GPUs of this branch (default: resources.gpus_per_branch)")
-    ranks: int | None = Field(None, gt=0, strict=True, description="ranks of this branch (default: resources.ranks_per_branch)")
-
-
-class ResourcesConfig(Section):
-    """What each branch reserves with run.backend: ray: one actor per rank, each in its bundle of a placement group."""
-
-    cpus_per_branch: float = Field(1.0, gt=0, description="CPUs per branch, shared by its ranks; an actor's torch threads are its share, rounded down (at least 1)")
-    gpus_per_branch: float = Field(0.0, ge=0, description="GPUs per branch (0: the branch runs on CPU); a branch of several ranks takes one GPU per rank")
-    ranks_per_branch: int | None = Field(None, gt=0, strict=True, description="processes per branch, each holding 1/ranks of the weights, gradients and AdamW state (FSDP2) and training on 1/ranks of each step's prompt groups; default: one per GPU, or 1 on CPU")
-    branches: dict[str, BranchResources] = Field(default_factory=dict, description="per-branch overrides, e.g. {text: {gpus: 2}} for a hub")
-
-    def of(self, branch: str) -> tuple[float, float]:
-        """(cpus, gpus) of one branch, all its ranks together."""
-        own = self.branches.get(branch, BranchResources())
-        return (own.cpus or self.cpus_per_branch, self.gpus_per_branch if own.gpus is None else own.gpus)
-
-    def ranks_of(self, branch: str) -> int:
-        """The branch's rank count: as set, else one per whole GPU, else 1."""
-        own = self.branches.get(branch, BranchResources())
-        ranks = own.ranks or self.ranks_per_branch
-        if ranks is not None:
-            return ranks
-        gpus = self.of(branch)[1]
-        return int(gpus) if gpus >= 1 and gpus == int(gpus) else 1
-
-    def bundles(self, branch: str) -> list[dict[str, float]]:
-        """One Ray bundle per rank of the branch: its share of the branch's CPUs and GPUs."""
-        (cpus, gpus), ranks = self.of(branch), self.ranks_of(branch)
-        return [{"CPU": cpus / ranks, **({"GPU": gpus / ranks} if gpus else {})} for _ in range(ranks)]
-
-
-class RunConfig(Section):
-    out: str = Field("runs/copd", description="run directory")
-    backend: Literal["local", "ray"] = Field("local", description="local: every branch in this process (the reference); ray: one Ray actor per branch (needs copd[ray])")
-    ray_address: str | None = Field(None, description="with backend ray: the address of a running cluster (`ray start --head` prints it); unset: start a local Ray")
-    max_restarts: int = Field(3, ge=0, strict=True, description="when a branch's worker dies, restart every branch from the last checkpoint all of them completed, up to this many times")
-    restart_timeout: float = Field(300.0, gt=0, description="with backend ray: seconds a restarted branch's new actor has to be placed and to build its model; past that (its node lost, say, and no other with room) the run stops with an error that says how to resume")
-    seed: int = Field(0, description="seed of sampling, data order and initialisation")
-    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where branches train; auto picks cuda when available")
-    threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")
-    keep_checkpoints: int = Field(2, gt=0, description="cycle checkpoints kept on disk")
-    report_to: Annotated[list[TrackerName], BeforeValidator(tracker_list)] = Field(
-        default_factory=list, description="experiment trackers that also get every metrics.jsonl record, the config and the report's plots: tensorboard (event files in RUN/tensorboard), wandb (WANDB_MODE=offline keeps it local), trackio; each is an optional extra, pip install 'copd[NAME]'")
-    project: str = Field("copd", description="project of the wandb and trackio runs; a run is named after its folder")
 
 
 class Config(Section):

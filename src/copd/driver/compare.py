@@ -11,12 +11,13 @@ import json
 import statistics
 from pathlib import Path
 
+import yaml
 from pydantic import ValidationError
 
 from copd.config.loader import describe_error
 from copd.config.schema import Config, unknown_name
 from copd.errors import CopdError
-from copd.schedule.methods import BASE_ROW, METHODS, ORDERINGS, group_of
+from copd.schedule.methods import BASE_ROW, DISTILLING_RUNS, EXPERTS_RUN, METHODS, ORDERINGS, group_of
 from copd.driver.pipeline import run_training
 from copd.driver.trainer import plan_of
 from copd.reporting.progress import QuietReporter, Reporter
@@ -50,27 +51,39 @@ def run_dir_of(out: Path, run: str, seed: int) -> Path:
     return out / "runs" / f"{run}-seed{seed}"
 
 
+def runs_to_train(methods: list[str]) -> list[str]:
+    """The distinct training runs of the methods, in order; static OPD and MOPD need the experts run
+    first, since they distil from its experts instead of training the same experts again."""
+    runs = [METHODS[m].run for m in methods]
+    if any(r in DISTILLING_RUNS for r in runs):
+        runs.insert(0, EXPERTS_RUN)
+    return list(dict.fromkeys(runs))
+
+
 def train_all(base: Config, methods: list[str], seeds: list[int], out: Path, reporter: Reporter, base_dir: Path | None) -> None:
     """Train each distinct (run, seed) once; finished runs (with eval.json) are reused."""
     for seed in seeds:
-        for run in dict.fromkeys(METHODS[m].run for m in methods):
+        for run in runs_to_train(methods):
             run_dir = run_dir_of(out, run, seed)
             if (run_dir / "eval.json").is_file():
                 continue
-            config = next(METHODS[m] for m in methods if METHODS[m].run == run).transform(base)
-            raw = config.to_yaml_dict()
+            raw = METHODS[run].transform(base).to_yaml_dict()
             raw["run"].update(seed=seed, out=str(run_dir))
+            if run in DISTILLING_RUNS:
+                raw["schedule"]["experts_from"] = str(run_dir_of(out, EXPERTS_RUN, seed))
             reporter.print(f"[compare] {run} seed {seed} -> {run_dir}")
             run_training(Config.model_validate(raw), resume=(run_dir / "config.yaml").is_file(), reporter=reporter, base_dir=base_dir)
 
 
 def compute_of(run_dir: Path) -> dict[str, float]:
-    """Optimizer updates and trained completion tokens (RL and OPD rollouts) of one run."""
+    """Optimizer updates and trained completion tokens (RL and OPD rollouts) of one run, with those
+    of the run whose experts it distilled from (schedule.experts_from)."""
     rows = [r for r in load_metrics(run_dir / "metrics.jsonl") if r.get("type") == "branch" and "loss" in r]
-    return {
-        "updates": sum(1 for r in rows if not r.get("skipped")),
-        "tokens": sum(r.get("tokens", 0.0) for r in rows),
-    }
+    compute = {"updates": sum(1 for r in rows if not r.get("skipped")), "tokens": sum(r.get("tokens", 0.0) for r in rows)}
+    source = yaml.safe_load((run_dir / "config.yaml").read_text())["schedule"].get("experts_from")
+    if source:
+        compute = {k: v + compute_of(Path(source).expanduser())[k] for k, v in compute.items()}
+    return compute
 
 
 def collect(base: Config, methods: list[str], seeds: list[int], out: Path) -> dict:

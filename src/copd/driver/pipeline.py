@@ -34,6 +34,7 @@ from copd.driver.trainer import Trainer, plan_of
 from copd.backends.local.precision import resolve_precision
 from copd.multimodal.media import VideoSampling
 from copd.multimodal.processor import VLProcessor
+from copd.driver.adopt import check_experts_from
 from copd.driver.warmstart import prepare_base
 
 
@@ -120,6 +121,7 @@ def run_training(config: Config, resume: bool = False, reporter: Reporter | None
     check_trackers(config.run.report_to)
     check_engine(config)
     check_engine_model(config)
+    check_experts_from(config)
     base_folder = run_dir / "base"
     reuse_base = resume and (base_folder / "config.json").is_file()
     if not reuse_base:

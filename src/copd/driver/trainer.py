@@ -23,6 +23,7 @@ from copd.backends.roles import BranchRoles, LossSpec, OPDPart, Pending, Policy,
 from copd.capabilities import Capability
 from copd.config.schema import Config
 from copd.core.opd import OPD_ESTIMATORS
+from copd.driver.adopt import expert_weights, experts_of
 from copd.driver.checkpoint import latest_checkpoint, load_latest_intact, save_checkpoint
 from copd.driver.rollout import MixtureSampler, collect_opd_part, collect_opd_rollouts, derived_seed, finish_rl, start_rl
 from copd.errors import BranchLost, BranchNotStarted, CopdError
@@ -119,7 +120,7 @@ class Trainer:
         A restart that fails (a new worker that cannot be placed within run.restart_timeout, or
         is lost while loading the checkpoint) ends the run with one error saying how to resume.
         """
-        if resume:
+        if resume or self.config.schedule.experts_from:
             self._restore()
         restarts = 0
         while True:
@@ -152,7 +153,7 @@ class Trainer:
         self.reporter.start("training", total)
         for _ in range(done):
             self.reporter.advance("resumed")
-        if self.state["global_step"] == 0:
+        if self.state["global_step"] == self.state.get("first_step", 0):
             self._held_out_due()
         for index in range(self.state["next_phase"], len(self.plan)):
             phase = self.plan[index]
@@ -317,6 +318,7 @@ class Trainer:
         folder = latest_checkpoint(self.run_dir)
         if folder is None:  # killed before the first cycle ended: start over from the base
             self.metrics.truncate(0, 0)  # and drop the records of the lost steps, or they would repeat
+            self._adopt_experts()
             return
         folder, state = load_latest_intact(self.run_dir, self.learners, self.reporter.print)
         self._load_samplers({"rl_samplers": state.pop("rl_samplers"), "opd_samplers": state.pop("opd_samplers")})
@@ -324,6 +326,19 @@ class Trainer:
         state.pop("cycle")
         self.state = state
         self.reporter.print(f"resumed from {folder}")
+
+
+    def _adopt_experts(self) -> None:
+        """schedule.experts_from: the experts as that run left them, and the plan from its distillation
+        on, at the global step where the skipped experts phase would have ended (so every seed matches)."""
+        if not self.config.schedule.experts_from:
+            return
+        for name in experts_of(self.config):
+            self.learners[name].set_weights(expert_weights(self.config, name))
+        first = next(i for i, phase in enumerate(self.plan) if phase.name == "distill")
+        step = sum(phase.steps for phase in self.plan[:first])
+        self.state.update(next_phase=first, global_step=step, first_step=step)
+        self.reporter.print(f"experts from {self.config.schedule.experts_from}; distillation starts at step {step}")
 
 
 def branch_costs(timer: dict, started: dict, opd_parts: dict, results: dict) -> tuple[dict, dict]:

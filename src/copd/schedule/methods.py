@@ -135,6 +135,11 @@ METHODS: dict[str, Method] = {
     "mopd": Method("mopd", _mopd, "MOPD", 4, _model("branch:student"), group="static OPD / MOPD"),
 }
 
+# The run that trains the experts alone, and the runs that then distil from its experts
+# (copd compare trains it first and points their schedule.experts_from at it).
+EXPERTS_RUN = "experts"
+DISTILLING_RUNS = ("static_opd", "mopd")
+
 # The paper's claims, as (higher group, lower group) on mean overall accuracy; "base" is the base row.
 ORDERINGS: list[tuple[str, str]] = [
     ("CoPD", "static OPD / MOPD"), ("static OPD / MOPD", "mixed RLVR"), ("mixed RLVR", "base"),
