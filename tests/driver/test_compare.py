@@ -30,6 +30,31 @@ def test_orderings_are_computed_not_assumed():
     assert ("CoPD > base", True, "38.0 vs 30.0") in found
 
 
+def test_closeness_is_each_runs_last_measurement_averaged_over_its_edges(tmp_path):
+    from copd.driver.compare import closeness, closeness_claim
+
+    def run(name, seed, rows):
+        folder = tmp_path / "runs" / f"{name}-seed{seed}"
+        folder.mkdir(parents=True)
+        (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+    def edge(step, label, overlap, kl):
+        return {"step": step, "type": "edge", "edge": label, "overlap_topk": overlap, "sym_kl": kl}
+
+    for seed, late in ((0, 0.8), (1, 0.6)):
+        run("copd", seed, [edge(1, "a<-b", 0.9, 0.1), edge(2, "a<-b", late, 0.4), edge(2, "b<-a", 0.7, 0.2),
+                           {"step": 2, "type": "branch", "branch": "a"}])
+        run("experts", seed, [edge(2, "b<-a", 0.5, 3.0)])
+    near = closeness(["copd", "experts"], [0, 1], tmp_path)
+    # copd: seed 0 (0.8 + 0.7) / 2 = 0.75, seed 1 (0.6 + 0.7) / 2 = 0.65; sym KL (0.4 + 0.2) / 2 = 0.3 on both.
+    assert near["copd"]["seeds"]["0"] == pytest.approx({"overlap_topk": 0.75, "sym_kl": 0.3, "step": 2})
+    assert near["copd"]["mean"]["overlap_topk"] == pytest.approx(0.70)
+    assert near["copd"]["std"]["overlap_topk"] == pytest.approx(0.0707107, abs=1e-6)
+    assert closeness_claim({"closeness": near}) == ("CoPD's branches end closer than the experts", True,
+                                                    "overlap 0.700 vs 0.500, sym KL 0.300 vs 3.000")
+    assert closeness_claim({"closeness": {"copd": near["copd"]}}) is None  # no experts run: no claim
+
+
 def test_unknown_method_is_a_clear_error():
     with pytest.raises(CopdError, match=r"^--methods: unknown method 'mopdd' \(did you mean 'mopd'\?\); valid: copd, "):
         parse_methods("copd,mopdd")
@@ -95,6 +120,8 @@ def test_compare_smoke_on_a_tiny_model(tmp_path, capsys):
     assert yaml.safe_load((out / "runs" / "mopd-seed3" / "config.yaml").read_text())["schedule"]["experts_from"] == str(out / "runs" / "experts-seed3")
     md = (out / "compare.md").read_text()
     assert "| CoPD |" in md and "## Orderings" in md and "CoPD > base" in md
+    assert "## How close the branches end" in md and "| experts (probed) | 2 |" in md
+    assert set(result["closeness"]) == {"copd", "experts"}
     # A second call reuses the finished runs instead of training again.
     mtime = (out / "runs" / "copd-seed3" / "eval.json").stat().st_mtime
     assert main(args) == 0

@@ -104,7 +104,50 @@ def collect(base: Config, methods: list[str], seeds: list[int], out: Path) -> di
                 rows[label]["seeds"][str(seed)] = _scores(models[model], capabilities)
     for row in rows.values():
         row["mean"], row["std"] = _mean_std(row["seeds"], [*capabilities, "overall"])
-    return {"capabilities": capabilities, "seeds": seeds, "rows": rows, "compute": compute, "metric": "greedy accuracy"}
+    return {"capabilities": capabilities, "seeds": seeds, "rows": rows, "compute": compute, "metric": "greedy accuracy",
+            "closeness": closeness(methods, seeds, out)}
+
+
+# Runs whose branches' closeness is compared: CoPD's OPD edges against the independent experts' probes.
+CLOSENESS_RUNS = {"copd": "CoPD", "experts": "experts (probed)"}
+CLOSENESS_KEYS = ("overlap_topk", "sym_kl")
+
+
+def closeness_of(run_dir: Path) -> dict[str, float] | None:
+    """Top-k overlap and symmetric KL between a run's branches at its last measurement, mean over its edges."""
+    last: dict[str, dict] = {}
+    for r in load_metrics(run_dir / "metrics.jsonl"):
+        if r.get("type") == "edge" and all(k in r for k in CLOSENESS_KEYS):
+            last[r["edge"]] = r
+    if not last:
+        return None
+    values = {k: statistics.fmean(r[k] for r in last.values()) for k in CLOSENESS_KEYS}
+    return {**values, "step": max(r["step"] for r in last.values())}
+
+
+def closeness(methods: list[str], seeds: list[int], out: Path) -> dict:
+    """compare.json's `closeness`: per run of CLOSENESS_RUNS that was trained, per seed and mean ± std."""
+    found = {}
+    for run in CLOSENESS_RUNS:
+        if run not in runs_to_train(methods):
+            continue
+        per_seed = {str(s): c for s in seeds if (c := closeness_of(run_dir_of(out, run, s))) is not None}
+        if per_seed:
+            mean, std = _mean_std(per_seed, [*CLOSENESS_KEYS, "step"])
+            found[run] = {"label": CLOSENESS_RUNS[run], "seeds": per_seed, "mean": mean, "std": std}
+    return found
+
+
+def closeness_claim(result: dict) -> tuple[str, bool, str] | None:
+    """The paper's claim that CoPD's branches stay closer than independent experts: higher overlap, lower sym KL."""
+    near = result.get("closeness", {})
+    if not all(run in near for run in CLOSENESS_RUNS):
+        return None
+    copd, experts = near["copd"]["mean"], near["experts"]["mean"]
+    held = copd["overlap_topk"] > experts["overlap_topk"] and copd["sym_kl"] < experts["sym_kl"]
+    numbers = (f"overlap {copd['overlap_topk']:.3f} vs {experts['overlap_topk']:.3f}, "
+               f"sym KL {copd['sym_kl']:.3f} vs {experts['sym_kl']:.3f}")
+    return "CoPD's branches end closer than the experts", held, numbers
 
 
 def _scores(model_eval: dict, capabilities: list[str]) -> dict[str, float]:
@@ -151,6 +194,7 @@ def run_compare(base: Config, methods: list[str], seeds: int, out: Path, reporte
     seed_list = [base.run.seed + i for i in range(seeds)]
     train_all(base, methods, seed_list, out, reporter or QuietReporter(), base_dir)
     result = collect(base, methods, seed_list, out)
-    result["orderings"] = [{"claim": c, "held": h, "numbers": n} for c, h, n in orderings(result)]
+    claims = [*orderings(result), *filter(None, [closeness_claim(result)])]
+    result["orderings"] = [{"claim": c, "held": h, "numbers": n} for c, h, n in claims]
     (out / "compare.json").write_text(json.dumps(result, indent=1))
     return write_compare_report(out, result)

@@ -41,6 +41,19 @@ def compute_table(result: dict) -> list[str]:
     return lines
 
 
+def closeness_table(result: dict) -> list[str]:
+    """How close each run's branches ended (compare.json's `closeness`); empty without it."""
+    near = result.get("closeness") or {}
+    if not near:
+        return []
+    lines = ["| branches | step | top-k overlap | symmetric KL |", "|---|---|---|---|"]
+    for values in near.values():
+        mean, std = values["mean"], values["std"]
+        lines.append(f"| {values['label']} | {mean['step']:.0f} | {mean['overlap_topk']:.3f} ± {std['overlap_topk']:.3f} "
+                     f"| {mean['sym_kl']:.3f} ± {std['sym_kl']:.3f} |")
+    return lines
+
+
 def _curves(out: Path, run_glob: str, kind: str, key: str, by: str) -> dict[str, list[tuple[int, float]]]:
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for run_dir in sorted((out / "runs").glob(run_glob)):
@@ -98,6 +111,10 @@ def write_plots(out: Path) -> list[str]:
     return made
 
 
+def _section(title: str, caption: str, table: list[str]) -> list[str]:
+    return [f"## {title}", "", caption, "", *table, ""] if table else []
+
+
 def write_compare_report(out: Path, result: dict) -> Path:
     lines = [
         "# CoPD comparison",
@@ -111,6 +128,9 @@ def write_compare_report(out: Path, result: dict) -> Path:
         "",
         *[f"- {'held' if o['held'] else 'did NOT hold'}: {o['claim']} ({o['numbers']})" for o in result["orderings"]],
         "",
+        *_section("How close the branches end", "At each run's last measurement, mean over its edges, mean ± std over seeds: "
+                  "CoPD's OPD edges (measured before the step's update) and the probes between independent experts "
+                  "(after it).", closeness_table(result)),
         "## Compute",
         "",
         "Every trained branch makes cycles x (S_RL + S_OPD) updates; mixed RLVR makes K times as many on its one "
