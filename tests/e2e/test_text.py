@@ -103,9 +103,13 @@ def test_distilling_from_a_finished_experts_run_matches_training_the_experts(tmp
     whole = run_training(derived("mopd", "whole"))
     experts = run_training(derived("experts", "experts"))
     adopted = run_training(derived("mopd", "adopted", experts_from=str(experts)))
-    # 2 cycles x (2 + 1) expert steps are skipped; the distillation (steps 7, 8) and the held-out
-    # scores from step 6 on are the same, bit for bit.
-    assert [r for r in records(whole) if r["step"] > 6 or (r["type"] == "eval" and r["step"] == 6)] == records(adopted)
+    # 2 cycles x (2 + 1) expert steps are skipped; the distillation (steps 7, 8) and the student's
+    # held-out scores from step 6 on are the same, bit for bit. The experts only teach from step 6
+    # on: the run that trained them scored them at step 6, neither scores them again.
+    distilled = [r for r in records(whole) if r["step"] > 6 or (r["type"] == "eval" and r["step"] == 6 and r["branch"] == "student")]
+    assert distilled == records(adopted)
+    assert {r["branch"] for r in records(whole) if r["type"] == "eval" and r["step"] == 6} == {"rev", "cnt", "student"}
+    assert {r["branch"] for r in records(whole) if r["type"] == "eval" and r["step"] == 8} == {"student"}
     assert json.loads((adopted / "eval.json").read_text()) == json.loads((whole / "eval.json").read_text())
     with pytest.raises(CopdError, match=r"schedule.experts_from: .*nowhere/branches/rev/config.json is missing"):
         run_training(derived("mopd", "broken", experts_from=str(tmp_path / "nowhere")))

@@ -154,7 +154,7 @@ class Trainer:
         for _ in range(done):
             self.reporter.advance("resumed")
         if self.state["global_step"] == self.state.get("first_step", 0):
-            self._held_out_due()
+            self._held_out_due(self.state["next_phase"])
         for index in range(self.state["next_phase"], len(self.plan)):
             phase = self.plan[index]
             for branch, source in phase.forks:  # e.g. static OPD: the student starts as a copy of an expert
@@ -162,7 +162,7 @@ class Trainer:
             limit = phase.steps + (self.state.pop("carry", 0) if phase.absorbs_carry else 0)
             for done in range(1, limit + 1):
                 self.step(phase)
-                self._held_out_due()
+                self._held_out_due(index)
                 # A trigger needs no probe after the phase's last step; a diagnostic probe does.
                 probing = phase.probe_edges and (done < limit or phase.stop_below is None)
                 overlap = self._probe(phase) if probing else None
@@ -234,14 +234,18 @@ class Trainer:
             shown.append(self._record(phase, b, rl.get(b), results[b], seconds[b], {**step_times, "rollout_bytes": sampled[b]}))
         self.reporter.advance(f"cycle {phase.cycle}/{self.config.schedule.cycles} {phase.name}", "  ".join(shown))
 
-    def _held_out_due(self) -> None:
-        """eval.every: every branch's greedy accuracy on every capability's test split, as `eval` records."""
+    def _held_out_due(self, phase_index: int) -> None:
+        """eval.every: greedy accuracy on every capability's test split, as `eval` records, of every branch
+        that trains in this phase or a later one (an expert that only teaches from here on is not scored again)."""
         every, step = self.config.eval.every, self.state["global_step"]
         if not every or step % every:
             return
         greedy = dataclasses.replace(self.sampling, greedy=True)
         tests = {c.name: c.test_set(self.config.eval.samples) for c in self.capabilities}
+        training = {b for p in self.plan[phase_index:] for b in (*p.rl_branches, *(e.student for e in p.edges), *dict(p.forks))}
         for branch, roles in self.roles.items():
+            if branch not in training:
+                continue
             rates = pass_rates(roles.scorer, self.capabilities, tests, greedy, self.config.run.seed, self.config.eval.batch_size)
             self.metrics.write({"step": step, "type": "eval", "branch": branch, **{f"greedy/{c}": v for c, v in rates.items()}})
 
