@@ -19,6 +19,7 @@ base per GPU group, which is small beside full-weight branches and their AdamW s
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -265,10 +266,11 @@ def start_ray(config) -> None:
     ray = _ray()
     if ray.is_initialized():
         return
+    # Ray's start-up notes (INFO) would interleave with copd's progress display; its warnings still show.
     if config.run.ray_address:
-        ray.init(address=config.run.ray_address, include_dashboard=False)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=False)  # the actors' library warnings stay in Ray's logs
+        ray.init(address=config.run.ray_address, include_dashboard=False, logging_level=logging.WARNING)
+    else:  # the actors' library warnings stay in Ray's logs
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
 
 
 def ray_branches(config, base_folder: Path, device: str) -> tuple[dict[str, BranchRoles], object]:
