@@ -71,4 +71,5 @@ def test_held_out_curves_average_over_seeds_per_run_branch_and_capability(tmp_pa
     assert held_out_curves(tmp_path) == {"sort": {"experts s": [(0, 0.0), (2, 0.5)]}}
     result = result_of(("experts",))
     text = write_compare_report(tmp_path, result).read_text()
-    assert "![heldout_sort](plots/heldout_sort.png)" in text and "K times as many steps" in text
+    assert "![heldout](plots/heldout.png)" in text and "K times as many steps" in text
+    assert (tmp_path / "plots" / "heldout.png").read_bytes()[:4] == b"\x89PNG"

@@ -72,7 +72,8 @@ def held_out_curves(out: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
         for r in load_metrics(run_dir / "metrics.jsonl"):
             for key, value in r.items() if r.get("type") == "eval" else ():
                 if key.startswith("greedy/"):
-                    values[key.removeprefix("greedy/")][f"{run} {r['branch']}"][r["step"]].append(value)
+                    label = run if r["branch"] == run else f"{run} {r['branch']}"  # mixed RLVR's one branch is `mixed`
+                    values[key.removeprefix("greedy/")][label][r["step"]].append(value)
     return {cap: {label: [(step, statistics.fmean(v)) for step, v in sorted(steps.items())] for label, steps in series.items()}
             for cap, series in sorted(values.items())}
 
@@ -105,10 +106,26 @@ def write_plots(out: Path) -> list[str]:
     for name, glob, kind, key, by, title, ylabel in specs:
         if _plot(_curves(out, glob, kind, key, by), title, ylabel, plots / f"{name}.png"):
             made.append(name)
-    for cap, series in held_out_curves(out).items():
-        if _plot(series, f"Greedy accuracy on {cap}'s test split, mean over seeds", "accuracy", plots / f"heldout_{cap}.png"):
-            made.append(f"heldout_{cap}")
+    if _plot_panels(held_out_curves(out), "greedy accuracy, mean over seeds", plots / "heldout.png"):
+        made.append("heldout")
     return made
+
+
+def _plot_panels(panels: dict[str, dict], ylabel: str, path: Path) -> bool:
+    """One panel per capability (its test split), the same runs' lines in each, one legend."""
+    if not panels:
+        return False
+    fig = Figure(figsize=(4.2 * len(panels) + 1.8, 3.6), dpi=100)
+    axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    for ax, (cap, series) in zip(axes, panels.items()):
+        for label, points in sorted(series.items()):
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=label, linewidth=1.2, marker=".")
+        ax.set(title=f"test split: {cap}", xlabel="step")
+    axes[0].set_ylabel(ylabel)
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.tight_layout()
+    FigureCanvasAgg(fig).print_png(str(path))
+    return True
 
 
 def _section(title: str, caption: str, table: list[str]) -> list[str]:
@@ -141,7 +158,7 @@ def write_compare_report(out: Path, result: dict) -> Path:
         "",
     ]
     made = write_plots(out)
-    if any(name.startswith("heldout_") for name in made):
+    if "heldout" in made:
         lines += ["Held-out curves (eval.every): a step is one update of every branch of a run, so mixed RLVR, "
                   "with K times the updates on its one policy, runs K times as many steps.", ""]
     for name in made:
