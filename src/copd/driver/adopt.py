@@ -17,11 +17,11 @@ from safetensors.torch import load_file
 from copd.config.schema import Config
 from copd.errors import CopdError
 from copd.models.sources import load_pretrained
+from copd.schedule.methods import expert_branches
 
 
 def experts_of(config: Config) -> list[str]:
-    """The branches that train with RLVR (the others only distil from them)."""
-    return [b.name for b in config.branches if not b.distill_from]
+    return [b.name for b in expert_branches(config)]
 
 
 def expert_folder(config: Config, name: str) -> Path:

@@ -153,7 +153,7 @@ class Trainer:
         self.reporter.start("training", total)
         for _ in range(done):
             self.reporter.advance("resumed")
-        if self.state["global_step"] == self.state.get("first_step", 0):
+        if self.state["global_step"] == self._first_step():
             self._held_out_due(self.state["next_phase"])
         for index in range(self.state["next_phase"], len(self.plan)):
             phase = self.plan[index]
@@ -340,9 +340,14 @@ class Trainer:
         for name in experts_of(self.config):
             self.learners[name].set_weights(expert_weights(self.config, name))
         first = next(i for i, phase in enumerate(self.plan) if phase.name == "distill")
-        step = sum(phase.steps for phase in self.plan[:first])
-        self.state.update(next_phase=first, global_step=step, first_step=step)
-        self.reporter.print(f"experts from {self.config.schedule.experts_from}; distillation starts at step {step}")
+        self.state.update(next_phase=first, global_step=self._first_step())
+        self.reporter.print(f"experts from {self.config.schedule.experts_from}; distillation starts at step {self._first_step()}")
+
+    def _first_step(self) -> int:
+        """The global step this run starts at: 0, or with schedule.experts_from the end of the skipped experts phase."""
+        if not self.config.schedule.experts_from:
+            return 0
+        return sum(phase.steps for phase in self.plan if phase.name != "distill")
 
 
 def branch_costs(timer: dict, started: dict, opd_parts: dict, results: dict) -> tuple[dict, dict]:

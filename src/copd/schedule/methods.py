@@ -51,7 +51,8 @@ def _copy(config: Config, **sections) -> Config:
     return type(config).model_validate(raw)
 
 
-def _experts(config: Config) -> list[BranchConfig]:
+def expert_branches(config: Config) -> list[BranchConfig]:
+    """The branches that train with RLVR; the others (static OPD, MOPD students) only distil from them."""
     return [b for b in config.branches if not b.distill_from]
 
 
@@ -75,8 +76,8 @@ def _experts_run(config: Config) -> Config:
 
 def _mixed(config: Config) -> Config:
     """One policy on the union of the data, balanced per batch, with K times the updates."""
-    caps = sorted({c for b in _experts(config) for c in b.capabilities})
-    k = len(_experts(config))
+    caps = sorted({c for b in expert_branches(config) for c in b.capabilities})
+    k = len(expert_branches(config))
     schedule = {**config.schedule.model_dump(), "plan": "experts", "cycles": config.schedule.cycles * k}
     # One policy has no edges; a mesh of one branch is valid whatever the CoPD topology was (a hub names a branch gone here).
     return _copy(config, branches=[{"name": "mixed", "capabilities": caps}], schedule=schedule, merge={**config.merge.model_dump(), "branches": None},
@@ -85,7 +86,7 @@ def _mixed(config: Config) -> Config:
 
 def _static_opd(config: Config) -> Config:
     """Experts, then each expert (a copy of it) distilled from every other expert on that expert's data."""
-    experts = _experts(config)
+    experts = expert_branches(config)
     students = [
         {"name": f"{s.name}_from_{t.name}", "capabilities": s.capabilities, "beta": s.beta, "distill_from": [t.name], "fork_of": s.name}
         for s in experts for t in experts if s.name != t.name
@@ -97,7 +98,7 @@ def _static_opd(config: Config) -> Config:
 
 def _mopd(config: Config) -> Config:
     """Experts, then a student from the base distils from every expert, each on its own data."""
-    experts = _experts(config)
+    experts = expert_branches(config)
     caps = sorted({c for b in experts for c in b.capabilities})
     student = {"name": "student", "capabilities": caps, "beta": experts[0].beta, "distill_from": [b.name for b in experts]}
     merge = {**config.merge.model_dump(), "branches": [b.name for b in experts]}
@@ -111,7 +112,7 @@ def _model(model: str) -> Callable[[str, Config], dict[str, str]]:
 
 def _per_expert(sep: str) -> Callable[[str, Config], dict[str, str]]:
     """A row per expert branch, labelled LABEL<sep>BRANCH."""
-    return lambda label, config: {f"{label}{sep}{b.name}": f"branch:{b.name}" for b in _experts(config)}
+    return lambda label, config: {f"{label}{sep}{b.name}": f"branch:{b.name}" for b in expert_branches(config)}
 
 
 def _per_student(label: str, config: Config) -> dict[str, str]:
