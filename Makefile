@@ -60,6 +60,10 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -m "not slow"
 
+# The linter (rules in pyproject.toml); `pre-commit install` runs it before each commit.
+lint: setup
+	$(BIN)/ruff check .
+
 # The tests that build vision-language models (the processor route differs with torchvision).
 TV_TESTS := tests/multimodal tests/backends/test_vl.py tests/backends/test_contract.py tests/capabilities/test_visual.py \
 	tests/driver/test_merging.py tests/e2e/test_vision_language.py tests/evaluation/test_diagnose.py tests/test_layers.py
@@ -85,4 +89,4 @@ lock:
 	  $(LOCK_VENV)/bin/pip freeze --exclude-editable | grep -v -i '^torch=='; } > $(CONSTRAINTS)
 	rm -rf $(LOCK_VENV)
 
-.PHONY: setup demo test test-torchvision test-vllm vllm bench lock
+.PHONY: setup demo test lint test-torchvision test-vllm vllm bench lock

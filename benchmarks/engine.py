@@ -21,10 +21,11 @@ import json
 import sys
 from pathlib import Path
 
+from speed import provenance, table
+
 from copd.config.loader import load_config
 from copd.driver.pipeline import run_training
 from copd.models.fetch import fetch_model
-from speed import provenance, table
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "smollm2_arith.yaml"

@@ -23,10 +23,10 @@ import torch
 
 from copd.backends.local.hf import HFPolicy
 from copd.backends.roles import LossSpec, OPDPart, RLPart, SamplingParams, ScoreRequest
-from copd.cli.main import demo_config_path, main as copd_main
+from copd.cli.main import demo_config_path
+from copd.cli.main import main as copd_main
 from copd.config.schema import TinyModelConfig
-from copd.driver.warmstart import TINY_ALPHABET
-from copd.models.sources import build_char_tokenizer, build_tiny_model
+from copd.models.sources import TINY_ALPHABET, build_char_tokenizer, build_tiny_model
 
 
 def on_cpu(*tensors) -> bool:

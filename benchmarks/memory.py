@@ -46,7 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import memory_points as mp  # noqa: E402
+import memory_points as mp
 
 GB = 1e9
 # fp32 [tokens, V] tensors alive at once in a "before" pass: (peak - start) / (tokens x V x 4 B)

@@ -16,6 +16,7 @@ gain = greedy accuracy after - before. Reports Pearson and Spearman correlation 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
@@ -26,15 +27,15 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
+from copd.backends.local.hf import HFPolicy
+from copd.backends.roles import SamplingParams
 from copd.config.loader import load_config
+from copd.driver.pipeline import load_capabilities
+from copd.driver.rollout import MixtureSampler, collect_opd_part, derived_seed
+from copd.driver.trainer import loss_spec
 from copd.evaluation.diagnose import diagnose_models
 from copd.evaluation.evaluate import evaluate_policy
 from copd.models.sources import load_pretrained
-from copd.driver.pipeline import load_capabilities
-from copd.backends.roles import SamplingParams
-from copd.backends.local.hf import HFPolicy
-from copd.driver.rollout import MixtureSampler, collect_opd_part, derived_seed
-from copd.driver.trainer import loss_spec
 
 QUICK = {"steps": 5, "samples": 16, "eval_samples": 64, "max_pairs": 4}
 
@@ -153,10 +154,8 @@ def correlations(rows: list[dict]) -> dict:
     if len(rows) < 3:
         return out
     for name, (a, b) in {"pearson": (x, y), "spearman": (ranks(x), ranks(y))}.items():
-        try:
+        with contextlib.suppress(statistics.StatisticsError):
             out[name] = statistics.correlation(a, b)
-        except statistics.StatisticsError:
-            pass
     return out
 
 
@@ -184,7 +183,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-gap", type=float, default=0.0, help="teacher must beat the student by more than this (default 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of sampling and prompt order (default 0)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--quick", action="store_true", help="smoke run: %s" % QUICK)
+    p.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK}")
     p.add_argument("--out", help="write settings, accuracies, pairs and correlations as JSON here")
     args = p.parse_args(argv)
     defaults = QUICK if args.quick else {"steps": 20, "samples": 64, "eval_samples": None, "max_pairs": 12}

@@ -49,7 +49,7 @@ def main() -> None:
             a, b = manual.encode(text, images, videos), own.encode(text, images, videos)
             equal = all(torch.equal(a[k], b[k]) for k in KEYS)
             gaps = [(a[k] - b[k]).abs().max().item() for k in ("pixel_values", "pixel_values_videos")]
-            print(f"{arch:<12}{name:<9}{str(equal):>19}{gaps[0]:>12.2e}{gaps[1]:>12.2e}")
+            print(f"{arch:<12}{name:<9}{equal!s:>19}{gaps[0]:>12.2e}{gaps[1]:>12.2e}")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import provenance, table  # noqa: E402
+from speed import provenance, table
 
 MIB = 2**20
 

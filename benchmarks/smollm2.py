@@ -27,16 +27,16 @@ import time
 from pathlib import Path
 
 import torch
-
-from copd.backends.local.branches import build_branches
-from copd.config.loader import validate_config
-from copd.models.sources import load_pretrained
-from copd.backends.roles import LossSpec, SamplingParams
-from copd.driver.rollout import MixtureSampler, collect_opd_part, collect_rl
-from copd.schedule.topology import build_edges
-from copd.capabilities import load_capability
 from speed import provenance, table
 from trl_grpo import measure_trl
+
+from copd.backends.local.branches import build_branches
+from copd.backends.roles import LossSpec, SamplingParams
+from copd.capabilities import load_capability
+from copd.config.loader import validate_config
+from copd.driver.rollout import MixtureSampler, collect_opd_part, finish_rl, start_rl
+from copd.models.sources import load_pretrained
+from copd.schedule.topology import build_edges
 
 ANCHOR_VARIANTS = {
     # name: (lora, weights dtype, compute dtype)
@@ -81,7 +81,7 @@ def anchor_copd(model_dir: str, variant: str, steps: int, new_tokens: int) -> di
     data, params, times = sampler("arith", 0), SamplingParams(max_new_tokens=new_tokens), []
     for step in range(steps + 1):
         t0 = time.perf_counter()
-        batch = collect_rl(policy, data, 1, 8, params, seed=step)
+        batch = finish_rl(start_rl(policy, data, 1, 8, params, seed=step), 8)
         t1 = time.perf_counter()
         # As `copd train` runs most steps: approx_kl is measured on one step in optim.step_kl_every (10).
         policy.update([batch.part], [], LossSpec(step_kl=False)) if batch.part else None
@@ -103,7 +103,7 @@ def branch_round(policies, config, samplers, params, seed: int) -> dict:
     rl_times, opd_times, tokens, gen_seconds = [], [], 0, 0.0
     for name, policy in policies.items():
         t0 = time.perf_counter()
-        batch = collect_rl(policy, samplers[name], 2, 4, params, seed)
+        batch = finish_rl(start_rl(policy, samplers[name], 2, 4, params, seed), 4)
         t1 = time.perf_counter()
         policy.update([batch.part], [], LossSpec(step_kl=False)) if batch.part else None
         rl_times.append(time.perf_counter() - t0)

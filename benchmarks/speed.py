@@ -29,13 +29,12 @@ from pathlib import Path
 
 import torch
 
-from copd.config.loader import load_config
-from copd.models.sources import build_char_tokenizer, build_tiny_model
-from copd.backends.roles import LossSpec, RLPart, SamplingParams
 from copd.backends.local.hf import HFPolicy
-from copd.driver.rollout import MixtureSampler, collect_opd_part
+from copd.backends.roles import LossSpec, OPDPart, RLPart, SamplingParams, ScoreRequest
 from copd.capabilities import load_capability
-from copd.driver.warmstart import TINY_ALPHABET
+from copd.config.loader import load_config
+from copd.driver.rollout import MixtureSampler, collect_opd_rollouts
+from copd.models.sources import TINY_ALPHABET, build_char_tokenizer, build_tiny_model
 
 DEMO_YAML = Path(__file__).resolve().parents[1] / "examples" / "demo.yaml"
 MIB = 2**20
@@ -106,14 +105,14 @@ def opd_step(student, teacher, rl_sampler, opd_sampler, s: Sizes, params, seed: 
     t0 = time.perf_counter()
     rollouts = student.generate([x.prompt for _, x in rl_sampler.draw(s.prompts)], s.samples, params, seed)
     t1 = time.perf_counter()
-    # As the driver does on a diagnostics step: the teacher sends its top-16 support too.
-    timer: dict[str, float] = {}
-    opd = collect_opd_part(student, teacher, opd_sampler, s.opd_prompts, s.opd_samples, params, seed + 1, 0.1, "a<-b",
-                           support=True, topk=16, timer=timer)
+    # As the driver does on a diagnostics step (collect_opd_part): the teacher sends its top-16 support too.
+    opd_rollouts = collect_opd_rollouts(student, opd_sampler, s.opd_prompts, s.opd_samples, params.recording(16), seed + 1)
+    t2 = time.perf_counter()
+    opd = OPDPart(opd_rollouts, teacher.score(opd_rollouts, ScoreRequest.support(16)), 0.1, "a<-b")
     t3 = time.perf_counter()
     student.update([random_part(rollouts, seed)], [opd], LossSpec(step_kl=False))
     t4 = time.perf_counter()
-    return {"gen_rl": t1 - t0, "gen_opd": timer["sample"], "score": timer["score"], "update": t4 - t3, "step": t4 - t0}
+    return {"gen_rl": t1 - t0, "gen_opd": t2 - t1, "score": t3 - t2, "update": t4 - t3, "step": t4 - t0}
 
 
 def mean_of(runs: list[dict[str, float]]) -> dict[str, float]:

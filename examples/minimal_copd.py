@@ -35,8 +35,7 @@ from copd.core.advantages import group_advantages, opd_sampled_advantage
 from copd.core.losses import aggregate_loss, clipped_pg_loss, masked_mean
 from copd.core.merge import merge_state_dicts
 from copd.core.overlap import topk_overlap
-from copd.driver.warmstart import TINY_ALPHABET
-from copd.models.sources import build_char_tokenizer, build_tiny_model
+from copd.models.sources import TINY_ALPHABET, build_char_tokenizer, build_tiny_model
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--seed", type=int, default=0)
@@ -121,7 +120,7 @@ warm_samplers = [caps[n].train_sampler(args.seed + 100 + i) for i, n in enumerat
 opt = torch.optim.AdamW(base.parameters(), lr=args.warmup_lr)
 base.train()
 loss = torch.tensor(float("nan"))
-for step in range(args.warmup_steps):
+for _ in range(args.warmup_steps):
     batch = [s for sampler in warm_samplers for s in sampler.draw(16)]
     rows = [(tokenizer(s.prompt, add_special_tokens=False)["input_ids"],
              tokenizer(s.answer, add_special_tokens=False)["input_ids"] + [EOS]) for s in batch]

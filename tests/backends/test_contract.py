@@ -17,11 +17,10 @@ from copd.backends.local.factory import make_policy
 from copd.backends.local.hf import HFPolicy
 from copd.backends.roles import BranchRoles, LossSpec, OPDPart, Prompt, RLPart, SamplingParams, ScoreRequest, UpdateResult
 from copd.config.schema import TinyModelConfig
-from copd.driver.warmstart import TINY_ALPHABET
-from copd.models.sources import build_char_tokenizer, build_tiny_model
+from copd.models.sources import TINY_ALPHABET, build_char_tokenizer, build_tiny_model
 from copd.multimodal.tiny import build_tiny_vl
-from tests.fakes import FakePolicy
 from tests.extras import require
+from tests.fakes import FakePolicy
 
 TEXT = ["rev:abc=", "12+3="]
 K = 5  # covers the fake's five-token vocabulary

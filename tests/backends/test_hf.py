@@ -7,12 +7,11 @@ import warnings
 import pytest
 import torch
 
-from copd.config.schema import TinyModelConfig
-from copd.models.sources import build_char_tokenizer, build_tiny_model
-from copd.errors import CopdError
 from copd.backends.local.hf import HFPolicy, pad_completions
 from copd.backends.roles import LossSpec, OPDPart, Prompt, RLPart, SamplingParams, ScoreRequest
-from copd.driver.warmstart import TINY_ALPHABET
+from copd.config.schema import TinyModelConfig
+from copd.errors import CopdError
+from copd.models.sources import TINY_ALPHABET, build_char_tokenizer, build_tiny_model
 from tests.fakes import full_distribution
 
 PROMPTS = ["rev:abc=", "count a:aab=", "12+3="]
@@ -210,7 +209,7 @@ def test_row_noise_is_uniform_and_keyed_by_seed_row_and_position_only():
     from copd.backends.local.sampling import RowNoise
 
     u = RowNoise(7, torch.arange(100_000)).uniform(3)
-    assert u.shape == (100_000, 1) and 0 <= u.min() and u.max() < 1
+    assert u.shape == (100_000, 1) and u.min() >= 0 and u.max() < 1
     # Uniform: each tenth of [0, 1) holds a tenth of the draws, and positions are not correlated.
     torch.testing.assert_close(torch.histc(u, 10, 0, 1) / 100_000, torch.full((10,), 0.1), atol=0.005, rtol=0)
     v = RowNoise(7, torch.arange(100_000)).uniform(4)
@@ -233,7 +232,7 @@ def test_a_share_of_the_prompts_samples_what_the_whole_step_samples_for_them():
     assert torch.equal(share.completion_ids_B_T, whole.completion_ids_B_T[4:, :width])
     assert share.completions == whole.completions[4:]
     # The shares joined are the whole step's rollouts, tensor for tensor.
-    joined = pad_completions([policy.generate_share(prompts, 2, params, 3, range(0, 2)), share], policy.tokenizer.pad_token_id)
+    joined = pad_completions([policy.generate_share(prompts, 2, params, 3, range(2)), share], policy.tokenizer.pad_token_id)
     for name in ("input_ids_B_L", "attention_mask_B_L", "completion_mask_B_T"):
         assert torch.equal(getattr(joined, name), getattr(whole, name)), name
     assert joined.completions == whole.completions and joined.prompt_len == whole.prompt_len

@@ -6,12 +6,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from copd.config.schema import TinyModelConfig
-from copd.models.sources import build_char_tokenizer, build_tiny_model
-from copd.driver.pipeline import run_training
-from copd.backends.roles import LossSpec, RLPart, SamplingParams
 from copd.backends.local.lora import LoraPolicy, SharedBase, adapter_name
+from copd.backends.roles import LossSpec, RLPart, SamplingParams
+from copd.config.schema import TinyModelConfig
+from copd.driver.pipeline import run_training
 from copd.driver.trainer import Trainer
+from copd.models.sources import build_char_tokenizer, build_tiny_model
 from tests.e2e.test_text import records, tiny_config
 from tests.extras import require
 

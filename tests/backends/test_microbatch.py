@@ -67,7 +67,7 @@ def test_micro_batched_gradients_equal_the_one_shot_update(monkeypatch, aggregat
 
 
 def test_cuts_fit_the_budget_group_long_rows_and_trim_padding():
-    student, rl, _ = _step()
+    _student, rl, _ = _step()
     rollouts = rl[0].rollouts
     lengths = rollouts.completion_mask_B_T.sum(-1).long()
     row = rollouts.input_ids_B_L.shape[1]
@@ -82,7 +82,7 @@ def test_cuts_fit_the_budget_group_long_rows_and_trim_padding():
 
 
 def test_mini_batches_are_whole_prompt_groups():
-    student, rl, _ = _step()
+    _student, rl, _ = _step()
     rows = mini_batch_rows(rl[0].rollouts, 3)  # 3 prompts x 4 rollouts
     assert [r.tolist() for r in rows] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
 

@@ -8,7 +8,7 @@ from functools import partial
 
 import pytest
 
-from tests.extras import require  # noqa: E402
+from tests.extras import require
 
 ray = require("ray")
 
@@ -17,7 +17,6 @@ from copd.config.loader import load_config  # noqa: E402
 from copd.driver import trainer as trainer_module  # noqa: E402
 from copd.driver.pipeline import run_training  # noqa: E402
 from copd.errors import BranchNotStarted  # noqa: E402
-
 from tests.backends.conftest import DEMO, SHORT  # noqa: E402
 
 
@@ -58,7 +57,7 @@ def test_a_killed_branch_restarts_every_branch_from_the_last_checkpoint(tmp_path
     step, killed = trainer_module.Trainer.step, []
 
     def step_that_kills(self, phase):
-        if self.state["global_step"] == 5 and not killed:  # in cycle 2, after cycle 1's checkpoint
+        if self.state.global_step == 5 and not killed:  # in cycle 2, after cycle 1's checkpoint
             killed.append(self.learners["rev"].pid())
             os.kill(killed[0], signal.SIGKILL)
         return step(self, phase)
@@ -75,7 +74,7 @@ def test_ctrl_c_releases_the_actors_and_the_run_resumes(tmp_path, local_ray, loc
     step = trainer_module.Trainer.step
 
     def interrupted(self, phase):
-        if self.state["global_step"] == 5:
+        if self.state.global_step == 5:
             raise KeyboardInterrupt
         return step(self, phase)
 

@@ -4,6 +4,7 @@ Killing Ray's dashboard agent takes the raylet down with it (the raylet fate-sha
 agents), so the node is gone and the restarted branches' actors can never be placed.
 """
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -59,10 +60,8 @@ def stop(run: subprocess.Popen, seen: list) -> None:
         except psutil.NoSuchProcess:
             pass
     for process in processes:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
-        except psutil.NoSuchProcess:
-            pass
     run.wait(timeout=30)
 
 

@@ -7,14 +7,13 @@ import signal
 
 import pytest
 
-from tests.extras import require  # noqa: E402
+from tests.extras import require
 
 ray = require("ray")
 
 from copd.config.loader import load_config  # noqa: E402
 from copd.driver import trainer as trainer_module  # noqa: E402
 from copd.driver.pipeline import run_training  # noqa: E402
-
 from tests.backends.conftest import DEMO, SHORT  # noqa: E402
 
 TWO_RANKS = ["run.backend=ray", "resources.ranks_per_branch=2"]
@@ -72,7 +71,7 @@ def test_a_killed_rank_restarts_every_branch_and_the_run_ends_as_if_uninterrupte
     step, killed = trainer_module.Trainer.step, []
 
     def step_that_kills(self, phase):
-        if self.state["global_step"] == 5 and not killed:  # in cycle 2, after cycle 1's checkpoint
+        if self.state.global_step == 5 and not killed:  # in cycle 2, after cycle 1's checkpoint
             killed.append(self.learners["rev"].pids()[1])
             os.kill(killed[0], signal.SIGKILL)
         return step(self, phase)
@@ -90,7 +89,7 @@ def test_a_run_saved_by_two_ranks_resumes_on_one(tmp_path, runs, monkeypatch):
     step = trainer_module.Trainer.step
 
     def step_that_stops(self, phase):
-        if self.state["global_step"] == 5:  # in cycle 2, after cycle 1's checkpoint
+        if self.state.global_step == 5:  # in cycle 2, after cycle 1's checkpoint
             raise KeyboardInterrupt
         return step(self, phase)
 

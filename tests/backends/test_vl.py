@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -9,13 +10,12 @@ import torch
 from PIL import Image
 
 import copd.multimodal.media
-from copd.models.sources import load_pretrained
-from copd.backends.roles import LossSpec, OPDPart, Prompt, RLPart, SamplingParams, ScoreRequest
 from copd.backends.local.factory import make_policy
 from copd.backends.local.vl import VLPolicy
+from copd.backends.roles import LossSpec, OPDPart, Prompt, RLPart, SamplingParams, ScoreRequest
+from copd.models.sources import load_pretrained
 from copd.multimodal.processor import VLProcessor
 from copd.multimodal.tiny import build_tiny_vl
-import copy
 from tests.extras import needs
 
 
@@ -156,9 +156,9 @@ def test_saved_branch_reloads_as_the_same_policy(pair, media, tmp_path):
 
 
 def test_a_text_policy_refuses_media():
+    from copd.config.schema import TinyModelConfig
     from copd.errors import CopdError
     from copd.models.sources import build_char_tokenizer, build_tiny_model
-    from copd.config.schema import TinyModelConfig
 
     tokenizer = build_char_tokenizer("abc")
     policy = make_policy("text", build_tiny_model(TinyModelConfig(hidden_size=16, num_layers=1, num_heads=2), tokenizer),

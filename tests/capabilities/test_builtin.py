@@ -6,7 +6,6 @@ import textwrap
 
 import pytest
 
-from copd.errors import CopdError
 from copd.capabilities import (
     BUILTIN_CAPABILITIES,
     CHAR_ALPHABET,
@@ -16,10 +15,11 @@ from copd.capabilities import (
     load_capability,
     resolve_verifier,
 )
+from copd.errors import CopdError
 
 BUILTINS = sorted(BUILTIN_CAPABILITIES)
 from copd.capabilities.language import LANGUAGE_CAPABILITIES  # noqa: E402
-from copd.capabilities.sources import split_key  # noqa: E402
+from copd.capabilities.prompt_sources import split_key  # noqa: E402
 from copd.capabilities.visual import VISUAL_CAPABILITIES  # noqa: E402
 
 

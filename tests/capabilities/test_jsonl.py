@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from copd.errors import CopdError
 from copd.capabilities import load_capability
+from copd.errors import CopdError
 
 
 def _write(path, rows):

@@ -13,10 +13,10 @@ datasets = require("datasets")
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
+from copd.capabilities import Sample, load_capability  # noqa: E402
+from copd.capabilities.loader import capability_config  # noqa: E402
 from copd.config.schema import CapabilityConfig  # noqa: E402
 from copd.errors import CopdError  # noqa: E402
-from copd.capabilities.loader import capability_config  # noqa: E402
-from copd.capabilities import Sample, load_capability  # noqa: E402
 
 ROWS = [{"question": f"q{i}", "answer": i, "topic": "math", "level": i % 3} for i in range(20)]
 

@@ -8,10 +8,10 @@ import threading
 
 import pytest
 
-from copd.errors import CopdError
 from copd.capabilities import Capability, Sample, load_capability, resolve_verifier
 from copd.capabilities.verifiers import ANSWER_CHECKS, VERIFIERS, safe_verifier
 from copd.capabilities.verifiers_text import extract_choice, format_reward, normalize_text, with_format
+from copd.errors import CopdError
 from tests.extras import needs, require
 
 

@@ -1,16 +1,17 @@
 """Built-in image (shapes) and video (motion) capabilities: files, answers, splits, options."""
 
+import itertools
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from copd.capabilities import BUILTIN_CAPABILITIES, load_capability
+from copd.capabilities.prompt_sources import split_key
+from copd.capabilities.visual import COLOUR_PROMPT, COUNT_PROMPT, MOTION_PROMPT, PALETTE
 from copd.errors import CopdError
 from copd.multimodal.media import VideoSampling, check_image, check_video, load_image, load_video
-from copd.capabilities import BUILTIN_CAPABILITIES, load_capability
-from copd.capabilities.sources import split_key
-from copd.capabilities.visual import COLOUR_PROMPT, COUNT_PROMPT, MOTION_PROMPT, PALETTE
 
 
 def _cap(builtin, tmp_path, **options):
@@ -94,7 +95,7 @@ def test_dot_moves_in_the_named_direction(tmp_path, frames, dot):
             # Exact colours after the GIF round trip: a dot x dot black square on white.
             assert ((pixels == 255).all(-1) | dark).all() and dark.sum() == dot * dot
         dx, dy = MOVES[s.answer]
-        for a, b in zip(video, video[1:]):
+        for a, b in itertools.pairwise(video):
             (xa, ya), (xb, yb) = _centroid(a), _centroid(b)
             moved = (xb - xa, yb - ya)
             # A third to a half of the dot's width along the direction, nothing across it.

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from copd.cli.main import demo_config_path
-from copd.config.schema import Config
 from copd.config.loader import apply_override, dump_config, load_config, validate_config
+from copd.config.schema import Config
 from copd.errors import CopdError
 
 ROOT = Path(__file__).resolve().parents[2]

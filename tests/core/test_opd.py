@@ -73,7 +73,7 @@ def test_symmetric_kl_on_the_top_k_support_is_a_lower_bound_of_the_oracle(k):
     s, t = random_pair()
     mask = torch.ones(s.shape[:2])
     mask[0, -2:] = 0
-    ids, s_S, t_S, keep = support(s, t, k)
+    _ids, s_S, t_S, keep = support(s, t, k)
     sparse = support_symmetric_kl(s_S, t_S, keep, mask).item()
     full = symmetric_kl(s, t, mask).item()
     assert 0 < sparse <= full + 1e-6
@@ -118,7 +118,7 @@ def test_sampled_estimator_is_beta_times_delta_and_needs_no_support():
     mask = torch.ones(s.shape[:2])
     x = inputs(s, t, s.topk(2, -1).indices, mask)
     x.student_support_B_T_S = x.teacher_support_B_T_S = x.keep_B_T_S = None
-    loss, clipped, adv = opd_estimate("sampled", x)
+    loss, _clipped, adv = opd_estimate("sampled", x)
     torch.testing.assert_close(adv, 0.5 * (x.teacher_logprobs_B_T - x.student_logprobs_B_T))
     torch.testing.assert_close(loss, -adv)  # rho = 1 on the first pass
     assert not OPD_ESTIMATORS["sampled"].needs_support and OPD_ESTIMATORS["exact_kl"].needs_support

@@ -1,20 +1,19 @@
 """Damaged checkpoints: found before loading, skipped for the one before them, or one line naming the file."""
 
+import dataclasses
 import json
 
 import pytest
 
 from copd.backends.local.hf import HFPolicy
 from copd.config.schema import TinyModelConfig
-from copd.driver import checkpoint as ckpt
-from copd.driver import trainer as trainer_module
 from copd.driver.checkpoint import damage, latest_checkpoint, load_checkpoint, load_latest_intact, save_checkpoint
-from copd.driver.warmstart import TINY_ALPHABET
+from copd.driver.run_state import RunState
 from copd.errors import CopdError
-from copd.models.sources import build_char_tokenizer, build_tiny_model
+from copd.models.sources import TINY_ALPHABET, build_char_tokenizer, build_tiny_model
 from tests.driver.test_trainer import make_trainer, plain, records, states
 
-STATE = {"cycle": 1, "metrics_lines": 0, "rl_samplers": {}, "opd_samplers": {}, "global_step": 0}
+STATE = RunState(cycle=1)
 
 
 def truncate(path, keep=0.5):
@@ -36,7 +35,7 @@ def two_cycles(tmp_path):
         for policy in policies.values():
             for p in policy.model.parameters():
                 p.data.fill_(float(cycle))
-        save_checkpoint(tmp_path, cycle, policies, {**STATE, "cycle": cycle}, keep=2)
+        save_checkpoint(tmp_path, cycle, policies, dataclasses.replace(STATE, cycle=cycle), keep=2)
     return tmp_path, policies
 
 
@@ -49,7 +48,7 @@ def test_intact_checkpoints_load_the_newest(two_cycles):
     assert damage(latest_checkpoint(run_dir), policies) is None
     lines = []
     folder, state = load_latest_intact(run_dir, tiny_policies(seed=5), lines.append)
-    assert folder.name == "cycle_0002" and state["cycle"] == 2 and lines == []
+    assert folder.name == "cycle_0002" and state.cycle == 2 and lines == []
 
 
 @pytest.mark.parametrize("damaged, fragment", [
@@ -62,7 +61,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(two_cycles, da
     truncate(run_dir / "checkpoints" / "cycle_0002" / damaged)
     fresh, lines = tiny_policies(seed=5), []
     folder, state = load_latest_intact(run_dir, fresh, lines.append)
-    assert folder.name == "cycle_0001" and state["cycle"] == 1
+    assert folder.name == "cycle_0001" and state.cycle == 1
     assert weights_of(fresh) == {"a": 1.0, "b": 1.0}  # every branch from cycle 1, none left at cycle 2
     assert len(lines) == 1 and "\n" not in lines[0]
     assert fragment in lines[0] and "cycle_0002" in lines[0] and "resuming from" in lines[0] and "cycle_0001" in lines[0]
@@ -104,7 +103,6 @@ def test_no_checkpoint_yet_is_none(tmp_path):
     assert load_latest_intact(tmp_path, {}, print) is None
 
 
-@pytest.mark.skipif(not hasattr(trainer_module, "load_latest_intact"), reason="Trainer._restore does not use load_latest_intact yet")
 def test_trainer_resumes_from_the_previous_checkpoint_when_the_last_is_damaged(tmp_path, capsys):
     full, _ = make_trainer(tmp_path, "full")
     full.run()
@@ -122,6 +120,13 @@ def test_trainer_resumes_from_the_previous_checkpoint_when_the_last_is_damaged(t
     assert plain(records(resumed.run_dir)) == plain(records(full.run_dir))
 
 
-def test_checkpoint_names_are_shared_with_the_trainer():
-    # trainer.py calls these by name; they must stay.
-    assert {"latest_checkpoint", "load_checkpoint", "save_checkpoint"} <= set(vars(ckpt))
+
+def test_run_state_round_trips_through_state_json_and_reads_an_older_one(tmp_path):
+    state = RunState(next_phase=3, global_step=12, opd_steps=4, nan_in_row={"a": 1}, nan_skipped={"a": 2}, carry=1,
+                     cycle=2, metrics_lines=40, rl_samplers={"a": {"turn": 1}}, opd_samplers={})
+    policies = tiny_policies()
+    save_checkpoint(tmp_path, 2, policies, state, keep=2)
+    assert load_checkpoint(latest_checkpoint(tmp_path), policies) == state
+    # A state.json without the keys a later version added (carry, opd_steps) reads with their defaults.
+    older = {k: v for k, v in state.to_json().items() if k not in ("carry", "opd_steps")}
+    assert RunState.from_json(older) == dataclasses.replace(state, carry=0, opd_steps=0)

@@ -82,8 +82,8 @@ def test_a_method_whose_plan_cannot_be_built_fails_before_training(tmp_path, cap
 
 
 def test_labels_ranks_and_groups_come_from_the_methods():
+    from copd.config.methods import METHODS, ORDERINGS
     from copd.reporting.compare_report import score_table
-    from copd.schedule.methods import METHODS, ORDERINGS
 
     groups = {m.group for m in METHODS.values()} | {"base"}
     assert {g for claim in ORDERINGS for g in claim} <= groups

@@ -1,16 +1,17 @@
 """The driver (copd.driver.trainer.Trainer) against a fake policy: no model, tiny tensors, exact checks."""
 
+import itertools
 import json
 
 import pytest
 
-from copd.errors import BranchLost, BranchNotStarted, CopdError
+from copd.backends.roles import OPDPart, RLPart, SamplingParams
 from copd.driver.pipeline import load_capabilities
+from copd.driver.trainer import Trainer
+from copd.errors import BranchLost, BranchNotStarted, CopdError
 from copd.schedule.plan import Phase
 from copd.schedule.topology import Edge
-from copd.backends.roles import OPDPart, RLPart, SamplingParams
-from copd.driver.trainer import Trainer
-from tests.fakes import BRANCHES, V, FakePolicy, make_config  # noqa: F401  (imported from here by other tests)
+from tests.fakes import BRANCHES, FakePolicy, V, make_config
 
 SKILL = {"add": 0.6, "rev": 0.3, "cnt": 0.8}
 
@@ -26,7 +27,7 @@ def make_trainer(tmp_path, sub="run", log=None, policy_kw=None, trackers=None, *
     step = trainer.step
 
     def logged_step(phase):
-        log.append(("step", trainer.state["global_step"] + 1, phase.name))
+        log.append(("step", trainer.state.global_step + 1, phase.name))
         step(phase)
 
     trainer.step = logged_step
@@ -75,7 +76,7 @@ def test_teachers_score_before_any_update_of_the_step(tmp_path):
     trainer.run()
     steps = [i for i, e in enumerate(log) if e[0] == "step"] + [len(log)]
     consolidate = 0
-    for start, end in zip(steps, steps[1:]):
+    for start, end in itertools.pairwise(steps):
         events = log[start:end]
         kinds = [e[0] for e in events]
         if events[0][2] == "consolidate":
@@ -129,7 +130,7 @@ def test_checkpoint_after_every_cycle_and_pruned(tmp_path):
 
     def checkpoint(cycle):
         save(cycle)
-        seen.append((cycle, trainer.state["global_step"], sorted(p.name for p in root.iterdir())))
+        seen.append((cycle, trainer.state.global_step, sorted(p.name for p in root.iterdir())))
 
     trainer._checkpoint = checkpoint
     trainer.run()
@@ -182,8 +183,8 @@ def test_one_non_finite_loss_does_not_stop_the_run(tmp_path):
     trainer.run()
     rev = {r["step"]: r["skipped"] for r in records(trainer.run_dir) if r.get("branch") == "rev"}
     assert [s for s, skipped in rev.items() if skipped] == [2, 5, 6] and len(rev) == 8
-    assert trainer.state["nan_skipped"] == {"add": 0, "rev": 3}
-    assert trainer.state["nan_in_row"] == {"add": 0, "rev": 0}
+    assert trainer.state.nan_skipped == {"add": 0, "rev": 3}
+    assert trainer.state.nan_in_row == {"add": 0, "rev": 0}
 
 
 @pytest.mark.parametrize("every", [0, 2])
@@ -256,7 +257,7 @@ def test_the_step_kl_is_asked_for_on_every_nth_step(tmp_path, monkeypatch):
         (self.name, spec.step_kl)) or update(self, rl, opd, spec))
     trainer, _ = make_trainer(tmp_path, optim={"step_kl_every": 3})
     trainer.run()
-    steps = trainer.state["global_step"]  # 2 cycles of 2 RL + 2 OPD steps
+    steps = trainer.state.global_step  # 2 cycles of 2 RL + 2 OPD steps
     assert steps == 8
     by_branch = {name: [flag for n, flag in asked if n == name] for name in ("add", "rev")}
     assert by_branch["add"] == [(i - 1) % 3 == 0 for i in range(1, steps + 1)]  # steps 1, 4, 7

@@ -6,12 +6,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-import gpu_check  # noqa: E402
-import speed  # noqa: E402
+import gpu_check
+import speed
 
-from copd.backends.local.hf import HFPolicy  # noqa: E402
-from copd.backends.roles import SamplingParams  # noqa: E402
-from copd.config.loader import load_config  # noqa: E402
+from copd.backends.local.hf import HFPolicy
+from copd.backends.roles import SamplingParams
+from copd.config.loader import load_config
 
 
 def test_the_device_check_passes_on_the_cpu(capsys):
@@ -35,12 +35,13 @@ def test_the_memory_benchmark_after_peak_is_below_before_at_the_largest_quick_si
     """One RL update at 1,024 tokens of Qwen3's vocabulary, each mode in its own process: the chunked LM head
     computes the same loss as the one-shot [B, T, V] log-softmax at well below its peak RSS; the scaled-down
     paper update runs in-process."""
-    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+    from concurrent.futures import ThreadPoolExecutor
 
-    import memory  # noqa: PLC0415
-    import memory_points  # noqa: PLC0415
-    import pytest  # noqa: PLC0415
-    from copd.backends.local import lm_head  # noqa: PLC0415
+    import memory
+    import memory_points
+    import pytest
+
+    from copd.backends.local import lm_head
 
     # malloc's defaults in the children: copd's keep-freed setting fragments the heap, which blurs peak RSS by GBs.
     monkeypatch.setenv("COPD_KEEP_FREED_MEMORY", "0")
@@ -62,7 +63,7 @@ def test_the_ranks_benchmark_measures_half_the_state_on_two_ranks():
     import argparse
 
     import pytest
-    import ranks  # noqa: PLC0415
+    import ranks
 
     args = argparse.Namespace(layers=1, prompts=1, prompt_len=4, tokens=4, budget=512, repeats=1)
     one, two = ranks.measure(1, args), ranks.measure(2, args)
@@ -72,10 +73,10 @@ def test_the_ranks_benchmark_measures_half_the_state_on_two_ranks():
 
 
 def test_comparison_operations_sorts_answers_by_the_operation_they_follow():
-    import comparison_operations as ops  # noqa: PLC0415
+    import comparison_operations as ops
 
-    from copd.backends.roles import Rollouts  # noqa: PLC0415
-    from copd.capabilities import BUILTIN_CAPABILITIES, Sample  # noqa: PLC0415
+    from copd.backends.roles import Rollouts
+    from copd.capabilities import BUILTIN_CAPABILITIES, Sample
 
     sample = Sample("Li has 12 cards. Ben has 5 fewer cards than Li. How many cards does Ben have? Answer with the number only.", "7")
     assert ops.operands(sample) == (12, 5)

@@ -6,8 +6,8 @@ import pytest
 
 from copd.config.loader import load_config
 from copd.driver.pipeline import load_capabilities
-from copd.schedule.plan import build_plan
 from copd.driver.trainer import Trainer
+from copd.schedule.plan import build_plan
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
 

@@ -13,8 +13,8 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from copd.config.loader import load_config
-from copd.models.fetch import fetch_model
 from copd.driver.pipeline import run_training
+from copd.models.fetch import fetch_model
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "smollm2_lora.yaml"
 

@@ -10,9 +10,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from copd.config.loader import validate_config
 from copd.driver.pipeline import run_training
-from copd.reporting.run_report import write_report
 from copd.driver.trainer import Trainer
 from copd.errors import CopdError
+from copd.reporting.run_report import write_report
 
 TINY = {
     "model": {"tiny": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "max_positions": 48}},
@@ -90,7 +90,7 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch):
 
 def test_distilling_from_a_finished_experts_run_matches_training_the_experts(tmp_path):
     """schedule.experts_from: MOPD that starts from an experts run gives MOPD's own numbers."""
-    from copd.schedule.methods import METHODS
+    from copd.config.methods import METHODS
 
     base = tiny_config(tmp_path, "unused", eval={"samples": 16, "every": 2})
 
@@ -137,12 +137,12 @@ def test_cli_eval_and_merge_on_a_finished_run(tmp_path, capsys):
 
 
 def _greedy_on_first(run_dir, capability: str, n: int) -> float:
+    from copd.backends.local.hf import HFPolicy
+    from copd.backends.roles import SamplingParams
     from copd.config.loader import load_config
+    from copd.driver.pipeline import load_capabilities
     from copd.evaluation.evaluate import evaluate_policy
     from copd.models.sources import load_pretrained
-    from copd.driver.pipeline import load_capabilities
-    from copd.backends.roles import SamplingParams
-    from copd.backends.local.hf import HFPolicy
 
     config = load_config(run_dir / "config.yaml")
     cap = load_capabilities(config)[capability]

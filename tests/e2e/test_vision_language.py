@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from copd.config.loader import load_config
+from copd.driver.pipeline import run_training
 from copd.errors import CopdError
 from copd.models.sources import load_pretrained
-from copd.driver.pipeline import run_training
-from copd.reporting.run_report import write_report
 from copd.multimodal.processor import VLProcessor
+from copd.reporting.run_report import write_report
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

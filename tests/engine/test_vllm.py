@@ -4,7 +4,6 @@ takes the learner's weights when synced, and trains and resumes within copd runs
 Skips, saying how to build it, where vLLM's environment is missing (`make vllm`).
 """
 
-import dataclasses
 import json
 import os
 import signal

@@ -6,8 +6,7 @@ import pytest
 
 from copd.cli.main import main
 from copd.config.schema import TinyModelConfig
-from copd.driver.warmstart import TINY_ALPHABET
-from copd.models.sources import build_char_tokenizer, build_tiny_model
+from copd.models.sources import TINY_ALPHABET, build_char_tokenizer, build_tiny_model
 from tests.cli.test_main import fails
 
 # Half of the rows are of kind "x": a verifier that rewards the kind scores exactly 0.5 on them.

@@ -9,16 +9,15 @@ import json
 import pytest
 import yaml
 
+from copd.backends.local.hf import HFPolicy
+from copd.backends.roles import SamplingParams
+from copd.capabilities import load_capability
 from copd.config.schema import TinyModelConfig
 from copd.core.overlap import mean_delta, symmetric_kl, topk_overlap
-from copd.evaluation.diagnose import DEFAULT_TOPK, add_parser, cmd_diagnose, diagnose_models, measure_pair, run_diagnose
-from tests.fakes import full_distribution
 from copd.errors import CopdError
-from copd.models.sources import build_char_tokenizer, build_tiny_model
-from copd.backends.roles import SamplingParams
-from copd.backends.local.hf import HFPolicy
-from copd.capabilities import load_capability
-from copd.driver.warmstart import TINY_ALPHABET
+from copd.evaluation.diagnose import DEFAULT_TOPK, add_parser, cmd_diagnose, diagnose_models, measure_pair, run_diagnose
+from copd.models.sources import TINY_ALPHABET, build_char_tokenizer, build_tiny_model
+from tests.fakes import full_distribution
 
 PARAMS = SamplingParams(temperature=1.0, max_new_tokens=6)
 

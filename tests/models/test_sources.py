@@ -7,15 +7,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from copd.models import fetch
 from copd.config.schema import ModelConfig
-from copd.errors import CopdError
-from copd.models.sources import is_hub_id, load_base_model
 from copd.driver.pipeline import run_training
+from copd.errors import CopdError
+from copd.models import fetch
+from copd.models.sources import is_hub_id, load_base_model
 from tests.cli.test_main import fails, write_config
 from tests.e2e.test_text import tiny_config
-from tests.tiny_gguf import tiny_qwen2, write_tiny_gguf
 from tests.extras import require
+from tests.tiny_gguf import tiny_qwen2, write_tiny_gguf
 
 require("gguf")
 

@@ -6,9 +6,9 @@ import sys
 import pytest
 from PIL import Image
 
+from copd.capabilities import load_capability
 from copd.errors import CopdError
 from copd.multimodal.media import VideoSampling, check_image, check_video, load_image, load_video
-from copd.capabilities import load_capability
 from tests.extras import require
 
 # Durations (ms) of the test GIF: frames start at 0, .1, .2, .4, .5 and .8 s; it ends at 1 s.

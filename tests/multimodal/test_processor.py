@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 from transformers.utils import is_torchvision_available
 
-from copd.models.sources import load_pretrained
-from copd.backends.roles import SamplingParams
-from copd.backends.local.vl_decoding import vl_completion_logits, vl_sample
 from copd.backends.local.sampling import RowNoise
+from copd.backends.local.vl_decoding import vl_completion_logits, vl_sample
+from copd.backends.roles import SamplingParams
+from copd.models.sources import load_pretrained
 from copd.multimodal.families import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from copd.multimodal.inputs import rope_positions, video_patches
 from copd.multimodal.media import Video
@@ -170,7 +170,7 @@ def test_greedy_sample_matches_generate_under_left_padding(tiny):
 
 
 def test_image_row_positions_use_the_grid_and_rope_deltas(tiny):
-    model, tokenizer, processor = tiny
+    model, _tokenizer, processor = tiny
     inputs = mixed_batch(processor)
     positions, deltas = rope_positions(model, inputs)
     # Row 0: 4 image tokens (a 2x2 merged grid) span 2 positions, so its deltas is 2 - 4.
@@ -230,7 +230,7 @@ def single_forward(model, joined, prompt_len):
 
 
 def test_completion_logits_accept_a_sampled_image_pad_id(tiny):
-    model, tokenizer, processor = tiny
+    model, _tokenizer, processor = tiny
     inputs = mixed_batch(processor)
     ids = torch.full((2, 3), model.config.image_token_id)  # not a placeholder: no vision feature for it
     joined_ids, joined_mask = with_completions(inputs, ids, torch.ones_like(ids))

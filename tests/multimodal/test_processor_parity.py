@@ -111,7 +111,7 @@ def test_a_folder_saved_by_the_processor_reads_the_same(routes, tmp_path):
 
 def routes_config(processor) -> str:
     """A config.json naming the processor's family (all from_pretrained reads of it)."""
-    return '{"model_type": "%s"}' % processor.family.model_type
+    return f'{{"model_type": "{processor.family.model_type}"}}'
 
 
 def test_pixel_ranges_apply_to_both_routes(routes):

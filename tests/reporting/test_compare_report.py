@@ -1,9 +1,9 @@
-"""compare.md from compare.json: row order and groups come from the methods (copd.schedule.methods)."""
+"""compare.md from compare.json: row order and groups come from the methods (copd.config.methods)."""
 
 from copd.config.loader import validate_config
+from copd.config.methods import BASE_ROW, METHODS
 from copd.driver.compare import orderings
 from copd.reporting.compare_report import score_table, write_compare_report
-from copd.schedule.methods import BASE_ROW, METHODS
 
 BASE = validate_config({
     "capabilities": [{"name": "sort", "builtin": "sort"}, {"name": "reversal", "builtin": "reversal"}],
@@ -29,7 +29,7 @@ def labels_in(table: list[str]) -> list[str]:
 
 def test_rows_keep_their_order():
     result = result_of()
-    by_prefix = sorted(result["rows"], key=lambda l: (next(i for i, p in enumerate(PREFIX_ORDER) if l.startswith(p)), l))
+    by_prefix = sorted(result["rows"], key=lambda name: (next(i for i, p in enumerate(PREFIX_ORDER) if name.startswith(p)), name))
     assert labels_in(score_table(result)) == by_prefix
     assert by_prefix[:4] == ["base", "expert r", "expert s", "experts merged"]
 

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -75,7 +76,7 @@ def test_a_missing_tracker_package_names_the_install_before_the_run_folder(tmp_p
 class Recorder:
     """A tracker that remembers every call (registered in place of a real one)."""
 
-    calls: list = []
+    calls: ClassVar[list] = []
 
     def __init__(self, run):
         Recorder.calls.append(("open", run.run_id, run.resume))
@@ -98,7 +99,7 @@ def test_a_resumed_run_keeps_its_tracker_run_id(tmp_path, monkeypatch):
     Recorder.calls = []
     Trackers.open(["wandb"], tmp_path, "copd", {}, resume=False)
     Trackers.open(["wandb"], tmp_path, "copd", {}, resume=True)
-    (first, id1, r1), (second, id2, r2) = Recorder.calls
+    (_first, id1, r1), (_second, id2, r2) = Recorder.calls
     assert id1 == id2 and (r1, r2) == (False, True) and json.loads((tmp_path / "trackers.json").read_text())["run_id"] == id1
     Trackers.open(["wandb"], tmp_path, "copd", {}, resume=False)
     assert Recorder.calls[-1][1] != id1  # a new run is a new tracker run

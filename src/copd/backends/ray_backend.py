@@ -279,6 +279,7 @@ def ray_branches(config, base_folder: Path, device: str) -> tuple[dict[str, Bran
     ray = _ray()
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
     from copd.backends.ray_group import group_handle
 
     start_ray(config)
@@ -322,6 +323,7 @@ def release(branches: dict[str, BranchRoles], group) -> None:
     """Stop the branch actors and free their placement group (a run's end, or its failure)."""
     ray = _ray()
     from ray.util.placement_group import remove_placement_group
+
     from copd.backends.engine.setup import close_engines
 
     close_engines(branches)

@@ -254,9 +254,8 @@ def start_group(name: str, options: list, build, threads: int, device: str, time
 def build_sharded(config, base_folder: Path, name: str, mesh):
     """One rank's share of a branch (run inside its actor, once the group is joined)."""
     from copd.backends.local.sharded import ShardedPolicy
-    from copd.models.sources import load_pretrained
-
     from copd.backends.local.vl import VISION_OPTIONS
+    from copd.models.sources import load_pretrained
     from copd.multimodal.processor import VLProcessor
 
     model, tokenizer = load_pretrained(base_folder, config.model.dtype)

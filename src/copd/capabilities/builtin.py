@@ -9,10 +9,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from copd.errors import CopdError
-from copd.capabilities.core import Capability, Sample, merge_options
-from copd.capabilities.sources import ProceduralSource
+from copd.capabilities.capability import Capability, Sample, merge_options
+from copd.capabilities.prompt_sources import ProceduralSource
 from copd.capabilities.verifiers import exact
+from copd.errors import CopdError
 
 # Every character a built-in prompt or answer may contain; the char tokenizer is built from it.
 CHAR_ALPHABET = string.digits + string.ascii_lowercase + "+=:? "

@@ -7,9 +7,9 @@ import random
 from pathlib import Path
 from typing import Any
 
-from copd.errors import CopdError
-from copd.capabilities.core import Sample
+from copd.capabilities.capability import Sample
 from copd.capabilities.rows import RESERVED_FIELDS, FieldMap
+from copd.errors import CopdError
 
 __all__ = ["RESERVED_FIELDS", "parse_object", "read_jsonl", "split_by_prompt"]
 

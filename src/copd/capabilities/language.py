@@ -11,10 +11,10 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from copd.capabilities.core import Capability, Sample, merge_options
-from copd.errors import CopdError
-from copd.capabilities.sources import ProceduralSource
+from copd.capabilities.capability import Capability, Sample, merge_options
+from copd.capabilities.prompt_sources import ProceduralSource
 from copd.capabilities.verifiers import numeric
+from copd.errors import CopdError
 
 ANSWER_HINT = " Answer with the number only."
 

@@ -14,16 +14,16 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from copd.capabilities.builtin import BUILTIN_CAPABILITIES
+from copd.capabilities.capability import Capability, did_you_mean
+from copd.capabilities.prompt_sources import FileSource
+from copd.capabilities.rows import FieldMap
+from copd.capabilities.tables import read_splits
+from copd.capabilities.verifiers import ANSWER_CHECKS, resolve_verifier
 from copd.config.loader import error_location
 from copd.config.schema import CapabilityConfig
 from copd.errors import CopdError
 from copd.multimodal.media import VideoSampling
-from copd.capabilities.builtin import BUILTIN_CAPABILITIES
-from copd.capabilities.core import Capability, did_you_mean
-from copd.capabilities.rows import FieldMap
-from copd.capabilities.sources import FileSource
-from copd.capabilities.tables import read_splits
-from copd.capabilities.verifiers import ANSWER_CHECKS, resolve_verifier
 
 
 def load_capability(spec: CapabilityConfig | Mapping[str, Any], base_dir: Path | None = None,

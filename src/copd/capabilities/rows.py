@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from copd.capabilities.capability import Sample
 from copd.config.schema import RESERVED_FIELDS
 from copd.errors import CopdError
 from copd.multimodal.media import VideoSampling, check_image, check_video
 from copd.multimodal.prompts import placeholder_problem
-from copd.capabilities.core import Sample
 
 # Sample.fields are passed as keywords next to the positional arguments RESERVED_FIELDS of the
 # verifier, so a field with one of these names would collide; such keys are left out of the fields.

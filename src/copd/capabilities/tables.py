@@ -15,10 +15,10 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from copd.errors import CopdError
-from copd.capabilities.core import Sample, did_you_mean
+from copd.capabilities.capability import Sample, did_you_mean
 from copd.capabilities.jsonl import read_jsonl, split_by_prompt
 from copd.capabilities.rows import FieldMap
+from copd.errors import CopdError
 
 if TYPE_CHECKING:
     from copd.config.schema import CapabilityConfig

@@ -23,8 +23,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from copd.errors import CopdError
-from copd.capabilities.core import Verifier, did_you_mean
+from copd.capabilities.capability import Verifier, did_you_mean
 from copd.capabilities.verifiers_text import (
     DEFAULT_FORMAT_WEIGHT,
     TEXT_ANSWER_CHECKS,
@@ -32,6 +31,7 @@ from copd.capabilities.verifiers_text import (
     require_math_verify,
     with_format,
 )
+from copd.errors import CopdError
 
 logger = logging.getLogger("copd.verifiers")
 

@@ -14,8 +14,8 @@ import unicodedata
 from collections.abc import Callable
 from typing import Any
 
+from copd.capabilities.capability import Verifier
 from copd.errors import CopdError
-from copd.capabilities.core import Verifier
 
 # ---------------------------------------------------------------------------------------- math
 

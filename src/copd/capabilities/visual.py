@@ -28,10 +28,10 @@ from typing import IO, Any
 
 from PIL import Image, ImageDraw
 
-from copd.errors import CopdError
-from copd.capabilities.core import Capability, Sample, merge_options
-from copd.capabilities.sources import ProceduralSource
+from copd.capabilities.capability import Capability, Sample, merge_options
+from copd.capabilities.prompt_sources import ProceduralSource
 from copd.capabilities.verifiers import exact
+from copd.errors import CopdError
 
 DEFAULT_MEDIA_DIR = "~/.cache/copd/media"
 # Part of every file's hash: bump it when rendering changes, so stale cached files are not reused.

@@ -101,8 +101,8 @@ def cmd_merge(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from copd.driver.compare import parse_methods, run_compare
     from copd.config.loader import load_config
+    from copd.driver.compare import parse_methods, run_compare
     from copd.reporting.progress import default_reporter
 
     methods = parse_methods(args.methods)
@@ -170,9 +170,9 @@ def _add_run_commands(sub) -> list[argparse.ArgumentParser]:
 
 def _add_result_commands(sub) -> list[argparse.ArgumentParser]:
     """`copd eval`, `copd merge` and `copd compare`."""
+    from copd.config.methods import METHODS
     from copd.core.merge import MERGE_METHODS
     from copd.evaluation.commands import add_data_file_options
-    from copd.schedule.methods import METHODS
 
     ev = sub.add_parser("eval", help="score a run or a model folder on capabilities' test splits")
     ev.add_argument("target", metavar="RUN_OR_MODEL", help="a run directory (base, branches, final) or a transformers model folder")

@@ -7,14 +7,14 @@ the README is out of date.
 from __future__ import annotations
 
 import sys
-from typing import Literal, get_args, get_origin
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from copd.config.schema import Config
 from copd.config.loader import _model_type
+from copd.config.schema import Config
 
 BEGIN = "<!-- config-reference:begin -->"
 END = "<!-- config-reference:end -->"

@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 # KeyProblem and unknown_name are imported from here too (copd.config.loader, copd.driver.compare).
 from copd.config.fields import (  # noqa: F401
-    TRACKER_NAMES, AdvantageName, EstimatorName, KeyProblem, LossAggregationName, MergeMethodName, PlanName, Section,
-    TopologyName, unknown_name,
+    TRACKER_NAMES,
+    AdvantageName,
+    EstimatorName,
+    KeyProblem,
+    LossAggregationName,
+    MergeMethodName,
+    PlanName,
+    Section,
+    TopologyName,
+    unknown_name,
 )
 from copd.config.run import ResourcesConfig, RunConfig
 from copd.config.sampling import SamplingConfig
@@ -358,7 +365,3 @@ class Config(Section):
 
     def to_yaml_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
-
-
-def path_of(config_path: str | Path) -> Path:
-    return Path(config_path).expanduser()

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from copd.config.methods import expert_branches
 from copd.config.schema import Config
 from copd.errors import CopdError
 from copd.models.sources import load_pretrained
-from copd.schedule.methods import expert_branches
 
 
 def experts_of(config: Config) -> list[str]:

@@ -16,14 +16,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from copd.backends.roles import Learner
+from copd.driver.run_state import RunState
 from copd.errors import CopdError
 
 PREFIX = "cycle_"
-# Keys of state.json the trainer reads back on resume.
-STATE_KEYS = ("cycle", "metrics_lines", "rl_samplers", "opd_samplers")
 
 
-def save_checkpoint(run_dir: Path, cycle: int, policies: dict[str, Learner], state: dict, keep: int) -> Path:
+def save_checkpoint(run_dir: Path, cycle: int, policies: dict[str, Learner], state: RunState, keep: int) -> Path:
     root = run_dir / "checkpoints"
     final = root / f"{PREFIX}{cycle:04d}"
     tmp = root / f".tmp-{PREFIX}{cycle:04d}"
@@ -31,7 +30,7 @@ def save_checkpoint(run_dir: Path, cycle: int, policies: dict[str, Learner], sta
         shutil.rmtree(tmp)
     for name, policy in policies.items():
         policy.save_checkpoint(tmp / "branches" / name)
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    (tmp / "state.json").write_text(json.dumps(state.to_json(), indent=1))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)  # atomic on one filesystem: the checkpoint appears whole or not at all
@@ -49,22 +48,22 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(folder: Path, policies: dict[str, Learner]) -> dict:
+def load_checkpoint(folder: Path, policies: dict[str, Learner]) -> RunState:
     """Load every policy's weights and optimizer state; a damaged file is a CopdError naming it."""
     problem = damage(folder, policies)
     if problem is None:
         for name, policy in policies.items():
             try:
                 policy.load_checkpoint(folder / "branches" / name)
-            except Exception as exc:  # noqa: BLE001 - any failure to read a checkpoint file means it is damaged
+            except Exception as exc:
                 problem = f"{folder / 'branches' / name}: cannot load it ({type(exc).__name__}: {_first_line(exc)})"
                 break
     if problem is not None:
         raise CopdError(f"damaged checkpoint: {problem}")
-    return json.loads((folder / "state.json").read_text())
+    return RunState.from_json(json.loads((folder / "state.json").read_text()))
 
 
-def load_latest_intact(run_dir: Path, policies: dict[str, Learner], log: Callable[[str], None] = print) -> tuple[Path, dict] | None:
+def load_latest_intact(run_dir: Path, policies: dict[str, Learner], log: Callable[[str], None] = print) -> tuple[Path, RunState] | None:
     """(folder, state) of the newest checkpoint that loads, after loading it into `policies`.
 
     A damaged newer checkpoint is skipped with one line to `log`; None when the run has no
@@ -114,7 +113,7 @@ def damage(folder: Path, branches: Iterable[str] = ()) -> str | None:
         state = json.loads(state_path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         return f"{state_path}: not readable JSON ({_first_line(exc)})"
-    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    missing = [k for k in RunState.REQUIRED if not isinstance(state, dict) or k not in state]
     if missing:
         return f"{state_path}: missing key {missing[0]!r}"
     for name in branches:
@@ -159,7 +158,8 @@ def _safetensors_damage(path: Path) -> str | None:
             header = json.loads(f.read(length))
         except (UnicodeDecodeError, ValueError):
             return "unreadable header"
-    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry]
+    entries = [entry for key, entry in header.items() if key != "__metadata__" and isinstance(entry, dict)]
+    ends = [entry["data_offsets"][1] for entry in entries if "data_offsets" in entry]
     needed = 8 + length + max(ends, default=0)
     if size < needed:
         return f"truncated ({size} of {needed} bytes)"

@@ -15,11 +15,11 @@ import yaml
 from pydantic import ValidationError
 
 from copd.config.loader import describe_error
+from copd.config.methods import BASE_ROW, DISTILLING_RUNS, EXPERTS_RUN, METHODS, ORDERINGS, group_of
 from copd.config.schema import Config, unknown_name
-from copd.errors import CopdError
-from copd.schedule.methods import BASE_ROW, DISTILLING_RUNS, EXPERTS_RUN, METHODS, ORDERINGS, group_of
 from copd.driver.pipeline import run_training
 from copd.driver.trainer import plan_of
+from copd.errors import CopdError
 from copd.reporting.progress import QuietReporter, Reporter
 from copd.reporting.run_report import load_metrics
 
@@ -164,7 +164,7 @@ def _mean_std(per_seed: dict, keys: list[str]) -> tuple[dict, dict]:
 
 
 def orderings(result: dict) -> list[tuple[str, bool, str]]:
-    """The paper's orderings (copd.schedule.methods.ORDERINGS), checked on mean overall accuracy: (claim, held, numbers)."""
+    """The paper's orderings (copd.config.methods.ORDERINGS), checked on mean overall accuracy: (claim, held, numbers)."""
     overall = {label: row["mean"]["overall"] for label, row in result["rows"].items()}
     spread = {label: row.get("std", {}).get("overall", 0.0) for label, row in result["rows"].items()}
     groups: dict[str, list[str]] = {}

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
-from copd.config.schema import Config
-from copd.core.merge import MERGE_METHODS, Merger
-from copd.errors import CopdError
-from copd.models.sources import load_pretrained
 from copd.backends.local.factory import make_policy
 from copd.backends.local.hf import HFPolicy
+from copd.config.schema import Config
+from copd.core.merge import MERGE_METHODS, Merger
 from copd.driver.lazy_weights import BranchWeights, LoraAdapter, model_keys_by_saved_name
+from copd.errors import CopdError
+from copd.models.sources import load_pretrained
 
 
 def merge_branches(run_dir: Path, config: Config, method: str | None = None, out: Path | None = None) -> HFPolicy:

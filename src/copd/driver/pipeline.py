@@ -12,30 +12,29 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-
-from copd.backends.local.branches import build_branches, describe_branches
-from copd.backends.local.factory import make_policy
-from copd.config.schema import Config
+from copd.backends.engine.setup import check_engine, check_engine_model, evaluation_engines
+from copd.backends.local.branches import describe_branches
+from copd.backends.local.precision import resolve_precision
+from copd.backends.ray_group import check_rank_model
+from copd.backends.roles import BranchRoles, Prompt, SamplingParams
+from copd.capabilities import Capability, load_capability
 from copd.config.loader import dump_config, load_config
-from copd.errors import CopdError
-from copd.evaluation.evaluate import evaluate_policy
+from copd.config.schema import Config
+from copd.driver.adopt import check_experts_from
+from copd.driver.branches import BRANCH_BACKENDS
 from copd.driver.checkpoint import check_resumable
 from copd.driver.merging import merge_branches
-from copd.models.sources import check_model_source, load_pretrained
-from copd.backends.ray_group import check_rank_model
-from copd.backends.engine.setup import check_engine, check_engine_model, close_engines, evaluation_engines, local_engines
-from copd.backends.roles import BranchRoles, Prompt, SamplingParams
-from copd.reporting.progress import QuietReporter, Reporter
-from copd.reporting.environment import record_environment
-from copd.reporting.run_report import write_report
-from copd.reporting.trackers import Trackers, check_trackers
-from copd.capabilities import Capability, load_capability
 from copd.driver.trainer import Trainer, plan_of
-from copd.backends.local.precision import resolve_precision
+from copd.driver.warmstart import prepare_base
+from copd.errors import CopdError
+from copd.evaluation.evaluate import evaluate_policy
+from copd.models.sources import check_model_source, load_pretrained
 from copd.multimodal.media import VideoSampling
 from copd.multimodal.processor import VLProcessor
-from copd.driver.adopt import check_experts_from
-from copd.driver.warmstart import prepare_base
+from copd.reporting.environment import record_environment
+from copd.reporting.progress import QuietReporter, Reporter
+from copd.reporting.run_report import write_report
+from copd.reporting.trackers import Trackers, check_trackers
 
 
 def resolve_device(name: str) -> str:
@@ -103,63 +102,91 @@ def _check_same_run(config: Config, saved: Path) -> None:
 
 
 def run_training(config: Config, resume: bool = False, reporter: Reporter | None = None, base_dir: Path | None = None) -> Path:
-    """Run the config end to end; returns the run directory."""
+    """Run the config end to end; returns the run directory.
+
+    Every check that can fail on the user's input runs before the run folder is written.
+    """
     reporter = reporter or QuietReporter()
     run_dir = Path(config.run.out).expanduser()
-    # Plan, data, device and model-path errors surface before anything is written (names of
-    # plans, estimators and merge methods were checked when the config loaded).
-    plan_of(config)
-    capabilities = load_capabilities(config, base_dir)
-    device = resolve_device(config.run.device)
-    config, warnings = resolve_precision(config, device)  # `auto` dtypes decided by a measured bf16 speed
-    for warning in warnings:
-        reporter.print(f"warning: {warning}")
-    if config.run.backend == "ray":
-        from copd.backends.ray_group import check_placement
-
-        check_placement(config)  # Ray installed, and room for every rank
-    check_trackers(config.run.report_to)
-    check_engine(config)
-    check_engine_model(config)
-    check_experts_from(config)
-    base_folder = run_dir / "base"
-    reuse_base = resume and (base_folder / "config.json").is_file()
-    if not reuse_base:
-        check_model_source(config.model)
-    check_run_dir(config, run_dir, resume)
-    if resume:
-        check_resumable(run_dir, [b.name for b in config.branches])
-    timing, t0 = {}, time.perf_counter()
-    if reuse_base:
-        model, tokenizer = load_pretrained(base_folder, config.model.dtype)
-    else:
-        model, tokenizer, info = prepare_base(config, capabilities, reporter)
-    timing["warmup_seconds"] = round(time.perf_counter() - t0, 2)
-    check_modalities(capabilities, tokenizer)
-    check_engine_model(config, tokenizer)
-    check_rank_model(config, tokenizer)
-    remote = config.run.backend == "ray"
-    # With Ray the branches are built inside their actors, from the saved base folder.
-    policies, base_policy = (({}, make_policy("base", model, tokenizer, device=device, **config.model.policy_options())) if remote
-                             else build_branches(config, model, tokenizer, device))
-    check_token_budget(config, capabilities, base_policy)
-    # The run folder is written only now, so a mistake found while building the base or the
-    # branches (a bad lora.target_modules, say) leaves no half-made run behind.
-    prepare_run_dir(config, run_dir, resume)
-    if not reuse_base:
-        base_policy.save_pretrained(base_folder)
-        (run_dir / "warmup.json").write_text(json.dumps(info, indent=1))
-    record_environment(run_dir, device)
+    config, capabilities, device = check_run(config, run_dir, resume, reporter, base_dir)
+    started, timing = time.perf_counter(), {}
+    base = prepare_base_model(config, run_dir, capabilities, resume, reporter, timing)
+    backend = BRANCH_BACKENDS[config.run.backend](config, base.model, base.tokenizer, device)
+    check_token_budget(config, capabilities, backend.base_policy)
+    write_run_dir(config, run_dir, resume, backend.base_policy, base.warmup, device)
     trackers = Trackers.open(config.run.report_to, run_dir, config.run.project, config.to_yaml_dict(), resume)
-    run = RunContext(config, run_dir, capabilities, reporter, resume, timing, trackers, t0)
+    run = RunContext(config, run_dir, capabilities, reporter, resume, timing, trackers)
     try:
-        _train_anywhere(run, policies, base_policy, device)
+        with backend.open(run_dir) as branches:
+            train(run, branches)
+            merged = save_and_merge(run, branches)
+            evaluate_models(run, branches, backend.base_policy, merged)
+        timing["total_seconds"] = round(time.perf_counter() - started, 2)
         (run_dir / "timing.json").write_text(json.dumps(timing, indent=1))
         write_report(run_dir)
         trackers.results(run_dir)
     finally:
         trackers.close()
     return run_dir
+
+
+def _reuses_base(run_dir: Path, resume: bool) -> bool:
+    """A resumed run loads the base its first start saved (its warm start is not run again)."""
+    return resume and (run_dir / "base" / "config.json").is_file()
+
+
+def check_run(config: Config, run_dir: Path, resume: bool, reporter: Reporter, base_dir: Path | None) -> tuple[Config, dict[str, Capability], str]:
+    """What can be checked before the base model is built: plan, data, device, precision, placement,
+    trackers, engine, experts, model source, run folder. Returns the config with `auto` dtypes decided,
+    the capabilities and the device."""
+    plan_of(config)  # names of plans, estimators and merge methods were checked when the config loaded
+    capabilities = load_capabilities(config, base_dir)
+    device = resolve_device(config.run.device)
+    config, warnings = resolve_precision(config, device)  # `auto` dtypes decided by a measured bf16 speed
+    for warning in warnings:
+        reporter.print(f"warning: {warning}")
+    BRANCH_BACKENDS[config.run.backend].check(config)
+    check_trackers(config.run.report_to)
+    check_engine(config)
+    check_engine_model(config)
+    check_experts_from(config)
+    if not _reuses_base(run_dir, resume):
+        check_model_source(config.model)
+    check_run_dir(config, run_dir, resume)
+    if resume:
+        check_resumable(run_dir, [b.name for b in config.branches])
+    return config, capabilities, device
+
+
+@dataclass
+class Base:
+    model: object
+    tokenizer: object
+    warmup: dict | None  # what the warm start did (warmup.json); None for a base a resumed run reloads
+
+
+def prepare_base_model(config: Config, run_dir: Path, capabilities: dict[str, Capability], resume: bool, reporter: Reporter,
+                       timing: dict) -> Base:
+    """The base model and tokenizer (loaded, built tiny, warm-started), then the checks that need the tokenizer."""
+    t0 = time.perf_counter()
+    if _reuses_base(run_dir, resume):
+        base = Base(*load_pretrained(run_dir / "base", config.model.dtype), None)
+    else:
+        base = Base(*prepare_base(config, capabilities, reporter))
+    timing["warmup_seconds"] = round(time.perf_counter() - t0, 2)
+    check_modalities(capabilities, base.tokenizer)
+    check_engine_model(config, base.tokenizer)
+    check_rank_model(config, base.tokenizer)
+    return base
+
+
+def write_run_dir(config: Config, run_dir: Path, resume: bool, base_policy, warmup: dict | None, device: str) -> None:
+    """The run folder, written only now: config.yaml, the base and its warm start (a new run), the environment."""
+    prepare_run_dir(config, run_dir, resume)
+    if warmup is not None:
+        base_policy.save_pretrained(run_dir / "base")
+        (run_dir / "warmup.json").write_text(json.dumps(warmup, indent=1))
+    record_environment(run_dir, device)
 
 
 # Prompts per capability whose length is checked against the token budget before a run starts.
@@ -196,48 +223,33 @@ class RunContext:
     resume: bool
     timing: dict  # stage -> seconds, written to timing.json
     trackers: Trackers
-    started: float  # perf_counter() at the start
 
 
-def _train_anywhere(run: RunContext, policies: dict, base_policy, device: str) -> None:
-    """Train in this process, or on one Ray actor per branch (built there from the saved base folder);
-    with sampling.engine vllm, each branch samples through its own engine."""
-    if run.config.run.backend != "ray":
-        branches = ({name: BranchRoles.of(p) for name, p in policies.items()} if run.config.sampling.engine == "hf"
-                    else local_engines(run.config, run.run_dir, policies))
-        try:
-            _train_and_evaluate(run, branches, base_policy)
-        finally:
-            close_engines(branches)
-    else:
-        from copd.backends.ray_backend import ray_branches, release
-
-        branches, group = ray_branches(run.config, run.run_dir / "base", device)
-        try:
-            _train_and_evaluate(run, branches, base_policy)
-        finally:
-            release(branches, group)
-    run.timing["total_seconds"] = round(time.perf_counter() - run.started, 2)
-
-
-def _train_and_evaluate(run: RunContext, branches: dict[str, BranchRoles], base_policy) -> None:
-    """Train the plan, save the branches, merge them, evaluate every model (timings into run.timing)."""
-    learners = {name: roles.learner for name, roles in branches.items()}
-    run.reporter.print(describe_branches(learners))
-    t1 = time.perf_counter()
+def train(run: RunContext, branches: dict[str, BranchRoles]) -> None:
+    """Algorithm 1 over the config's plan (copd.driver.trainer)."""
+    run.reporter.print(describe_branches({name: roles.learner for name, roles in branches.items()}))
+    t0 = time.perf_counter()
     Trainer(run.config, run.run_dir, branches, run.capabilities, run.reporter, run.trackers).run(resume=run.resume)
-    run.timing["train_seconds"] = round(time.perf_counter() - t1, 2)
-    for name, learner in learners.items():
-        learner.save_pretrained(run.run_dir / "branches" / name)
-    merged = merge_branches(run.run_dir, run.config)
-    t2 = time.perf_counter()
+    run.timing["train_seconds"] = round(time.perf_counter() - t0, 2)
+
+
+def save_and_merge(run: RunContext, branches: dict[str, BranchRoles]):
+    """Every branch as a transformers folder under branches/, and their merge under merged/ (returned as a policy)."""
+    for name, roles in branches.items():
+        roles.learner.save_pretrained(run.run_dir / "branches" / name)
+    return merge_branches(run.run_dir, run.config)
+
+
+def evaluate_models(run: RunContext, branches: dict[str, BranchRoles], base_policy, merged) -> None:
+    """eval.json: the base, every branch and the merged model on every capability's test split."""
+    t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if run.config.sampling.eval_engine == "vllm":
             models = evaluation_engines(run.config, run.run_dir, branches, base_policy.tokenizer, stack)
         else:  # each branch's own learner samples (not its engine), as the base and the merged model do
             models = {"base": base_policy, **{f"branch:{n}": r.scorer for n, r in branches.items()}, "merged": merged}
         evaluate_run(run.config, run.run_dir, run.capabilities, models, run.reporter)
-    run.timing["eval_seconds"] = round(time.perf_counter() - t2, 2)
+    run.timing["eval_seconds"] = round(time.perf_counter() - t0, 2)
 
 
 def evaluate_run(config: Config, run_dir: Path, capabilities: dict[str, Capability], policies: dict, reporter: Reporter) -> dict:

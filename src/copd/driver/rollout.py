@@ -7,15 +7,14 @@ depends on the order in which branches are visited, and a resumed run replays ex
 
 from __future__ import annotations
 
-import time
 import zlib
 from dataclasses import dataclass
 
 import torch
 
-from copd.core.advantages import group_advantages, zero_signal_groups
 from copd.backends.roles import OPDPart, Prompt, RLPart, Rollouts, Sampler, SamplingParams, Scorer, ScoreRequest
 from copd.capabilities import Capability, Sample
+from copd.core.advantages import group_advantages, zero_signal_groups
 
 
 def derived_seed(*parts: object) -> int:
@@ -59,29 +58,24 @@ class RLBatch:
     by_capability: dict[str, float]
 
 
-def collect_rl(
-    policy: Sampler,
-    sampler: MixtureSampler,
-    prompts: int,
-    group_size: int,
-    params: SamplingParams,
-    seed: int,
-    advantage: str = "grpo",
-    filter_zero_signal: bool = False,
-) -> RLBatch:
-    """x ~ D_k; G rollouts per prompt; verifier rewards; group advantages (docs/method.md §3)."""
-    return finish_rl(start_rl(policy, sampler, prompts, group_size, params, seed), group_size, advantage, filter_zero_signal)
+@dataclass
+class StartedRL:
+    """An RL batch under way: the drawn prompts and their rollouts (with a remote branch, rollouts that stay
+    with it, their texts fetched when the verifier reads them)."""
+
+    drawn: list[tuple[Capability, Sample]]
+    rollouts: Rollouts
 
 
-def start_rl(policy: Sampler, sampler: MixtureSampler, prompts: int, group_size: int, params: SamplingParams, seed: int) -> tuple:
-    """x ~ D_k and the request for G rollouts each: (drawn samples, rollouts, perhaps still pending)."""
+def start_rl(policy: Sampler, sampler: MixtureSampler, prompts: int, group_size: int, params: SamplingParams, seed: int) -> StartedRL:
+    """x ~ D_k and the request for G rollouts of each (docs/method.md §3)."""
     drawn = sampler.draw(prompts)
-    return drawn, policy.generate([Prompt.of(s) for _, s in drawn], group_size, params, seed)
+    return StartedRL(drawn, policy.generate([Prompt.of(s) for _, s in drawn], group_size, params, seed))
 
 
-def finish_rl(started: tuple, group_size: int, advantage: str = "grpo", filter_zero_signal: bool = False) -> RLBatch:
-    """Verifier rewards of the completions, group advantages, and the RL part."""
-    drawn, rollouts = started
+def finish_rl(started: StartedRL, group_size: int, advantage: str = "grpo", filter_zero_signal: bool = False) -> RLBatch:
+    """Verifier rewards of the completions, group advantages (docs/method.md §3), and the RL part."""
+    drawn, rollouts = started.drawn, started.rollouts
     rewards = [cap.score(rollouts.completions[i], s) for i, (cap, s) in enumerate(_repeat(drawn, group_size))]
     rewards_N_G = torch.tensor(rewards, dtype=torch.float32).view(len(drawn), group_size)
     adv_N_G = group_advantages(rewards_N_G, advantage)
@@ -97,22 +91,15 @@ def finish_rl(started: tuple, group_size: int, advantage: str = "grpo", filter_z
 
 
 def collect_opd_part(student: Sampler, teacher: Scorer, teacher_sampler: MixtureSampler, prompts: int, samples: int,
-                     params: SamplingParams, seed: int, beta: float, edge: str, support: bool, topk: int | None,
-                     timer: dict[str, float] | None = None) -> OPDPart:
+                     params: SamplingParams, seed: int, beta: float, edge: str, support: bool, topk: int | None) -> OPDPart:
     """One edge's OPD part: the student samples on the teacher's prompts, the teacher scores them.
 
     With `support`, the student records its top-`topk` ids while sampling and the teacher
     sends log-probs on its own top-`topk` plus those ids; otherwise only the sampled tokens'
-    log-probs (docs/method.md §4). `timer` collects the seconds of sampling and scoring.
+    log-probs (docs/method.md §4).
     """
-    t0 = time.perf_counter()
     rollouts = collect_opd_rollouts(student, teacher_sampler, prompts, samples, params.recording(topk) if support else params, seed)
-    t1 = time.perf_counter()
-    scores = teacher.score(rollouts, ScoreRequest.support(topk) if support else None)
-    if timer is not None:
-        timer["sample"] = timer.get("sample", 0.0) + t1 - t0
-        timer["score"] = timer.get("score", 0.0) + time.perf_counter() - t1
-    return OPDPart(rollouts, scores, beta, edge)
+    return OPDPart(rollouts, teacher.score(rollouts, ScoreRequest.support(topk) if support else None), beta, edge)
 
 
 def collect_opd_rollouts(

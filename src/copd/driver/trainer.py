@@ -16,22 +16,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 
-from copd.backends.roles import BranchRoles, LossSpec, OPDPart, Pending, Policy, Rollouts, SamplingParams, settle
+from copd.backends.roles import BranchRoles, LossSpec, OPDPart, Policy, Rollouts, SamplingParams, settle
 from copd.capabilities import Capability
 from copd.config.schema import Config
 from copd.core.opd import OPD_ESTIMATORS
 from copd.driver.adopt import expert_weights, experts_of
 from copd.driver.checkpoint import latest_checkpoint, load_latest_intact, save_checkpoint
-from copd.driver.rollout import MixtureSampler, collect_opd_part, collect_opd_rollouts, derived_seed, finish_rl, start_rl
+from copd.driver.rollout import MixtureSampler, RLBatch, StartedRL, collect_opd_part, collect_opd_rollouts, derived_seed, finish_rl, start_rl
+from copd.driver.run_state import RunState
+from copd.driver.step_clock import StepClock, branch_costs
 from copd.errors import BranchLost, BranchNotStarted, CopdError
 from copd.evaluation.diagnose import measure_pair
 from copd.evaluation.evaluate import pass_rates
 from copd.reporting.progress import QuietReporter, Reporter
 from copd.reporting.trackers import Trackers
-from copd.schedule.plan import TOPOLOGY_PLANS, Phase, Roles, build_plan, with_overlap_trigger, with_probes
+from copd.schedule.plan import TOPOLOGY_PLANS, Phase, Students, build_plan, with_overlap_trigger, with_probes
 from copd.schedule.topology import build_edges
 
 
@@ -94,23 +95,17 @@ class Trainer:
         self.spec = loss_spec(config)
         self.sampling = SamplingParams.from_config(config.sampling)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl", trackers)
-        self.score_bytes: dict[str, int] = {}  # bytes of teacher scores per edge, this step
-        self.state = self._initial_state()
+        self.state = RunState.start(names)
         self.initial_samplers = self._sampler_states()
-
-    def _initial_state(self) -> dict:
-        names = [b.name for b in self.config.branches]
-        return {"next_phase": 0, "global_step": 0, "opd_steps": 0, "nan_in_row": dict.fromkeys(names, 0),
-                "nan_skipped": dict.fromkeys(names, 0)}
 
     def _sampler_states(self) -> dict:
         return {"rl_samplers": {b: s.state_dict() for b, s in self.rl_samplers.items()},
                 "opd_samplers": {e: s.state_dict() for e, s in self.opd_samplers.items()}}
 
-    def _load_samplers(self, states: dict) -> None:
-        for b, s in states["rl_samplers"].items():
+    def _load_samplers(self, rl_samplers: dict, opd_samplers: dict) -> None:
+        for b, s in rl_samplers.items():
             self.rl_samplers[b].load_state_dict(s)
-        for e, s in states["opd_samplers"].items():
+        for e, s in opd_samplers.items():
             self.opd_samplers[e].load_state_dict(s)
 
     # ---- running the plan --------------------------------------------------------------
@@ -127,7 +122,7 @@ class Trainer:
             try:
                 return self._run_plan()
             except BranchLost as lost:
-                what = f"{lost} (step {self.state['global_step']})"
+                what = f"{lost} (step {self.state.global_step})"
                 if restarts >= self.config.run.max_restarts:
                     raise CopdError(f"{what}; {restarts} restarts used (run.max_restarts); resume with --resume {self.run_dir}") from None
                 restarts += 1
@@ -143,23 +138,23 @@ class Trainer:
         for roles in self.roles.values():
             for player in {id(p): p for p in (roles.sampler, roles.scorer, roles.learner)}.values():
                 getattr(player, "restart", lambda: None)()
-        self.state = self._initial_state()
-        self._load_samplers(self.initial_samplers)
+        self.state = RunState.start([b.name for b in self.config.branches])
+        self._load_samplers(**self.initial_samplers)
         self._restore()
 
     def _run_plan(self) -> None:
         total = sum(p.steps for p in self.plan)
-        done = sum(p.steps for p in self.plan[: self.state["next_phase"]])
+        done = sum(p.steps for p in self.plan[: self.state.next_phase])
         self.reporter.start("training", total)
         for _ in range(done):
             self.reporter.advance("resumed")
-        if self.state["global_step"] == self._first_step():
-            self._held_out_due(self.state["next_phase"])
-        for index in range(self.state["next_phase"], len(self.plan)):
+        if self.state.global_step == self._first_step():
+            self._held_out_due(self.state.next_phase)
+        for index in range(self.state.next_phase, len(self.plan)):
             phase = self.plan[index]
             for branch, source in phase.forks:  # e.g. static OPD: the student starts as a copy of an expert
                 self.learners[branch].set_weights(self.learners[source].get_weights())
-            limit = phase.steps + (self.state.pop("carry", 0) if phase.absorbs_carry else 0)
+            limit = phase.steps + (self.state.take_carry() if phase.absorbs_carry else 0)
             for done in range(1, limit + 1):
                 self.step(phase)
                 self._held_out_due(index)
@@ -167,77 +162,88 @@ class Trainer:
                 probing = phase.probe_edges and (done < limit or phase.stop_below is None)
                 overlap = self._probe(phase) if probing else None
                 if overlap is not None and phase.stop_below is not None and overlap < phase.stop_below:
-                    self.state["carry"] = limit - done  # the next phase runs these steps
+                    self.state.carry = limit - done  # the next phase runs these steps
                     break
-            self.state["next_phase"] = index + 1
+            self.state.next_phase = index + 1
             if index + 1 == len(self.plan) or self.plan[index + 1].cycle != phase.cycle:
                 self._checkpoint(phase.cycle)
         self.reporter.stop()
 
     def step(self, phase: Phase) -> None:
-        """One step of Algorithm 1 for every branch of the phase."""
-        self.state["global_step"] += 1
-        step, seed, cfg = self.state["global_step"], self.config.run.seed, self.config
-        timer = {b: 0.0 for b in self._active(phase)}
-        begin, waited = time.perf_counter(), 0.0  # waited: the driver at the step's barriers
-        # Stage 1 and 2: every branch samples, every teacher scores. Remote roles answer at once
-        # (pending), so all branches work side by side until the driver needs an answer.
-        started = {}
-        for b in phase.rl_branches:
-            t0 = time.perf_counter()
-            started[b] = start_rl(self.roles[b].sampler, self.rl_samplers[b], cfg.rl.prompts_per_step, cfg.rl.rollouts_per_prompt,
-                                  self.sampling, derived_seed(seed, "rl", b, step))
-            timer[b] += time.perf_counter() - t0
-        opd_parts: dict[str, list[OPDPart]] = {b: [] for b in timer}
+        """One step of Algorithm 1 for every branch of the phase: sample, score, update, record.
+
+        Every teacher scores before any branch updates, so teachers are the branches as they
+        were at the start of the step. Remote roles answer at once (pending), so all branches
+        work side by side until the driver needs an answer.
+        """
+        self.state.global_step += 1
         if phase.edges:  # counted over the run and checkpointed, so a resumed run measures on the same steps
-            self.state["opd_steps"] = self.state.get("opd_steps", 0) + 1
+            self.state.opd_steps += 1
+        clock = StepClock(self._active(phase))
+        started = self._start_rl(phase, clock)  # x ~ D_k, G rollouts each
+        opd_parts = self._collect_opd(phase, clock)  # x' ~ D_j, the student's rollouts, the teacher's scores
+        with clock.barrier():
+            rl = self._finish_rl(started, clock)  # verifier rewards, group advantages
+        pending = self._update(rl, opd_parts, clock)  # L_RL + L_OPD, one update per branch
+        with clock.barrier():
+            results = {b: settle(answer) for b, answer in pending.items()}
+        self._record_step(phase, clock, started, rl, opd_parts, results)
+
+    def _start_rl(self, phase: Phase, clock: StepClock) -> dict[str, StartedRL]:
+        cfg, started = self.config, {}
+        for b in phase.rl_branches:
+            with clock.charge(b):
+                started[b] = start_rl(self.roles[b].sampler, self.rl_samplers[b], cfg.rl.prompts_per_step, cfg.rl.rollouts_per_prompt,
+                                      self.sampling, derived_seed(cfg.run.seed, "rl", b, self.state.global_step))
+        return started
+
+    def _collect_opd(self, phase: Phase, clock: StepClock) -> dict[str, list[OPDPart]]:
+        """Each edge: the student samples on the teacher's prompts and the teacher scores them (docs/method.md §4)."""
+        cfg, parts = self.config, {b: [] for b in clock.seconds}
         support = bool(phase.edges) and self._needs_support()
         for edge in phase.edges:
-            t0 = time.perf_counter()
-            # Scored before any branch updates this step: the teacher is a snapshot.
-            part = collect_opd_part(self.roles[edge.student].sampler, self.roles[edge.teacher].scorer, self.opd_samplers[edge.label],
-                                    cfg.opd.prompts_per_step, cfg.opd.rollouts_per_prompt, self.sampling,
-                                    derived_seed(seed, "opd", edge.label, step), self.beta[edge.student], edge.label, support, cfg.opd.topk)
-            opd_parts[edge.student].append(part)
-            timer[edge.student] += time.perf_counter() - t0
-        rl = {}
-        t_barrier = time.perf_counter()
+            with clock.charge(edge.student):
+                part = collect_opd_part(self.roles[edge.student].sampler, self.roles[edge.teacher].scorer, self.opd_samplers[edge.label],
+                                        cfg.opd.prompts_per_step, cfg.opd.rollouts_per_prompt, self.sampling,
+                                        derived_seed(cfg.run.seed, "opd", edge.label, self.state.global_step),
+                                        self.beta[edge.student], edge.label, support, cfg.opd.topk)
+            parts[edge.student].append(part)
+        return parts
+
+    def _finish_rl(self, started: dict[str, StartedRL], clock: StepClock) -> dict[str, RLBatch]:
+        rl, cfg = {}, self.config.rl
         for b, begun in started.items():
-            t0 = time.perf_counter()
-            rl[b] = finish_rl(begun, cfg.rl.rollouts_per_prompt, cfg.rl.advantage, cfg.rl.filter_zero_signal)
-            timer[b] += time.perf_counter() - t0
-        for parts in opd_parts.values():
-            for part in parts:
-                self.score_bytes[part.edge] = part.teacher.nbytes
-        waited += time.perf_counter() - t_barrier
-        # Stage 3: every branch updates. Every score was asked for above, before any update,
-        # so teachers score as they were at the start of the step.
-        pending = {}
+            with clock.charge(b):
+                rl[b] = finish_rl(begun, cfg.rollouts_per_prompt, cfg.advantage, cfg.filter_zero_signal)
+        return rl
+
+    def _update(self, rl: dict[str, RLBatch], opd_parts: dict[str, list[OPDPart]], clock: StepClock) -> dict:
+        """Every branch's update on its RL part and its edges' OPD parts (pending while a remote branch works)."""
         every = self.config.optim.step_kl_every  # approx_kl costs one more forward: on steps 1, 1 + N, ...
-        spec = dataclasses.replace(self.spec, step_kl=bool(every) and (step - 1) % every == 0)
-        for b in timer:
-            t0 = time.perf_counter()
+        spec = dataclasses.replace(self.spec, step_kl=bool(every) and (self.state.global_step - 1) % every == 0)
+        pending = {}
+        for b in clock.seconds:
             batch = rl.get(b)
             parts = [batch.part] if batch is not None and batch.part is not None else []
             # A canonical order of a student's edges, so listing branches differently cannot
             # change the floating-point sum of its losses.
             opd = sorted(opd_parts[b], key=lambda part: part.edge)
-            pending[b] = self.learners[b].update(parts, opd, spec) if parts or opd else None
-            timer[b] += time.perf_counter() - t0
-        shown, t_barrier = [], time.perf_counter()
-        results = {b: settle(pending[b]) for b in timer}
-        waited += time.perf_counter() - t_barrier
-        # With remote branches, `waited` is how long the driver stood at the step's barriers.
-        step_times = {"step_seconds": round(time.perf_counter() - begin, 4), "barrier_seconds": round(waited, 4)}
-        seconds, sampled = branch_costs(timer, started, opd_parts, results)
-        for b in timer:
-            shown.append(self._record(phase, b, rl.get(b), results[b], seconds[b], {**step_times, "rollout_bytes": sampled[b]}))
+            with clock.charge(b):
+                pending[b] = self.learners[b].update(parts, opd, spec) if parts or opd else None
+        return pending
+
+    def _record_step(self, phase: Phase, clock: StepClock, started: dict, rl: dict, opd_parts: dict, results: dict) -> None:
+        step_times = clock.step_times()
+        seconds, sampled = branch_costs(clock.seconds, started, opd_parts, results)
+        score_bytes = {part.edge: part.teacher.nbytes for parts in opd_parts.values() for part in parts}
+        shown = [self._record(phase, b, rl.get(b), results[b], seconds[b], {**step_times, "rollout_bytes": sampled[b]}, score_bytes)
+                 for b in clock.seconds]
         self.reporter.advance(f"cycle {phase.cycle}/{self.config.schedule.cycles} {phase.name}", "  ".join(shown))
 
     def _held_out_due(self, phase_index: int) -> None:
         """eval.every: greedy accuracy on every capability's test split, as `eval` records, of every branch
         that trains in this phase or a later one (an expert that only teaches from here on is not scored again)."""
-        every, step = self.config.eval.every, self.state["global_step"]
+        every, step = self.config.eval.every, self.state.global_step
         if not every or step % every:
             return
         greedy = dataclasses.replace(self.sampling, greedy=True)
@@ -253,12 +259,12 @@ class Trainer:
         """Whether this OPD step's teachers send the top-k support: the estimator needs it, or diagnostics
         are due (on OPD steps 1, 1 + every, 1 + 2 every, ...)."""
         every = self.config.opd.diagnostics_every
-        due = every > 0 and (self.state["opd_steps"] - 1) % every == 0
+        due = every > 0 and (self.state.opd_steps - 1) % every == 0
         return OPD_ESTIMATORS[self.spec.opd_estimator].needs_support or due
 
     def _probe(self, phase: Phase) -> float:
         """Mean top-k overlap over the phase's probe edges on the students' own rollouts (logged)."""
-        step, cfg, values = self.state["global_step"], self.config, []
+        step, cfg, values = self.state.global_step, self.config, []
         for edge in phase.probe_edges:
             rollouts = collect_opd_rollouts(self.roles[edge.student].sampler, self.opd_samplers[f"probe:{edge.label}"], cfg.schedule.probe_prompts,
                                             1, self.sampling.recording(cfg.opd.topk), derived_seed(cfg.run.seed, "probe", edge.label, step))
@@ -278,10 +284,10 @@ class Trainer:
         return [b.name for b in self.config.branches if b.name in phase.rl_branches or b.name in students]
 
     # ---- logging and failure handling -------------------------------------------------------
-    def _record(self, phase: Phase, branch: str, batch, result, seconds: float, step_times: dict) -> str:
+    def _record(self, phase: Phase, branch: str, batch: RLBatch | None, result, seconds: float, step_times: dict,
+                score_bytes: dict[str, int]) -> str:
         """Write the branch's (and its edges') records; return a short summary for the progress bar."""
-        step = self.state["global_step"]
-        base = {"step": step, "cycle": phase.cycle, "phase": phase.name}
+        base = {"step": self.state.global_step, "cycle": phase.cycle, "phase": phase.name}
         record = {**base, "type": "branch", "branch": branch, "seconds": round(seconds, 4), **step_times}
         if batch is not None:
             record.update(reward=sum(batch.rewards) / len(batch.rewards), filtered_groups=batch.filtered_groups,
@@ -291,7 +297,7 @@ class Trainer:
             for label, edge in result.edge_metrics.items():
                 student, teacher = label.split("<-")
                 self.metrics.write({**base, "type": "edge", "edge": label, "student": student, "teacher": teacher, **edge,
-                                    "score_bytes": self.score_bytes.get(label, 0)})
+                                    "score_bytes": score_bytes.get(label, 0)})
         self.metrics.write(record)
         if result is not None:  # after writing, so the step that stops the run is on record too
             self._count_nan(branch, result.skipped)
@@ -300,14 +306,15 @@ class Trainer:
         return shown + (f" ov={sum(overlaps) / len(overlaps):.2f}" if overlaps else "")
 
     def _count_nan(self, branch: str, skipped: bool) -> None:
-        self.state["nan_in_row"][branch] = self.state["nan_in_row"][branch] + 1 if skipped else 0
-        self.state["nan_skipped"][branch] += int(skipped)
+        in_row = self.state.nan_in_row
+        in_row[branch] = in_row[branch] + 1 if skipped else 0
+        self.state.nan_skipped[branch] += int(skipped)
         limit = self.config.optim.max_nan_in_row
-        if self.state["nan_in_row"][branch] >= limit:
+        if in_row[branch] >= limit:
             last = latest_checkpoint(self.run_dir)
             kept = f"the last checkpoint {last} is intact" if last else "no checkpoint was written yet"
             raise CopdError(
-                f"branch {branch!r}: {limit} non-finite losses in a row (step {self.state['global_step']}); "
+                f"branch {branch!r}: {limit} non-finite losses in a row (step {self.state.global_step}); "
                 f"stopping, {kept}; lower optim.lr and resume with --resume"
             )
 
@@ -315,22 +322,19 @@ class Trainer:
     def _checkpoint(self, cycle: int) -> None:
         # Every branch saves and confirms before the manifest (state.json) is written and the
         # folder renamed into place: a checkpoint is a consistent cut of all branches.
-        state = {**self.state, "cycle": cycle, "metrics_lines": self.metrics.lines, **self._sampler_states()}
+        state = dataclasses.replace(self.state, cycle=cycle, metrics_lines=self.metrics.lines, **self._sampler_states())
         save_checkpoint(self.run_dir, cycle, self.learners, state, self.config.run.keep_checkpoints)
 
     def _restore(self) -> None:
-        folder = latest_checkpoint(self.run_dir)
-        if folder is None:  # killed before the first cycle ended: start over from the base
+        if latest_checkpoint(self.run_dir) is None:  # killed before the first cycle ended: start over from the base
             self.metrics.truncate(0, 0)  # and drop the records of the lost steps, or they would repeat
             self._adopt_experts()
             return
         folder, state = load_latest_intact(self.run_dir, self.learners, self.reporter.print)
-        self._load_samplers({"rl_samplers": state.pop("rl_samplers"), "opd_samplers": state.pop("opd_samplers")})
-        self.metrics.truncate(state.pop("metrics_lines"), state["global_step"])
-        state.pop("cycle")
+        self._load_samplers(state.rl_samplers, state.opd_samplers)
+        self.metrics.truncate(state.metrics_lines, state.global_step)
         self.state = state
         self.reporter.print(f"resumed from {folder}")
-
 
     def _adopt_experts(self) -> None:
         """schedule.experts_from: the experts as that run left them, and the plan from its distillation
@@ -339,8 +343,8 @@ class Trainer:
             return
         for name in experts_of(self.config):
             self.learners[name].set_weights(expert_weights(self.config, name))
-        first = next(i for i, phase in enumerate(self.plan) if phase.name == "distill")
-        self.state.update(next_phase=first, global_step=self._first_step())
+        self.state.next_phase = next(i for i, phase in enumerate(self.plan) if phase.name == "distill")
+        self.state.global_step = self._first_step()
         self.reporter.print(f"experts from {self.config.schedule.experts_from}; distillation starts at step {self._first_step()}")
 
     def _first_step(self) -> int:
@@ -350,41 +354,16 @@ class Trainer:
         return sum(phase.steps for phase in self.plan if phase.name != "distill")
 
 
-def branch_costs(timer: dict, started: dict, opd_parts: dict, results: dict) -> tuple[dict, dict]:
-    """(seconds, bytes of sampled rollouts) per branch in one step.
-
-    In one process a branch's seconds are the driver's time in its calls (`timer`). With
-    remote branches the calls return at once, so they are the actor's own: its sampling,
-    its scoring as a teacher and its update.
-    """
-    samples = [(b, r) for b, (_, r) in started.items()] + [(s, p.rollouts) for s, parts in opd_parts.items() for p in parts]
-    sampled = dict.fromkeys(timer, 0)
-    for b, rollouts in samples:
-        sampled[b] += rollouts.nbytes
-    if not any(isinstance(r, Pending) for _, r in samples):
-        return timer, sampled
-    seconds = dict.fromkeys(timer, 0.0)
-    for b, rollouts in samples:
-        seconds[b] += rollouts.seconds
-    for parts in opd_parts.values():
-        for part in parts:
-            teacher = part.edge.split("<-")[1]
-            seconds[teacher] = seconds.get(teacher, 0.0) + part.teacher.seconds
-    for b, result in results.items():
-        seconds[b] += result.metrics.get("actor_update_seconds", 0.0) if result is not None else 0.0
-    return {b: seconds[b] for b in timer}, sampled
-
-
 def plan_of(config: Config) -> list[Phase]:
     """The config's plan: topology edges among the experts for CoPD, named teachers otherwise."""
     names = [b.name for b in config.branches]
-    roles = Roles({b.name: tuple(b.distill_from) for b in config.branches if b.distill_from},
-                  {b.name: b.fork_of for b in config.branches if b.fork_of})
-    experts = list(roles.experts(names))
+    students = Students({b.name: tuple(b.distill_from) for b in config.branches if b.distill_from},
+                        {b.name: b.fork_of for b in config.branches if b.fork_of})
+    experts = list(students.experts(names))
     s = config.schedule
     try:
         topology = build_edges(config.topology.kind, experts, config.topology.hub) if len(experts) > 1 else []
-        plan = build_plan(s.plan, names, topology if s.plan in TOPOLOGY_PLANS else [], s.cycles, s.rl_steps, s.opd_steps, roles)
+        plan = build_plan(s.plan, names, topology if s.plan in TOPOLOGY_PLANS else [], s.cycles, s.rl_steps, s.opd_steps, students)
         plan = with_overlap_trigger(plan, s.overlap_threshold) if s.trigger == "overlap" else plan
         return with_probes(plan, topology) if s.probe else plan
     except ValueError as err:

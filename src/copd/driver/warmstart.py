@@ -11,21 +11,18 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import string
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from copd.config.schema import Config, TinyModelConfig
-from copd.evaluation.evaluate import pass_rates
-from copd.models.sources import build_char_tokenizer, build_tiny_model, load_base_model, load_pretrained, save_pretrained
-from copd.backends.roles import Prompt, SamplingParams
 from copd.backends.local.factory import make_policy
-from copd.reporting.progress import QuietReporter, Reporter
+from copd.backends.roles import Prompt, SamplingParams
+from copd.capabilities import Capability
+from copd.config.schema import Config, TinyModelConfig
 from copd.driver.rollout import MixtureSampler, derived_seed
-from copd.capabilities import CHAR_ALPHABET, Capability
-
-TINY_ALPHABET = CHAR_ALPHABET + "".join(c for c in string.printable if c.isprintable())
+from copd.evaluation.evaluate import pass_rates
+from copd.models.sources import TINY_ALPHABET, build_char_tokenizer, build_tiny_model, load_base_model, load_pretrained, save_pretrained
+from copd.reporting.progress import QuietReporter, Reporter
 
 
 def prepare_base(config: Config, capabilities: dict[str, Capability], reporter: Reporter | None = None):

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from copd.backends.local.factory import make_policy
+from copd.backends.roles import SamplingParams
+from copd.capabilities import BUILTIN_CAPABILITIES, Capability, load_capability
 from copd.errors import CopdError
 from copd.evaluation.evaluate import evaluate_policy
 from copd.models.sources import load_pretrained
-from copd.backends.roles import SamplingParams
-from copd.backends.local.factory import make_policy
-from copd.capabilities import BUILTIN_CAPABILITIES, Capability, load_capability
 from copd.multimodal.media import VideoSampling
-
 
 # The keys of a data capability that `copd eval` and `copd diagnose` take as options (--prompt-field, ...).
 DATA_FILE_OPTIONS = ("verifier", "prompt_field", "answer_field", "system_field", "images_field", "videos_field", "fields")

@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 
 from copd.backends.roles import Policy, Prompt, Rollouts, SamplingParams, Scorer, ScoreRequest
+from copd.capabilities import Capability
 from copd.core.losses import masked_mean
 from copd.core.opd import support_diagnostics
 from copd.errors import CopdError
-from copd.capabilities import Capability
 
 BATCH_SIZE = 64
 DEFAULT_TOPK = 16  # support size when none is given: opd.topk's default
@@ -74,10 +74,10 @@ def diagnose_models(
     symmetric KL, mean delta = log p_B - log p_A at A's sampled tokens, and the token count.
     """
     per_cap: dict[str, dict] = {}
-    total = {"tokens": 0, **{m: 0.0 for m in METRICS}}
+    total = {"tokens": 0, **dict.fromkeys(METRICS, 0.0)}
     for cap in capabilities:
         prompts = [Prompt.of(s) for s in cap.test_set(samples)]  # with their images, videos and system prompt
-        sums = {"tokens": 0, **{m: 0.0 for m in METRICS}}
+        sums = {"tokens": 0, **dict.fromkeys(METRICS, 0.0)}
         for start in range(0, len(prompts), BATCH_SIZE):
             batch = _batch_sums(policy_a, policy_b, prompts[start : start + BATCH_SIZE], params, k, seed + start)
             sums = {key: sums[key] + batch[key] for key in sums}
@@ -111,8 +111,8 @@ def _run_config(folders: list[Path]):
 def _load_pair(model_a: str, model_b: str, options: dict):
     """Both policies (prompting and vision `options` of the run), or a CopdError when a folder is missing or the
     vocabularies differ."""
-    from copd.models.sources import check_model_folder, load_pretrained
     from copd.backends.local.factory import make_policy
+    from copd.models.sources import check_model_folder, load_pretrained
 
     folders = [check_model_folder(model_a), check_model_folder(model_b)]
     (ma, ta), (mb, tb) = load_pretrained(folders[0]), load_pretrained(folders[1])
@@ -180,7 +180,8 @@ def add_parser(sub):
     )
     p.add_argument("model_a", metavar="MODEL_A", help="transformers model folder of the student (its rollouts are scored)")
     p.add_argument("model_b", metavar="MODEL_B", help="transformers model folder of the teacher (same tokenizer as MODEL_A)")
-    p.add_argument("--tasks", required=True, help="comma-separated capability names (a run's own or built-in) or data files (.jsonl, .json, .parquet, .csv)")
+    p.add_argument("--tasks", required=True,
+                   help="comma-separated capability names (a run's own or built-in) or data files (.jsonl, .json, .parquet, .csv)")
     p.add_argument("--samples", type=int, default=64, help="test prompts per capability (default 64)")
     p.add_argument("--k", type=int, default=4, help="k of the top-k overlap (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of MODEL_A's sampling (default 0)")

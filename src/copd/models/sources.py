@@ -10,17 +10,21 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
+import string
 from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer, PreTrainedTokenizerFast
 
+from copd.capabilities import CHAR_ALPHABET
 from copd.config.schema import ModelConfig, TinyModelConfig
 from copd.errors import CopdError
 from copd.multimodal.processor import VLProcessor, is_vision_language
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+# The tiny model's characters: the built-in tasks' first (their ids do not move), then every printable one.
+TINY_ALPHABET = CHAR_ALPHABET + "".join(c for c in string.printable if c.isprintable())
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -162,8 +166,3 @@ def save_pretrained(model, tokenizer, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-
-
-def model_config_key(cfg: ModelConfig) -> dict:
-    """What identifies a built base model in the cache."""
-    return {"tiny": cfg.tiny.model_dump(), "dtype": cfg.dtype}

@@ -70,7 +70,6 @@ from transformers.image_utils import PILImageResampling
 from copd.multimodal.families import IMAGE_PAD, VIDEO_PAD, VideoLayout, VLFamily
 from copd.multimodal.media import Video
 
-
 # What the model's forward takes of the pixel inputs; M-RoPE (get_rope_index) also reads second_per_grid_ts.
 FORWARD_PIXEL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 PIXEL_KEYS = (*FORWARD_PIXEL_KEYS, "second_per_grid_ts")

@@ -15,8 +15,7 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessorPil
 
-from copd.multimodal.families import (IMAGE_PAD, IMAGE_PLACEHOLDER, VIDEO_PAD, VIDEO_PLACEHOLDER, VISION_END,
-                                      VISION_START, family)
+from copd.multimodal.families import IMAGE_PAD, IMAGE_PLACEHOLDER, VIDEO_PAD, VIDEO_PLACEHOLDER, VISION_END, VISION_START, family
 from copd.multimodal.processor import VLProcessor
 
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|pad|>"]

@@ -9,8 +9,8 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from copd.config.methods import rank_of
 from copd.reporting.run_report import load_metrics
-from copd.schedule.methods import rank_of
 
 
 def _cell(row: dict, key: str, n_seeds: int) -> str:
@@ -21,8 +21,8 @@ def _cell(row: dict, key: str, n_seeds: int) -> str:
 def score_table(result: dict) -> list[str]:
     caps, n = result["capabilities"], len(result["seeds"])
     lines = ["| method | " + " | ".join(caps) + " | overall | run |", "|---" * (len(caps) + 3) + "|"]
-    # Rows in their methods' rank (copd.schedule.methods), then by label.
-    for label in sorted(result["rows"], key=lambda l: (rank_of(result["rows"][l]), l)):
+    # Rows in their methods' rank (copd.config.methods), then by label.
+    for label in sorted(result["rows"], key=lambda name: (rank_of(result["rows"][name]), name)):
         row = result["rows"][label]
         cells = [_cell(row, c, n) for c in caps] + [_cell(row, "overall", n)]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {row['run']} |")

@@ -6,8 +6,9 @@ active. The driver knows nothing about CoPD itself; a baseline is another plan b
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 from copd.schedule.topology import Edge
 
@@ -32,8 +33,8 @@ class Phase:
 
 
 @dataclass(frozen=True)
-class Roles:
-    """Branches that only distil once the experts have trained (static OPD, MOPD)."""
+class Students:
+    """Students: branches that only distil once the experts have trained (static OPD, MOPD); every other branch is an expert."""
 
     distill_from: dict[str, tuple[str, ...]] = field(default_factory=dict)  # student -> its teachers
     fork_of: dict[str, str] = field(default_factory=dict)  # student -> branch copied when distillation starts
@@ -42,7 +43,7 @@ class Roles:
         return tuple(b for b in branches if b not in self.distill_from)
 
 
-def copd_plan(branches: list[str], edges: list[Edge], cycles: int, rl_steps: int, opd_steps: int, roles: Roles | None = None) -> list[Phase]:
+def copd_plan(branches: list[str], edges: list[Edge], cycles: int, rl_steps: int, opd_steps: int, students: Students | None = None) -> list[Phase]:
     """Algorithm 1: per cycle, S_RL steps of RLVR, then S_OPD steps of RLVR + OPD on every edge."""
     phases = []
     for n in range(1, cycles + 1):
@@ -53,24 +54,25 @@ def copd_plan(branches: list[str], edges: list[Edge], cycles: int, rl_steps: int
     return phases
 
 
-def experts_plan(branches: list[str], edges: list[Edge], cycles: int, rl_steps: int, opd_steps: int, roles: Roles | None = None) -> list[Phase]:
+def experts_plan(branches: list[str], edges: list[Edge], cycles: int, rl_steps: int, opd_steps: int, students: Students | None = None) -> list[Phase]:
     """Independent RLVR experts with the same number of updates as CoPD (no distillation)."""
-    experts = (roles or Roles()).experts(branches)
+    experts = (students or Students()).experts(branches)
     return [Phase("explore", n, rl_steps + opd_steps, experts) for n in range(1, cycles + 1)]
 
 
-def experts_then_distill_plan(branches: list[str], edges: list[Edge], cycles: int, rl_steps: int, opd_steps: int, roles: Roles | None = None) -> list[Phase]:
+def experts_then_distill_plan(branches: list[str], edges: list[Edge], cycles: int, rl_steps: int, opd_steps: int,
+                              students: Students | None = None) -> list[Phase]:
     """Static OPD and MOPD: train experts to the end, then distil students from the frozen experts.
 
     Students that fork an expert (static OPD) start as a copy of it; others (MOPD) start
     from the base. The distillation phase has as many steps as CoPD's OPD steps in total.
     """
-    roles = roles or Roles()
-    if not roles.distill_from:
+    students = students or Students()
+    if not students.distill_from:
         raise ValueError("this plan needs at least one branch with `distill_from`")
-    distill_edges = tuple(Edge(s, t) for s, teachers in roles.distill_from.items() for t in teachers)
-    phases = experts_plan(branches, edges, cycles, rl_steps, opd_steps, roles)
-    forks = tuple(roles.fork_of.items())
+    distill_edges = tuple(Edge(s, t) for s, teachers in students.distill_from.items() for t in teachers)
+    phases = experts_plan(branches, edges, cycles, rl_steps, opd_steps, students)
+    forks = tuple(students.fork_of.items())
     return [*phases, Phase("distill", cycles + 1, cycles * opd_steps, (), distill_edges, forks)]
 
 
@@ -84,10 +86,11 @@ PLANS: dict[str, Callable[..., list[Phase]]] = {
 TOPOLOGY_PLANS = {"copd"}
 
 
-def build_plan(name: str, branches: list[str], edges: list[Edge], cycles: int, rl_steps: int, opd_steps: int, roles: Roles | None = None) -> list[Phase]:
+def build_plan(name: str, branches: list[str], edges: list[Edge], cycles: int, rl_steps: int, opd_steps: int,
+               students: Students | None = None) -> list[Phase]:
     if name not in PLANS:
         raise ValueError(f"unknown plan {name!r}; valid: {sorted(PLANS)}")
-    return PLANS[name](branches, edges, cycles, rl_steps, opd_steps, roles)
+    return PLANS[name](branches, edges, cycles, rl_steps, opd_steps, students)
 
 
 def with_overlap_trigger(phases: list[Phase], threshold: float) -> list[Phase]:
@@ -98,7 +101,7 @@ def with_overlap_trigger(phases: list[Phase], threshold: float) -> list[Phase]:
     consolidate phase then runs the unused steps, so the number of updates is unchanged.
     """
     out = list(phases)
-    for i, (explore, nxt) in enumerate(zip(phases, phases[1:])):
+    for i, (explore, nxt) in enumerate(itertools.pairwise(phases)):
         if explore.name == "explore" and nxt.name == "consolidate" and nxt.cycle == explore.cycle:
             out[i] = replace(explore, stop_below=threshold, probe_edges=nxt.edges)
             out[i + 1] = replace(nxt, absorbs_carry=True)

@@ -9,6 +9,7 @@ trainer treats like a lost branch worker: restart from the last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -137,17 +138,13 @@ class EngineProcess:
 
 def _accept_into(listener: Listener, accepted: list) -> None:
     """The engine's connection, appended to `accepted`; nothing when the listener is closed first (the engine died)."""
-    try:
+    with contextlib.suppress(OSError):
         accepted.append(listener.accept())
-    except OSError:
-        pass
 
 
 def _kill(process: subprocess.Popen) -> None:
     """The engine and the processes it spawned (its own session)."""
     if process.poll() is None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, 9)
-        except ProcessLookupError:
-            pass
         process.wait()

@@ -9,6 +9,7 @@ in the object store, as a branch actor's do: the learner's update fetches them t
 
 from __future__ import annotations
 
+import contextlib
 import time
 from functools import partial
 from pathlib import Path
@@ -62,10 +63,8 @@ class RemoteEngine:
 
     def close(self) -> None:
         ray = _ray()
-        try:
+        with contextlib.suppress(Exception):  # a lost actor has nothing left to close
             ray.get(self.actor.close.remote(), timeout=60)
-        except Exception:  # a lost actor has nothing left to close
-            pass
         ray.kill(self.actor, no_restart=True)
 
 

@@ -15,10 +15,10 @@ from collections.abc import Callable
 
 import torch
 
-from copd.config.schema import Config
-from copd.backends.roles import Learner, Policy
 from copd.backends.local.factory import make_lora_policy, make_policy
 from copd.backends.local.lora import SharedBase, adapter_name
+from copd.backends.roles import Learner, Policy
+from copd.config.schema import Config
 
 logger = logging.getLogger("copd")
 

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_model, save_model
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from copd.backends.local import lm_head
 from copd.backends.local.allocator import keep_freed_memory
 from copd.backends.local.learning import Learning
-from copd.backends.local import lm_head
 from copd.backends.local.microbatch import micro_batches, scatter_rows
 from copd.backends.local.sampling import RowNoise, Sampled, completion_hidden, completion_logits, output_head, plain_model, sample_completions
 from copd.backends.roles import Prompt, Rollouts, SamplingParams, ScoreRequest, Scores

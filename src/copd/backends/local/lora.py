@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from copd.errors import CopdError
 from copd.backends.local.hf import HFPolicy, export_state
+from copd.errors import CopdError
 
 
 def _peft():

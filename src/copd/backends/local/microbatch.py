@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from copd.backends.roles import Rollouts
 from copd.backends.local.sampling import group_size
+from copd.backends.roles import Rollouts
 
 
 class MicroBatch(tuple):

@@ -73,7 +73,7 @@ class RowNoise:
         h = hash32((self.rows_B + hash32(torch.tensor(position))) & MASK32)
         return ((h >> 8).float() / float(1 << 24))[:, None]
 
-    def rows(self, index) -> "RowNoise":
+    def rows(self, index) -> RowNoise:
         """The noise of a subset of the rows (a chunk sampled on its own)."""
         picked = object.__new__(RowNoise)
         picked.rows_B = self.rows_B[index]

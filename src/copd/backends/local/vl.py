@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import torch
 
-from copd.config.schema import VisionConfig
-from copd.backends.roles import Prompt, Rollouts, SamplingParams, VisionInputs
 from copd.backends.local.hf import HFPolicy
 from copd.backends.local.lora import LoraPolicy
 from copd.backends.local.sampling import RowNoise, repeat_rows
 from copd.backends.local.vl_decoding import vl_completion_hidden, vl_completion_logits, vl_sample
+from copd.backends.roles import Prompt, Rollouts, SamplingParams, VisionInputs
+from copd.config.schema import VisionConfig
+from copd.multimodal.families import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from copd.multimodal.inputs import PIXEL_KEYS, prompt_inputs
 from copd.multimodal.media import VideoSampling
 from copd.multimodal.prompts import content_items, plain_text
-from copd.multimodal.families import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 
 
 class VisionLanguageInputs:

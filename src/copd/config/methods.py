@@ -17,11 +17,10 @@ them from here and nowhere else.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
 
-if TYPE_CHECKING:
-    from copd.config.schema import BranchConfig, Config
+from copd.config.schema import BranchConfig, Config
 
 
 @dataclass(frozen=True)
@@ -45,10 +44,8 @@ class Method:
 
 
 def _copy(config: Config, **sections) -> Config:
-    raw = config.to_yaml_dict()
-    for key, value in sections.items():
-        raw[key] = value
-    return type(config).model_validate(raw)
+    """The config with whole sections replaced, validated again (a transform cannot make an invalid config)."""
+    return Config.model_validate({**config.to_yaml_dict(), **sections})
 
 
 def expert_branches(config: Config) -> list[BranchConfig]:
@@ -102,7 +99,8 @@ def _mopd(config: Config) -> Config:
     caps = sorted({c for b in experts for c in b.capabilities})
     student = {"name": "student", "capabilities": caps, "beta": experts[0].beta, "distill_from": [b.name for b in experts]}
     merge = {**config.merge.model_dump(), "branches": [b.name for b in experts]}
-    return _copy(config, branches=[b.model_dump() for b in experts] + [student], schedule={**config.schedule.model_dump(), "plan": "mopd"}, merge=merge)
+    schedule = {**config.schedule.model_dump(), "plan": "mopd"}
+    return _copy(config, branches=[b.model_dump() for b in experts] + [student], schedule=schedule, merge=merge)
 
 
 def _model(model: str) -> Callable[[str, Config], dict[str, str]]:

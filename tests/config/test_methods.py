@@ -5,7 +5,7 @@ import json
 import pytest
 
 from copd.config.loader import validate_config
-from copd.schedule.methods import METHODS
+from copd.config.methods import METHODS
 from copd.driver.pipeline import run_training
 from copd.driver.trainer import plan_of
 from tests.e2e.test_text import TINY, records

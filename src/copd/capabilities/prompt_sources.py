@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
+from copd.capabilities.capability import Sample, check_state
 from copd.errors import CopdError
-from copd.capabilities.core import Sample, check_state
 
 # A sample is in the test split iff sha1(split_key(sample)) % TEST_MODULUS == 0 (about 10%).
 TEST_MODULUS = 10
