@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 # Every install below takes the versions in constraints.txt (pip constraints: exact versions of
 # everything copd and its extras pull in, torch aside); `make lock` re-resolves them.
 CONSTRAINTS := constraints.txt
-EXTRAS := dev,math,lora,data,models,video,ray,tensorboard,wandb,trackio
+EXTRAS := dev,math,lora,data,models,video,ray,tensorboard,wandb,trackio,docs
 # A second environment: torchvision and none of copd's optional extras. There the tests that build
 # vision-language models run again, on their checkpoint's own processor, and the whole suite is
 # collected, so a test module that needs an extra must skip, naming it, rather than fail to import. Here torchvision means torch 2.14.1, a 5.5 GB CUDA build, so
@@ -72,6 +72,12 @@ test-torchvision: $(TV_VENV)/bin/copd
 	$(TV_VENV)/bin/python -m pytest --collect-only -q > /dev/null
 	$(TV_VENV)/bin/python -m pytest -m "not slow" -rs $(TV_TESTS)
 
+# The documentation site (mkdocs.yml, docs/) into site/; a broken link or anchor, or a page left
+# out of the nav, fails the build. Not --quiet: in mkdocs 1.6.1 it drops the warnings that
+# --strict counts, and a broken link then passes.
+docs: setup
+	$(BIN)/mkdocs build --strict
+
 bench: setup
 	$(BIN)/python benchmarks/speed.py
 
@@ -89,4 +95,4 @@ lock:
 	  $(LOCK_VENV)/bin/pip freeze --exclude-editable | grep -v -i '^torch=='; } > $(CONSTRAINTS)
 	rm -rf $(LOCK_VENV)
 
-.PHONY: setup demo test lint test-torchvision test-vllm vllm bench lock
+.PHONY: setup demo test lint test-torchvision test-vllm vllm docs bench lock

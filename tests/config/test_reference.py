@@ -1,16 +1,17 @@
-"""The README's config reference is generated from the config models and must be current."""
+"""The docs' config reference page is generated from the config models and must be current."""
 
 from pathlib import Path
 
-from copd.config.reference import BEGIN, END, config_reference
+from copd.config.reference import BEGIN, END, PAGE, config_reference
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+REFERENCE = Path(__file__).resolve().parents[2] / PAGE
 
 
-def test_readme_config_reference_is_up_to_date():
-    text = README.read_text()
+def test_config_reference_page_is_up_to_date():
+    text = REFERENCE.read_text()
+    assert BEGIN in text and END in text, f"{PAGE} has lost its markers"
     current = text.split(BEGIN, 1)[1].split(END, 1)[0].strip()
-    assert current == config_reference().strip(), "run: python -m copd.config.reference README.md"
+    assert current == config_reference().strip(), "run: python -m copd.config.reference"
 
 
 def test_every_config_key_has_a_description():

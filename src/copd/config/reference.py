@@ -1,7 +1,7 @@
-"""The README's config reference, generated from the config models (the single source of truth).
+"""The config reference page of the docs, generated from the config models (the single source of truth).
 
-`python -m copd.config.reference README.md` rewrites the part between the markers; a test fails when
-the README is out of date.
+`python -m copd.config.reference [PAGE]` rewrites the part of PAGE (default: docs/config-reference.md,
+the page of the documentation site) between the markers; a test fails when the page is out of date.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from copd.config.schema import Config
 
 BEGIN = "<!-- config-reference:begin -->"
 END = "<!-- config-reference:end -->"
+PAGE = "docs/config-reference.md"
 
 
 def _default(field) -> str:
@@ -56,7 +57,7 @@ def config_reference() -> str:
     return "\n".join(lines)
 
 
-def update_readme(path: Path) -> bool:
+def update_page(path: Path) -> bool:
     """Rewrite the reference between the markers; True when the file changed."""
     text = path.read_text()
     head, _, rest = text.partition(BEGIN)
@@ -68,4 +69,4 @@ def update_readme(path: Path) -> bool:
 
 
 if __name__ == "__main__":
-    print("updated" if update_readme(Path(sys.argv[1] if len(sys.argv) > 1 else "README.md")) else "up to date")
+    print("updated" if update_page(Path(sys.argv[1] if len(sys.argv) > 1 else PAGE)) else "up to date")
