@@ -58,6 +58,8 @@ p.add_argument("--eps-high", type=float, default=0.28)
 p.add_argument("--temperature", type=float, default=1.0)
 p.add_argument("--max-new-tokens", type=int, default=8)
 p.add_argument("--test-size", type=int, default=200, help="test prompts per capability")
+p.add_argument("--save-first-update", metavar="FILE",
+               help="save the base, the first RL batch and the branch after its update (a test replays it through the library)")
 args = p.parse_args()
 transformers.logging.set_verbosity_error()  # quiet the cache-API deprecation notes of the decode loop
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -199,14 +201,22 @@ def update(name: str, losses: list[torch.Tensor]) -> None:
     optims[name].step()
 
 
+def save_first_update(path: str, name: str, r: dict) -> None:
+    """--save-first-update: the update's input and output, which the library's learner must reproduce."""
+    batch = {k: r[k] for k in ("ids", "mask", "prompt_len", "comp_mask", "adv", "texts")}
+    torch.save({"args": vars(args), "base": base.state_dict(), "batch": batch, "after": branches[name].state_dict()}, path)
+
+
 # ---- 4. Algorithm 1 (docs/method.md §2) ---------------------------------------------------
 for cycle in range(1, args.cycles + 1):
     # Phase I, explore: S_RL steps of GRPO, each branch on its own data only.
-    for _ in range(args.rl_steps):
+    for step in range(args.rl_steps):
         shown = []
         for name in names:
             r, reward = collect_rl(name)
             update(name, [pg_loss(branches[name], r)])
+            if args.save_first_update and (cycle, step, name) == (1, 0, names[0]):
+                save_first_update(args.save_first_update, name, r)
             shown.append(f"{name} r={reward:.2f}")
         print(f"cycle {cycle} explore      " + "  ".join(shown))
     # Phase II, consolidate: S_OPD steps of GRPO + OPD from the other branch.
