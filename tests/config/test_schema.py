@@ -220,7 +220,7 @@ def test_names_come_from_their_registries():
     reference = config_reference()
     for key, (model, name, registry) in fields.items():
         assert get_args(model.model_fields[name].annotation) == tuple(registry)
-        assert f"| `{key}` | {' / '.join(registry)} |" in reference  # the README lists the valid values
+        assert f"| `{key}` | {' / '.join(registry)} |" in reference  # the config reference lists the valid values
 
 
 @pytest.mark.parametrize("override, key, fragment", [

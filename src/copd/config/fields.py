@@ -38,7 +38,7 @@ def unknown_name(what: str, value: object, valid: Iterable[str]) -> str:
 
 
 def one_of(registry: Mapping[str, Any], what: str) -> Any:
-    """A str field whose values are the keys of `registry` (the README's reference lists them)."""
+    """A str field whose values are the keys of `registry` (the config reference lists them)."""
 
     def check(value: Any) -> Any:
         if isinstance(value, str) and value in registry:

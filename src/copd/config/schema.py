@@ -1,6 +1,6 @@
 """The single source of truth for configuration: typed models loaded from YAML.
 
-Every key a user can set is a field below (the README's config reference is generated
+Every key a user can set is a field below (the config reference, docs/config-reference.md, is generated
 from these models). Unknown keys are errors that name the nearest valid key; command-line
 overrides use `key.sub=value` with YAML-parsed values.
 """

@@ -1,7 +1,7 @@
 """A whole run: prepare the base, train the plan, save branches, merge, evaluate, report.
 
 This is what `copd train` and `copd demo` call. Everything lands in the run directory
-(README, "The run directory").
+(docs/run-directory.md).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,18 +110,21 @@ def run_training(config: Config, resume: bool = False, reporter: Reporter | None
     reporter = reporter or QuietReporter()
     run_dir = Path(config.run.out).expanduser()
     config, capabilities, device = check_run(config, run_dir, resume, reporter, base_dir)
-    started, timing = time.perf_counter(), {}
-    base = prepare_base_model(config, run_dir, capabilities, resume, reporter, timing)
+    started, timing = time.perf_counter(), {}  # timing: stage -> seconds, written to timing.json
+    with timed(timing, "warmup_seconds"):
+        base = prepare_base_model(config, run_dir, capabilities, resume, reporter)
     backend = BRANCH_BACKENDS[config.run.backend](config, base.model, base.tokenizer, device)
     check_token_budget(config, capabilities, backend.base_policy)
     write_run_dir(config, run_dir, resume, backend.base_policy, base.warmup, device)
     trackers = Trackers.open(config.run.report_to, run_dir, config.run.project, config.to_yaml_dict(), resume)
-    run = RunContext(config, run_dir, capabilities, reporter, resume, timing, trackers)
     try:
         with backend.open(run_dir) as branches:
-            train(run, branches)
-            merged = save_and_merge(run, branches)
-            evaluate_models(run, branches, backend.base_policy, merged)
+            reporter.print(describe_branches({name: roles.learner for name, roles in branches.items()}))
+            with timed(timing, "train_seconds"):
+                Trainer(config, run_dir, branches, capabilities, reporter, trackers).run(resume=resume)
+            merged = save_and_merge(config, run_dir, branches)
+            with timed(timing, "eval_seconds"):
+                evaluate_models(config, run_dir, capabilities, branches, backend.base_policy, merged, reporter)
         timing["total_seconds"] = round(time.perf_counter() - started, 2)
         (run_dir / "timing.json").write_text(json.dumps(timing, indent=1))
         write_report(run_dir)
@@ -165,15 +169,12 @@ class Base:
     warmup: dict | None  # what the warm start did (warmup.json); None for a base a resumed run reloads
 
 
-def prepare_base_model(config: Config, run_dir: Path, capabilities: dict[str, Capability], resume: bool, reporter: Reporter,
-                       timing: dict) -> Base:
+def prepare_base_model(config: Config, run_dir: Path, capabilities: dict[str, Capability], resume: bool, reporter: Reporter) -> Base:
     """The base model and tokenizer (loaded, built tiny, warm-started), then the checks that need the tokenizer."""
-    t0 = time.perf_counter()
     if _reuses_base(run_dir, resume):
         base = Base(*load_pretrained(run_dir / "base", config.model.dtype), None)
     else:
         base = Base(*prepare_base(config, capabilities, reporter))
-    timing["warmup_seconds"] = round(time.perf_counter() - t0, 2)
     check_modalities(capabilities, base.tokenizer)
     check_engine_model(config, base.tokenizer)
     check_rank_model(config, base.tokenizer)
@@ -212,44 +213,30 @@ def check_token_budget(config: Config, capabilities: dict[str, Capability], poli
                             f"{longest + new_tokens}")
 
 
-@dataclass
-class RunContext:
-    """What every stage of one run shares."""
-
-    config: Config
-    run_dir: Path
-    capabilities: dict[str, Capability]
-    reporter: Reporter
-    resume: bool
-    timing: dict  # stage -> seconds, written to timing.json
-    trackers: Trackers
-
-
-def train(run: RunContext, branches: dict[str, BranchRoles]) -> None:
-    """Algorithm 1 over the config's plan (copd.driver.trainer)."""
-    run.reporter.print(describe_branches({name: roles.learner for name, roles in branches.items()}))
+@contextlib.contextmanager
+def timed(timing: dict[str, float], key: str) -> Iterator[None]:
+    """Add the seconds of the block to timing[key] (a key timed in several blocks sums them)."""
     t0 = time.perf_counter()
-    Trainer(run.config, run.run_dir, branches, run.capabilities, run.reporter, run.trackers).run(resume=run.resume)
-    run.timing["train_seconds"] = round(time.perf_counter() - t0, 2)
+    yield
+    timing[key] = round(timing.get(key, 0.0) + time.perf_counter() - t0, 2)
 
 
-def save_and_merge(run: RunContext, branches: dict[str, BranchRoles]):
+def save_and_merge(config: Config, run_dir: Path, branches: dict[str, BranchRoles]):
     """Every branch as a transformers folder under branches/, and their merge under merged/ (returned as a policy)."""
     for name, roles in branches.items():
-        roles.learner.save_pretrained(run.run_dir / "branches" / name)
-    return merge_branches(run.run_dir, run.config)
+        roles.learner.save_pretrained(run_dir / "branches" / name)
+    return merge_branches(run_dir, config)
 
 
-def evaluate_models(run: RunContext, branches: dict[str, BranchRoles], base_policy, merged) -> None:
+def evaluate_models(config: Config, run_dir: Path, capabilities: dict[str, Capability], branches: dict[str, BranchRoles],
+                    base_policy, merged, reporter: Reporter) -> None:
     """eval.json: the base, every branch and the merged model on every capability's test split."""
-    t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        if run.config.sampling.eval_engine == "vllm":
-            models = evaluation_engines(run.config, run.run_dir, branches, base_policy.tokenizer, stack)
+        if config.sampling.eval_engine == "vllm":
+            models = evaluation_engines(config, run_dir, branches, base_policy.tokenizer, stack)
         else:  # each branch's own learner samples (not its engine), as the base and the merged model do
             models = {"base": base_policy, **{f"branch:{n}": r.scorer for n, r in branches.items()}, "merged": merged}
-        evaluate_run(run.config, run.run_dir, run.capabilities, models, run.reporter)
-    run.timing["eval_seconds"] = round(time.perf_counter() - t0, 2)
+        evaluate_run(config, run_dir, capabilities, models, reporter)
 
 
 def evaluate_run(config: Config, run_dir: Path, capabilities: dict[str, Capability], policies: dict, reporter: Reporter) -> dict:

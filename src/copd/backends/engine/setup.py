@@ -28,7 +28,7 @@ def check_engine(config) -> None:
 
 
 def check_engine_model(config, processing=None) -> None:
-    """A vision-language model cannot go through the engine here (see the README): say so before the run starts.
+    """A vision-language model cannot go through the engine here (docs/scale.md, "A rollout engine"): say so before the run starts.
 
     Without `processing` (before the base is loaded) the config tells: a tiny vision-language
     architecture, or a model folder whose config.json names a vision-language family.
