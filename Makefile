@@ -52,7 +52,7 @@ vllm: $(VLLM_VENV)/bin/vllm-ready
 
 # The engine's tests: vLLM against the learner on SmolLM2-135M (they skip without vLLM's environment).
 test-vllm: setup vllm
-	$(BIN)/python -m pytest -m "not slow" -rs tests/engine
+	$(BIN)/python -m pytest -m "not slow" -rs tests/backends/engine
 
 demo: setup
 	$(BIN)/copd demo
@@ -65,7 +65,7 @@ lint: setup
 	$(BIN)/ruff check .
 
 # The tests that build vision-language models (the processor route differs with torchvision).
-TV_TESTS := tests/multimodal tests/backends/test_vl.py tests/backends/test_contract.py tests/capabilities/test_visual.py \
+TV_TESTS := tests/multimodal tests/backends/local/test_vl.py tests/backends/test_contract.py tests/capabilities/test_visual.py \
 	tests/driver/test_merging.py tests/e2e/test_vision_language.py tests/evaluation/test_diagnose.py tests/test_layers.py
 
 test-torchvision: $(TV_VENV)/bin/copd

@@ -65,7 +65,7 @@ def stop(run: subprocess.Popen, seen: list) -> None:
     run.wait(timeout=30)
 
 
-# 40-60 s on 2 busy cores, most of it Ray and the actors starting (`pytest -m slow tests/backends`): not in CI;
+# 40-60 s on 2 busy cores, most of it Ray and the actors starting (`pytest -m slow tests/backends/test_ray_lost_node.py`): not in CI;
 # tests/backends/test_ray.py and tests/driver/test_trainer.py check its parts there.
 @pytest.mark.slow
 def test_a_lost_node_stops_the_run_with_one_line_saying_how_to_resume(tmp_path):

@@ -83,7 +83,7 @@ def test_a_killed_rank_restarts_every_branch_and_the_run_ends_as_if_uninterrupte
     assert (again / "eval.json").read_text() == (two / "eval.json").read_text()
 
 
-@pytest.mark.slow  # tests/backends/test_sharded.py checks the checkpoint itself across rank counts
+@pytest.mark.slow  # tests/backends/local/test_sharded.py checks the checkpoint itself across rank counts
 def test_a_run_saved_by_two_ranks_resumes_on_one(tmp_path, runs, monkeypatch):
     one, _, cache = runs
     step = trainer_module.Trainer.step

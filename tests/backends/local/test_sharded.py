@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from copd.backends.local.hf import HFPolicy
 from copd.backends.roles import LossSpec, OPDPart, RLPart, SamplingParams
-from tests.backends.test_hf import tiny_policy
+from tests.backends.local.test_hf import tiny_policy
 
 PROMPTS = ["1+2=", "33+4=", "5+60=", "7+8=", "9+10=", "1+1="]
 # fp32 on CPU. A rank computes each row in one forward (the reference runs a prompt once and its completions on

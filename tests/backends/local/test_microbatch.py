@@ -18,7 +18,7 @@ from copd.backends.local.microbatch import micro_batches, mini_batch_rows
 from copd.backends.roles import LossSpec, OPDPart, RLPart, SamplingParams, ScoreRequest
 from copd.core.losses import LOSS_AGGREGATIONS
 from copd.core.opd import OPD_ESTIMATORS
-from tests.backends.test_hf import PROMPTS, tiny_policy
+from tests.backends.local.test_hf import PROMPTS, tiny_policy
 
 GRAD_TOLERANCE = dict(atol=1e-6, rtol=1e-5)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from copd.backends.roles import LossSpec, RLPart, SamplingParams
-from tests.backends.test_hf import PROMPTS, tiny_policy
+from tests.backends.local.test_hf import PROMPTS, tiny_policy
 
 
 def engine_rollouts(policy, shift: float):

@@ -23,7 +23,7 @@ from copd.models.fetch import fetch_model
 from copd.models.sources import load_pretrained
 from tests.extras import require, require_vllm
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "smollm2_arith.yaml"
+EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "smollm2_arith.yaml"
 PROMPTS = ["What is 7 plus 5?", "What is 9 times 3?"]
 # Engine and learner compute the same float32 model with different kernels: per-token log-probs
 # agreed within 2e-4 here (mean 6e-6), so these bounds leave room for other CPUs.
@@ -131,7 +131,7 @@ def test_a_run_whose_engine_is_killed_resumes_like_any_other(tmp_path, monkeypat
     assert_same_run(records(resumed), rows)
 
 
-@pytest.mark.slow  # 2.5 min more (`pytest -m slow tests/engine`): not in CI
+@pytest.mark.slow  # 2.5 min more (`pytest -m slow tests/backends/engine`): not in CI
 def test_engines_on_ray_give_the_run_in_one_process(tmp_path, reference):
     rows, python = reference
     require("ray")
