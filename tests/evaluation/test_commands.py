@@ -62,3 +62,50 @@ def test_the_options_are_the_config_keys(capsys):
     text = capsys.readouterr().out
     for option in ("--prompt-field", "--answer-field", "--system-field", "--images-field", "--videos-field", "--fields", "--verifier"):
         assert option in text
+
+
+def test_generation_flags_groups_pass_at_k_and_sample_records(model_and_files, tmp_path, capsys):
+    folder, plain, _ = model_and_files
+    out, log = tmp_path / "scores.json", tmp_path / "samples.jsonl"
+    argv = ["eval", str(folder), "--tasks", str(plain), "--verifier", "kinds:by_kind", "--samples", "8", "--n", "3",
+            "--max-new-tokens", "5", "--temperature", "0.7", "--group-by", "kind", "--log-samples", str(log), "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    # The settings used are printed, and which ones are a model folder's defaults.
+    assert "generation: max_new_tokens 5, temperature 0.7, top_p 1.0, n 3, batch_size 128, seed 0" in printed
+    assert "top_p, batch_size: model-folder defaults" in printed
+    found = json.loads(out.read_text())
+    assert found["settings"] == {"max_new_tokens": 5, "temperature": 0.7, "top_p": 1.0, "n": 3, "batch_size": 128, "seed": 0}
+    scores = found["models"]["model"]["scores"]["plain"]
+    # by_kind rewards rows of kind x with 1 whatever the completion: every score of group x is 1, of y 0.
+    assert scores["groups"]["x"] == {"prompts": 4, "greedy": 1.0, "mean@3": 1.0, "pass@1": 1.0, "pass@2": 1.0, "pass@3": 1.0}
+    assert scores["groups"]["y"] == {"prompts": 4, "greedy": 0.0, "mean@3": 0.0, "pass@1": 0.0, "pass@2": 0.0, "pass@3": 0.0}
+    assert scores["all"]["mean@3"] == 0.5 and found["models"]["model"]["sampled"]["plain"] == 0.5
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(records) == 8 and {r["model"] for r in records} == {"model"}
+    first = records[0]
+    assert set(first) == {"model", "capability", "prompt", "answer", "fields", "greedy", "sampled"}
+    assert len(first["sampled"]) == 3 and first["greedy"]["reward"] == (1.0 if first["fields"]["kind"] == "x" else 0.0)
+
+
+def test_with_one_sample_the_sampled_score_is_the_training_time_pass_rate(model_and_files, tmp_path):
+    from copd.backends.local.factory import make_policy
+    from copd.backends.roles import SamplingParams
+    from copd.capabilities import load_capability
+    from copd.evaluation.evaluate import evaluate_policy
+    from copd.models.sources import load_pretrained
+
+    folder, plain, _ = model_and_files
+    found = scores(tmp_path, [str(folder), "--tasks", str(plain), "--verifier", "exact"])
+    cap = load_capability({"name": "plain", "path": str(plain), "test_path": str(plain), "verifier": "exact"})
+    model, tokenizer = load_pretrained(folder)
+    before = evaluate_policy(make_policy("m", model, tokenizer), [cap], 8, SamplingParams(max_new_tokens=32))
+    assert found["greedy"]["plain"] == before["greedy"]["plain"] and found["sampled"]["plain"] == before["sampled"]["plain"]
+
+
+@pytest.mark.parametrize(("flag", "message"), [(["--n", "0"], "--n 0: must be at least 1"),
+                                               (["--top-p", "1.5"], "--top-p 1.5: must be in (0, 1]"),
+                                               (["--group-by", "nope"], "--group-by nope: task 'plain' has no such column")])
+def test_bad_generation_options_are_one_line_errors(model_and_files, capsys, flag, message):
+    folder, plain, _ = model_and_files
+    assert message in fails(capsys, ["eval", str(folder), "--tasks", str(plain), *flag])

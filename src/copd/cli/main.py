@@ -80,9 +80,12 @@ def _print_summary(run_dir: Path, seconds: float) -> None:
 
 
 def cmd_eval(args) -> int:
-    from copd.evaluation.commands import data_file_keys, run_eval
+    from copd.evaluation.commands import SETTING_FLAGS, data_file_keys, run_eval
+    from copd.reporting.progress import default_reporter
 
-    run_eval(args.target, args.tasks, args.samples, data_file_keys(args), args.out, args.seed)
+    given = {key: getattr(args, key) for key in SETTING_FLAGS}
+    run_eval(args.target, args.tasks, args.samples, data_file_keys(args), args.out, args.seed, given, args.group_by,
+             args.log_samples, default_reporter(args.quiet))
     return 0
 
 
@@ -172,15 +175,19 @@ def _add_result_commands(sub) -> list[argparse.ArgumentParser]:
     """`copd eval`, `copd merge` and `copd compare`."""
     from copd.config.methods import METHODS
     from copd.core.merge import MERGE_METHODS
-    from copd.evaluation.commands import add_data_file_options
+    from copd.evaluation.commands import add_data_file_options, add_generation_options
 
     ev = sub.add_parser("eval", help="score a run or a model folder on capabilities' test splits")
     ev.add_argument("target", metavar="RUN_OR_MODEL", help="a run directory (base, branches, final) or a transformers model folder")
     ev.add_argument("--tasks", required=True, help="comma-separated built-in capability names or data files (.jsonl, .json, .parquet, .csv)")
     ev.add_argument("--samples", type=int, default=200, help="test prompts per capability (default 200)")
     add_data_file_options(ev)
-    ev.add_argument("--seed", type=int, default=0, help="seed of the sampled pass rate")
-    ev.add_argument("--out", help="write the scores as JSON here")
+    add_generation_options(ev)
+    ev.add_argument("--seed", type=int, default=0, help="seed of the sampled completions")
+    ev.add_argument("--group-by", metavar="COLUMN", help="also score per value of this data column (e.g. category)")
+    ev.add_argument("--log-samples", metavar="FILE", help="write every prompt's completions, reference answer and rewards here (JSON lines)")
+    ev.add_argument("--out", help="write the scores and the generation settings as JSON here")
+    ev.add_argument("--quiet", action="store_true", help="no progress display")
     ev.set_defaults(func=cmd_eval)
 
     merge = sub.add_parser("merge", help="merge a run's branches with another method")

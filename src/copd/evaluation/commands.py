@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 from copd.backends.local.factory import make_policy
-from copd.backends.roles import SamplingParams
-from copd.capabilities import BUILTIN_CAPABILITIES, Capability, load_capability
+from copd.capabilities import BUILTIN_CAPABILITIES, VERIFIERS, Capability, load_capability
+from copd.core.passk import reported_ks
 from copd.errors import CopdError
-from copd.evaluation.evaluate import evaluate_policy
+from copd.evaluation.records import EvalSettings, score_records, summarise_by
 from copd.models.sources import load_pretrained
 from copd.multimodal.media import VideoSampling
+
+# From the registry, as the error for an unknown verifier lists it.
+VERIFIER_HELP = (f"how a completion is scored: one of {', '.join(VERIFIERS)}, or module:function; "
+                 "either with +format[:W] adds a final-answer format reward")
 
 # The keys of a data capability that `copd eval` and `copd diagnose` take as options (--prompt-field, ...).
 DATA_FILE_OPTIONS = ("verifier", "prompt_field", "answer_field", "system_field", "images_field", "videos_field", "fields")
@@ -25,8 +30,9 @@ def add_data_file_options(parser) -> None:
         field = CapabilityConfig.model_fields[key]
         default = f" (default {field.default})" if field.default is not None else ""
         listed = " (comma-separated)" if key == "fields" else ""
+        described = VERIFIER_HELP if key == "verifier" else field.description
         parser.add_argument(f"--{key.replace('_', '-')}", dest=key, metavar=key.upper(),
-                            help=f"data-file tasks: {field.description}{listed}{default}")
+                            help=f"data-file tasks: {described}{listed}{default}")
 
 
 def data_file_keys(args) -> dict:
@@ -79,7 +85,48 @@ def models_of(target: Path) -> dict[str, Path]:
     return found
 
 
-def run_eval(target: str, tasks: str, samples: int, data_keys: dict, out: str | None, seed: int) -> dict:
+# A model folder has no run config: these generation settings apply unless given on the command line.
+FOLDER_DEFAULTS = {"max_new_tokens": 32, "temperature": 1.0, "top_p": 1.0, "n": 1, "batch_size": 128}
+SETTING_FLAGS = tuple(FOLDER_DEFAULTS)
+
+
+def add_generation_options(parser) -> None:
+    """--max-new-tokens, --temperature, --top-p, --n, --batch-size: unset, a run's own settings apply (model folders: FOLDER_DEFAULTS)."""
+    helps = {"max_new_tokens": "new tokens per completion", "temperature": "sampling temperature", "top_p": "nucleus sampling threshold",
+             "n": "sampled completions per prompt (pass@k, mean@n)", "batch_size": "prompts per generation call"}
+    for key, default in FOLDER_DEFAULTS.items():
+        where = f"the run's own; a model folder: {default}" if key != "n" else default
+        parser.add_argument(f"--{key.replace('_', '-')}", dest=key, type=type(default), metavar=key.upper(),
+                            help=f"{helps[key]} (default: {where})")
+
+
+def eval_settings(given: dict, run_config, seed: int) -> tuple[EvalSettings, list[str]]:
+    """The generation settings: the flags given, else the run's own (sampling.*, eval.batch_size), else
+    FOLDER_DEFAULTS; and the names of those that fell back to a model-folder default."""
+    defaults = dict(FOLDER_DEFAULTS)
+    if run_config is not None:
+        s = run_config.sampling
+        defaults.update(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, batch_size=run_config.eval.batch_size)
+    chosen = {key: given[key] if given.get(key) is not None else defaults[key] for key in SETTING_FLAGS}
+    for key, low in (("max_new_tokens", 1), ("n", 1), ("batch_size", 1), ("temperature", 1e-6), ("top_p", 1e-6)):
+        if chosen[key] < low or (key == "top_p" and chosen[key] > 1):
+            limits = "in (0, 1]" if key == "top_p" else "positive" if low < 1 else "at least 1"
+            raise CopdError(f"--{key.replace('_', '-')} {chosen[key]}: must be {limits}")
+    fallback = [key for key in SETTING_FLAGS if given.get(key) is None and run_config is None]
+    return EvalSettings(**chosen, seed=seed), fallback
+
+
+def check_group_column(caps: list[Capability], column: str | None) -> None:
+    """--group-by needs a column that every task's test prompts carry."""
+    for cap in caps if column else []:
+        fields = cap.test_set(1)[0].fields if cap.test_set(1) else {}
+        if column not in fields:
+            raise CopdError(f"--group-by {column}: task {cap.name!r} has no such column (its columns: {', '.join(fields) or 'none'})")
+
+
+def run_eval(target: str, tasks: str, samples: int, data_keys: dict, out: str | None, seed: int, given: dict | None = None,
+             group_by: str | None = None, log_samples: str | None = None, reporter=None) -> dict:
+    """`copd eval`; `reporter` (copd.reporting.progress) shows prompts done per model and task."""
     path = Path(target).expanduser()
     if not path.exists():
         raise CopdError(f"model or run not found: {path}")
@@ -89,18 +136,72 @@ def run_eval(target: str, tasks: str, samples: int, data_keys: dict, out: str | 
 
         run_config = load_config(path / "config.yaml")
     caps = resolve_tasks(tasks, data_keys, run_config)
-    s = run_config.sampling if run_config else None
-    params = SamplingParams.from_config(s) if s else SamplingParams(max_new_tokens=32)
+    check_group_column(caps, group_by)
+    settings, fallback = eval_settings(given or {}, run_config, seed)
+    print(describe_settings(settings, fallback))
     prompting = run_config.model.policy_options() if run_config else {}
-    results = {}
+    results, logged = {}, []
     for label, folder in models_of(path).items():
         model, tokenizer = load_pretrained(folder)
-        results[label] = evaluate_policy(make_policy(label, model, tokenizer, **prompting), caps, samples, params, seed=seed)
-    print(f"  {'model':<16}" + "".join(f"{c.name:>14}" for c in caps) + "   (greedy accuracy / sampled pass rate)")
-    for label, scores in results.items():
-        cells = "".join(f"{100 * scores['greedy'][c.name]:>7.1f}/{100 * scores['sampled'][c.name]:<5.1f}%" for c in caps)
-        print(f"  {label:<16}{cells}")
+        policy = make_policy(label, model, tokenizer, **prompting)
+        results[label], records = score_model(policy, label, caps, samples, settings, group_by, reporter)
+        logged += [{"model": label, **r} for r in records]
+    print_scores(results, caps, settings.n)
+    if log_samples:
+        with Path(log_samples).open("w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in logged)
+        print(f"samples: {log_samples} ({len(logged)} records)")
     if out:
-        Path(out).write_text(json.dumps({"samples": samples, "models": results}, indent=1))
+        found = {"settings": dataclasses.asdict(settings), "samples": samples, "group_by": group_by, "models": results}
+        Path(out).write_text(json.dumps(found, indent=1))
         print(f"scores: {out}")
     return results
+
+
+def score_model(policy, label: str, caps: list[Capability], samples: int, settings: EvalSettings, group_by: str | None,
+                reporter=None) -> tuple[dict, list[dict]]:
+    """One model's scores on every task (greedy and sampled as before, and the summaries) and its records."""
+    found, records = {"greedy": {}, "sampled": {}, "scores": {}}, []
+    for cap in caps:
+        tests = cap.test_set(samples)
+        mine = score_records(policy, cap, tests, settings, progress(reporter, f"{label} {cap.name}", len(tests)))
+        if reporter is not None:
+            reporter.stop()
+        summary = summarise_by(mine, group_by)
+        found["greedy"][cap.name] = summary["all"]["greedy"]
+        found["sampled"][cap.name] = summary["all"][f"mean@{settings.n}"]
+        found["scores"][cap.name] = summary
+        records += mine
+    return found, records
+
+
+def progress(reporter, description: str, total: int):
+    """A callback that advances the reporter's bar by the prompts just scored (a no-op without one)."""
+    if reporter is None:
+        return lambda done: None
+    reporter.start(description, total)
+
+    def advance(done: int) -> None:
+        for _ in range(done):
+            reporter.advance(description)
+
+    return advance
+
+
+def describe_settings(settings: EvalSettings, fallback: list[str]) -> str:
+    shown = ", ".join(f"{key} {getattr(settings, key)}" for key in (*SETTING_FLAGS, "seed"))
+    note = f" ({', '.join(fallback)}: model-folder defaults; change them with --{fallback[0].replace('_', '-')} ...)" if fallback else ""
+    return f"generation: {shown}{note}"
+
+
+def print_scores(results: dict, caps: list[Capability], n: int) -> None:
+    """One row per model, task and group: prompts, greedy accuracy, mean@n and pass@k (%)."""
+    keys = ["greedy", f"mean@{n}", *(f"pass@{k}" for k in reported_ks(n))]
+    print(f"  {'model':<16}{'task':<14}{'group':<18}{'prompts':>8}" + "".join(f"{k:>9}" for k in keys))
+    for label, found in results.items():
+        for cap in caps:
+            summary = found["scores"][cap.name]
+            rows = [("all", summary["all"]), *summary.get("groups", {}).items()]
+            for group, scores in rows:
+                cells = "".join(f"{100 * scores[k]:>8.1f}%" for k in keys)
+                print(f"  {label:<16}{cap.name:<14}{group[:17]:<18}{scores['prompts']:>8}{cells}")

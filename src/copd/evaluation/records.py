@@ -1,0 +1,74 @@
+"""Per-sample evaluation: every prompt's greedy completion and n sampled ones, with their rewards,
+then the scores over them (greedy accuracy, mean@n, pass@k), per capability and per group.
+
+A record is what `copd eval --log-samples` writes, one JSON line per prompt, so a user can see
+what the model answered and how the verifier scored it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from copd.backends.roles import Policy, Prompt, SamplingParams
+from copd.capabilities import Capability, Sample
+from copd.core.passk import sample_scores
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How completions are generated for scoring (recorded beside every score)."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    n: int  # sampled completions per prompt
+    batch_size: int  # prompts per generation call
+    seed: int
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens)
+
+
+def score_records(policy: Policy, cap: Capability, tests: list[Sample], settings: EvalSettings,
+                  advance: Callable[[int], None] = lambda done: None) -> list[dict]:
+    """One record per test prompt: its greedy completion and `settings.n` sampled ones, each with its reward.
+
+    Batches are seeded by their first prompt's index, as in training-time evaluation, so with
+    n = 1 the sampled completions are those `pass_rates` scores.
+    """
+    params = settings.sampling()
+    greedy = dataclasses.replace(params, greedy=True)
+    records = []
+    for start in range(0, len(tests), settings.batch_size):
+        chunk = tests[start : start + settings.batch_size]
+        prompts = [Prompt.of(s) for s in chunk]
+        best = policy.generate(prompts, 1, greedy, settings.seed + start).completions
+        drawn = policy.generate(prompts, settings.n, params, settings.seed + start).completions
+        for i, sample in enumerate(chunk):
+            sampled = drawn[i * settings.n : (i + 1) * settings.n]
+            records.append({
+                "capability": cap.name, "prompt": sample.prompt, "answer": sample.answer, "fields": sample.fields,
+                "greedy": {"completion": best[i], "reward": cap.score(best[i], sample)},
+                "sampled": [{"completion": text, "reward": cap.score(text, sample)} for text in sampled],
+            })
+        advance(len(chunk))
+    return records
+
+
+def summarise(records: list[dict]) -> dict[str, float]:
+    """Greedy accuracy, mean@n and pass@k of a set of records (one capability, or one group of it)."""
+    greedy = sum(r["greedy"]["reward"] for r in records) / max(len(records), 1)
+    return {"prompts": len(records), "greedy": greedy, **sample_scores([[s["reward"] for s in r["sampled"]] for r in records])}
+
+
+def summarise_by(records: list[dict], column: str | None) -> dict:
+    """{"all": summary} and, with a column, {"groups": {value: summary}} over the records' field `column`."""
+    found = {"all": summarise(records)}
+    if column:
+        groups: dict[str, list[dict]] = {}
+        for record in records:
+            groups.setdefault(str(record["fields"].get(column, "(none)")), []).append(record)
+        found["groups"] = {value: summarise(rs) for value, rs in sorted(groups.items())}
+    return found
