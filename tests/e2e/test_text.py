@@ -119,9 +119,17 @@ def test_distilling_from_a_finished_experts_run_matches_training_the_experts(tmp
 def test_cli_eval_and_merge_on_a_finished_run(tmp_path, capsys):
     from copd.cli.main import main
 
-    run_dir = run_training(tiny_config(tmp_path, "run"))
+    run_dir = run_training(tiny_config(tmp_path, "run", eval={"samples": 16, "n": 2, "log_samples": True}))
+    # eval.n and eval.log_samples: mean@2 and pass@k in eval.json, every prompt's completions under samples/, linked.
+    evaluated = json.loads((run_dir / "eval.json").read_text())
+    assert evaluated["settings"]["n"] == 2 and set(evaluated["models"]["merged"]["scores"]["reversal"]["all"]) == {
+        "prompts", "greedy", "mean@2", "pass@1", "pass@2"}
+    lines = (run_dir / "samples" / "branch-rev.jsonl").read_text().splitlines()
+    assert len(lines) == 16 * 2 and all(len(json.loads(line)["sampled"]) == 2 for line in lines)  # reversal, count
+    assert "[samples/merged.jsonl](samples/merged.jsonl)" in (run_dir / "report.md").read_text()
     scores = tmp_path / "scores.json"
     assert main(["eval", str(run_dir), "--tasks", "reversal,count", "--samples", "8", "--out", str(scores)]) == 0
+    assert json.loads(scores.read_text())["settings"]["n"] == 2  # the run's own settings are the defaults
     models = json.loads(scores.read_text())["models"]
     assert set(models) == {"base", "branch:cnt", "branch:rev", "merged"}
     # The run's own capability options are used, so scores match eval.json on the same prompts.

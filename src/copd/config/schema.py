@@ -269,6 +269,12 @@ class OptimConfig(Section):
 class EvalConfig(Section):
     samples: int = Field(200, gt=0, description="test prompts per capability")
     batch_size: int = Field(128, gt=0, description="prompts per generation batch")
+    n: int = Field(1, gt=0, description="sampled completions per test prompt at the end of a run: eval.json gets mean@n and pass@k for k = 1, 2, 4, ... n")
+    max_new_tokens: int | None = Field(None, gt=0, description="new tokens per completion at the end of a run (unset: sampling.max_new_tokens)")
+    temperature: float | None = Field(None, gt=0, description="sampling temperature at the end of a run (unset: sampling.temperature)")
+    top_p: float | None = Field(None, gt=0, le=1, description="nucleus threshold at the end of a run (unset: sampling.top_p)")
+    log_samples: bool = Field(False, description="also write every test prompt's completions, reference answer and rewards, one file per model: RUN/samples/MODEL.jsonl (report.md links them)")
+    group_by: str | None = Field(None, description="also score per value of this data column at the end of a run (eval.json `scores`)")
     every: int = Field(0, ge=0, strict=True, description="also score every branch greedily on every capability's test split (its first `samples` prompts) before the first step and after every this many steps, as `eval` records in metrics.jsonl: held-out accuracy curves (0: only at the end)")
 
 

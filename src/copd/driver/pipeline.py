@@ -7,6 +7,7 @@ This is what `copd train` and `copd demo` call. Everything lands in the run dire
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from copd.backends.engine.setup import check_engine, check_engine_model, evaluat
 from copd.backends.local.branches import describe_branches
 from copd.backends.local.precision import resolve_precision
 from copd.backends.ray_group import check_rank_model
-from copd.backends.roles import BranchRoles, Prompt, SamplingParams
+from copd.backends.roles import BranchRoles, Prompt
 from copd.capabilities import Capability, load_capability
 from copd.config.loader import dump_config, load_config
 from copd.config.schema import Config
@@ -28,7 +29,7 @@ from copd.driver.merging import merge_branches
 from copd.driver.trainer import Trainer, plan_of
 from copd.driver.warmstart import prepare_base
 from copd.errors import CopdError
-from copd.evaluation.evaluate import evaluate_policy
+from copd.evaluation.records import EvalSettings, check_group_column, score_model
 from copd.models.sources import check_model_source, load_pretrained
 from copd.multimodal.media import VideoSampling
 from copd.multimodal.processor import VLProcessor
@@ -154,6 +155,7 @@ def check_run(config: Config, run_dir: Path, resume: bool, reporter: Reporter, b
     check_engine(config)
     check_engine_model(config)
     check_experts_from(config)
+    check_group_column(list(capabilities.values()), config.eval.group_by, "eval.group_by")
     if not _reuses_base(run_dir, resume):
         check_model_source(config.model)
     check_run_dir(config, run_dir, resume)
@@ -241,16 +243,23 @@ def evaluate_models(config: Config, run_dir: Path, capabilities: dict[str, Capab
 
 def evaluate_run(config: Config, run_dir: Path, capabilities: dict[str, Capability], policies: dict, reporter: Reporter) -> dict:
     """eval.json: every model (base, branches, merged) on every capability's test split."""
-    params = SamplingParams.from_config(config.sampling)
+    settings = EvalSettings.of_run(config)
     caps = list(capabilities.values())
     reporter.start("evaluating", len(policies))
-    models = {}
+    models, logs = {}, []
     for label, policy in policies.items():
-        models[label] = evaluate_policy(policy, caps, config.eval.samples, params, config.eval.batch_size, seed=config.run.seed)
+        models[label], records = score_model(policy, label, caps, config.eval.samples, settings, config.eval.group_by)
+        if config.eval.log_samples:  # one file per model: samples/base.jsonl, samples/branch-rev.jsonl, ...
+            logs.append(f"samples/{label.replace(':', '-')}.jsonl")
+            (run_dir / "samples").mkdir(exist_ok=True)
+            (run_dir / logs[-1]).write_text("".join(json.dumps(r) + "\n" for r in records))
         reporter.advance("evaluating", label)
     reporter.stop()
+    sampled = f"{settings.n} sample(s) per prompt at temperature {settings.temperature}, top_p {settings.top_p}"
     result = {
-        "decoding": {"greedy": "argmax decoding", "sampled": f"one sample at temperature {params.temperature}, top_p {params.top_p}"},
+        "decoding": {"greedy": "argmax decoding", "sampled": sampled},
+        "settings": dataclasses.asdict(settings),
+        "sample_logs": logs,
         "samples": config.eval.samples,
         # A small option space can hold fewer test prompts than asked for: say how many were used.
         "test_sizes": {c.name: len(c.test_set(config.eval.samples)) for c in caps},

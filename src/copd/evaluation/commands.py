@@ -10,7 +10,7 @@ from copd.backends.local.factory import make_policy
 from copd.capabilities import BUILTIN_CAPABILITIES, VERIFIERS, Capability, load_capability
 from copd.core.passk import reported_ks
 from copd.errors import CopdError
-from copd.evaluation.records import EvalSettings, score_records, summarise_by
+from copd.evaluation.records import EvalSettings, check_group_column, score_model
 from copd.models.sources import load_pretrained
 from copd.multimodal.media import VideoSampling
 
@@ -101,12 +101,12 @@ def add_generation_options(parser) -> None:
 
 
 def eval_settings(given: dict, run_config, seed: int) -> tuple[EvalSettings, list[str]]:
-    """The generation settings: the flags given, else the run's own (sampling.*, eval.batch_size), else
-    FOLDER_DEFAULTS; and the names of those that fell back to a model-folder default."""
+    """The generation settings: the flags given, else the run's own (its end-of-run evaluation: eval.*, else
+    sampling.*), else FOLDER_DEFAULTS; and the names of those that fell back to a model-folder default."""
     defaults = dict(FOLDER_DEFAULTS)
     if run_config is not None:
-        s = run_config.sampling
-        defaults.update(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, batch_size=run_config.eval.batch_size)
+        own = EvalSettings.of_run(run_config)
+        defaults.update({key: getattr(own, key) for key in SETTING_FLAGS})
     chosen = {key: given[key] if given.get(key) is not None else defaults[key] for key in SETTING_FLAGS}
     for key, low in (("max_new_tokens", 1), ("n", 1), ("batch_size", 1), ("temperature", 1e-6), ("top_p", 1e-6)):
         if chosen[key] < low or (key == "top_p" and chosen[key] > 1):
@@ -114,14 +114,6 @@ def eval_settings(given: dict, run_config, seed: int) -> tuple[EvalSettings, lis
             raise CopdError(f"--{key.replace('_', '-')} {chosen[key]}: must be {limits}")
     fallback = [key for key in SETTING_FLAGS if given.get(key) is None and run_config is None]
     return EvalSettings(**chosen, seed=seed), fallback
-
-
-def check_group_column(caps: list[Capability], column: str | None) -> None:
-    """--group-by needs a column that every task's test prompts carry."""
-    for cap in caps if column else []:
-        fields = cap.test_set(1)[0].fields if cap.test_set(1) else {}
-        if column not in fields:
-            raise CopdError(f"--group-by {column}: task {cap.name!r} has no such column (its columns: {', '.join(fields) or 'none'})")
 
 
 def run_eval(target: str, tasks: str, samples: int, data_keys: dict, out: str | None, seed: int, given: dict | None = None,
@@ -156,36 +148,6 @@ def run_eval(target: str, tasks: str, samples: int, data_keys: dict, out: str | 
         Path(out).write_text(json.dumps(found, indent=1))
         print(f"scores: {out}")
     return results
-
-
-def score_model(policy, label: str, caps: list[Capability], samples: int, settings: EvalSettings, group_by: str | None,
-                reporter=None) -> tuple[dict, list[dict]]:
-    """One model's scores on every task (greedy and sampled as before, and the summaries) and its records."""
-    found, records = {"greedy": {}, "sampled": {}, "scores": {}}, []
-    for cap in caps:
-        tests = cap.test_set(samples)
-        mine = score_records(policy, cap, tests, settings, progress(reporter, f"{label} {cap.name}", len(tests)))
-        if reporter is not None:
-            reporter.stop()
-        summary = summarise_by(mine, group_by)
-        found["greedy"][cap.name] = summary["all"]["greedy"]
-        found["sampled"][cap.name] = summary["all"][f"mean@{settings.n}"]
-        found["scores"][cap.name] = summary
-        records += mine
-    return found, records
-
-
-def progress(reporter, description: str, total: int):
-    """A callback that advances the reporter's bar by the prompts just scored (a no-op without one)."""
-    if reporter is None:
-        return lambda done: None
-    reporter.start(description, total)
-
-    def advance(done: int) -> None:
-        for _ in range(done):
-            reporter.advance(description)
-
-    return advance
 
 
 def describe_settings(settings: EvalSettings, fallback: list[str]) -> str:

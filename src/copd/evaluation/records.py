@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from copd.backends.roles import Policy, Prompt, SamplingParams
 from copd.capabilities import Capability, Sample
 from copd.core.passk import sample_scores
+from copd.errors import CopdError
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,13 @@ class EvalSettings:
     n: int  # sampled completions per prompt
     batch_size: int  # prompts per generation call
     seed: int
+
+    @classmethod
+    def of_run(cls, config) -> EvalSettings:
+        """The evaluation at the end of a run: eval.* where set, else the run's sampling.*."""
+        e, s = config.eval, config.sampling
+        return cls(max_new_tokens=e.max_new_tokens or s.max_new_tokens, temperature=e.temperature or s.temperature,
+                   top_p=e.top_p or s.top_p, n=e.n, batch_size=e.batch_size, seed=config.run.seed)
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens)
@@ -72,3 +80,42 @@ def summarise_by(records: list[dict], column: str | None) -> dict:
             groups.setdefault(str(record["fields"].get(column, "(none)")), []).append(record)
         found["groups"] = {value: summarise(rs) for value, rs in sorted(groups.items())}
     return found
+
+
+def check_group_column(caps: list[Capability], column: str | None, key: str = "--group-by") -> None:
+    """Grouping needs a column that every task's test prompts carry (`key` names the option in the error)."""
+    for cap in caps if column else []:
+        first = cap.test_set(1)
+        fields = first[0].fields if first else {}
+        if column not in fields:
+            raise CopdError(f"{key} {column}: task {cap.name!r} has no such column (its columns: {', '.join(fields) or 'none'})")
+
+
+def score_model(policy, label: str, caps: list[Capability], samples: int, settings: EvalSettings, group_by: str | None,
+                reporter=None) -> tuple[dict, list[dict]]:
+    """One model's scores on every task (greedy and sampled as before, and the summaries) and its records."""
+    found, records = {"greedy": {}, "sampled": {}, "scores": {}}, []
+    for cap in caps:
+        tests = cap.test_set(samples)
+        mine = score_records(policy, cap, tests, settings, progress(reporter, f"{label} {cap.name}", len(tests)))
+        if reporter is not None:
+            reporter.stop()
+        summary = summarise_by(mine, group_by)
+        found["greedy"][cap.name] = summary["all"]["greedy"]
+        found["sampled"][cap.name] = summary["all"][f"mean@{settings.n}"]
+        found["scores"][cap.name] = summary
+        records += mine
+    return found, records
+
+
+def progress(reporter, description: str, total: int):
+    """A callback that advances the reporter's bar by the prompts just scored (a no-op without one)."""
+    if reporter is None:
+        return lambda done: None
+    reporter.start(description, total)
+
+    def advance(done: int) -> None:
+        for _ in range(done):
+            reporter.advance(description)
+
+    return advance

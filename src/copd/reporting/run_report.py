@@ -144,8 +144,12 @@ def _results(ev: Any, plots: set[str]) -> list[str]:
     sizes = _get(ev, "test_sizes", default=None)
     counted = ", ".join(f"{k} {v}" for k, v in sizes.items()) if isinstance(sizes, dict) else _get(ev, "samples")
     out += [f"Greedy accuracy (%), {desc}; test prompts per capability: {counted}.", ""]
-    out += _score_table(models, "greedy") + ["", "Sampled mean reward (%), at the rollout temperature.", ""]
+    sampled = _get(ev, "decoding", "sampled", default="at the rollout temperature")
+    out += _score_table(models, "greedy") + ["", f"Sampled mean reward (%), {sampled}.", ""]
     out += _score_table(models, "sampled") + ["", merged_vs_base(models, "greedy"), ""]
+    logs = _get(ev, "sample_logs", default=None)
+    if isinstance(logs, list) and logs:  # eval.log_samples: every prompt's completions and rewards
+        out += ["Per-sample records (prompt, completions, reference answer, rewards): " + ", ".join(f"[{p}]({p})" for p in logs) + ".", ""]
     return out + _images(plots, ("eval", "heldout"))
 
 
