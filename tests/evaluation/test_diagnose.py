@@ -80,10 +80,15 @@ def test_run_diagnose_on_saved_folders_prints_and_writes_json(tmp_path, capsys):
     result = run_diagnose(str(tmp_path / "a"), str(tmp_path / "b"), "reversal,count", 4, 4, 0, str(out))
     saved = json.loads(out.read_text())
     assert saved["overall"] == pytest.approx(result["overall"]) and saved["k"] == 4
-    assert saved["sampling"]["max_new_tokens"] == 16 and set(saved["per_capability"]) == {"reversal", "count"}
+    assert saved["settings"]["max_new_tokens"] == 16 and saved["settings"]["n"] == 1 and set(saved["per_capability"]) == {"reversal", "count"}
     printed = capsys.readouterr().out
     assert "top-4 overlap" in printed and "overall" in printed and "verdict: overall top-4 overlap" in printed
     assert ("close enough to merge" in printed) == (result["overall"]["overlap"] >= 0.90)
+    # --n 2 --max-new-tokens 4: two rollouts of at most 4 tokens per prompt, 8 prompts over two tasks.
+    given = {"n": 2, "max_new_tokens": 4, "temperature": None, "top_p": None, "batch_size": None}
+    twice = run_diagnose(str(tmp_path / "a"), str(tmp_path / "b"), "reversal,count", 4, 4, 0, None, None, given)
+    assert 8 < twice["overall"]["tokens"] <= 2 * 8 * 4
+    assert "generation: max_new_tokens 4, temperature 1.0, top_p 1.0, n 2, batch_size 64" in capsys.readouterr().out
 
 
 def test_run_diagnose_uses_the_run_directory_settings(tmp_path):

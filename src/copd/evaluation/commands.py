@@ -90,20 +90,21 @@ FOLDER_DEFAULTS = {"max_new_tokens": 32, "temperature": 1.0, "top_p": 1.0, "n": 
 SETTING_FLAGS = tuple(FOLDER_DEFAULTS)
 
 
-def add_generation_options(parser) -> None:
-    """--max-new-tokens, --temperature, --top-p, --n, --batch-size: unset, a run's own settings apply (model folders: FOLDER_DEFAULTS)."""
+def add_generation_options(parser, folder_defaults: dict | None = None) -> None:
+    """--max-new-tokens, --temperature, --top-p, --n, --batch-size: unset, a run's own settings apply (model folders:
+    FOLDER_DEFAULTS, updated with `folder_defaults`)."""
     helps = {"max_new_tokens": "new tokens per completion", "temperature": "sampling temperature", "top_p": "nucleus sampling threshold",
              "n": "sampled completions per prompt (pass@k, mean@n)", "batch_size": "prompts per generation call"}
-    for key, default in FOLDER_DEFAULTS.items():
+    for key, default in {**FOLDER_DEFAULTS, **(folder_defaults or {})}.items():
         where = f"the run's own; a model folder: {default}" if key != "n" else default
         parser.add_argument(f"--{key.replace('_', '-')}", dest=key, type=type(default), metavar=key.upper(),
                             help=f"{helps[key]} (default: {where})")
 
 
-def eval_settings(given: dict, run_config, seed: int) -> tuple[EvalSettings, list[str]]:
+def eval_settings(given: dict, run_config, seed: int, folder_defaults: dict | None = None) -> tuple[EvalSettings, list[str]]:
     """The generation settings: the flags given, else the run's own (its end-of-run evaluation: eval.*, else
     sampling.*), else FOLDER_DEFAULTS; and the names of those that fell back to a model-folder default."""
-    defaults = dict(FOLDER_DEFAULTS)
+    defaults = dict(folder_defaults or FOLDER_DEFAULTS)
     if run_config is not None:
         own = EvalSettings.of_run(run_config)
         defaults.update({key: getattr(own, key) for key in SETTING_FLAGS})

@@ -7,6 +7,7 @@ A's completion tokens. High overlap means the two are close enough to merge or d
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -44,10 +45,11 @@ def measure_pair(student: Scorer, teacher: Scorer, rollouts: Rollouts, k: int, t
             "score_bytes": teacher_scores.nbytes + student_scores.nbytes}
 
 
-def _batch_sums(policy_a: Policy, policy_b: Policy, prompts: list[Prompt], params: SamplingParams, k: int, seed: int) -> dict:
-    """Token-weighted sums of the three metrics on one batch of A's own rollouts."""
+def _batch_sums(policy_a: Policy, policy_b: Policy, prompts: list[Prompt], params: SamplingParams, k: int, seed: int,
+                n: int = 1) -> dict:
+    """Token-weighted sums of the three metrics on one batch of A's own rollouts (n per prompt)."""
     topk = max(k, DEFAULT_TOPK)
-    rollouts = policy_a.generate(prompts, 1, params.recording(topk), seed)
+    rollouts = policy_a.generate(prompts, n, params.recording(topk), seed)
     found = measure_pair(policy_a, policy_b, rollouts, k, topk)
     tokens = int(found["tokens"])
     values = {"overlap": found["overlap_topk"], "sym_kl": found["sym_kl"], "mean_delta": found["delta_mean"]}
@@ -67,6 +69,8 @@ def diagnose_models(
     params: SamplingParams,
     k: int,
     seed: int,
+    n: int = 1,
+    batch_size: int = BATCH_SIZE,
 ) -> dict:
     """Overlap of B with A on A's rollouts of each capability's first `samples` test prompts.
 
@@ -78,8 +82,8 @@ def diagnose_models(
     for cap in capabilities:
         prompts = [Prompt.of(s) for s in cap.test_set(samples)]  # with their images, videos and system prompt
         sums = {"tokens": 0, **dict.fromkeys(METRICS, 0.0)}
-        for start in range(0, len(prompts), BATCH_SIZE):
-            batch = _batch_sums(policy_a, policy_b, prompts[start : start + BATCH_SIZE], params, k, seed + start)
+        for start in range(0, len(prompts), batch_size):
+            batch = _batch_sums(policy_a, policy_b, prompts[start : start + batch_size], params, k, seed + start, n)
             sums = {key: sums[key] + batch[key] for key in sums}
         per_cap[cap.name] = _means(sums)
         total = {key: total[key] + sums[key] for key in total}
@@ -133,9 +137,9 @@ def _print_table(result: dict) -> None:
 
 
 def run_diagnose(model_a: str, model_b: str, tasks: str, samples: int, k: int, seed: int, out: str | None,
-                 data_keys: dict | None = None) -> dict:
+                 data_keys: dict | None = None, given: dict | None = None) -> dict:
     """Load two model folders, diagnose B against A's rollouts, print a table and a verdict."""
-    from copd.evaluation.commands import resolve_tasks
+    from copd.evaluation.commands import FOLDER_DEFAULTS, describe_settings, eval_settings, resolve_tasks
 
     if samples < 1:
         raise CopdError(f"--samples must be >= 1, got {samples}")
@@ -147,16 +151,21 @@ def run_diagnose(model_a: str, model_b: str, tasks: str, samples: int, k: int, s
     if not 1 <= k <= vocab:
         raise CopdError(f"--k must be between 1 and the vocabulary size {vocab}, got {k}")
     caps = resolve_tasks(tasks, data_keys, run_config)
-    s = run_config.sampling if run_config else None
-    params = SamplingParams.from_config(s) if s else SamplingParams(1.0, 1.0, DEFAULT_MAX_NEW_TOKENS)
-    result = diagnose_models(policy_a, policy_b, caps, samples, params, k, seed)
+    # A model folder's defaults here: diagnose's own shorter completions and batch.
+    defaults = {**FOLDER_DEFAULTS, "max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "batch_size": BATCH_SIZE}
+    # A run's models too: one rollout per prompt in batches of BATCH_SIZE unless asked, as before these flags.
+    asked = {"n": 1, "batch_size": BATCH_SIZE, **{key: v for key, v in (given or {}).items() if v is not None}}
+    settings, fallback = eval_settings(asked, run_config, seed, defaults)
+    print(describe_settings(settings, fallback))
+    params = settings.sampling()
+    result = diagnose_models(policy_a, policy_b, caps, samples, params, k, seed, settings.n, settings.batch_size)
     print(f"diagnose: B={folders[1]} on the rollouts of A={folders[0]} (up to {samples} test prompts per capability)")
     _print_table(result)
     result["verdict"] = verdict(result)
     print(f"verdict: {result['verdict']}")
     if out:
         meta = {"model_a": str(folders[0]), "model_b": str(folders[1]), "samples": samples, "seed": seed}
-        meta["sampling"] = {"temperature": params.temperature, "top_p": params.top_p, "max_new_tokens": params.max_new_tokens}
+        meta["settings"] = dataclasses.asdict(settings)
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps({**meta, **result}, indent=1))
         print(f"diagnostics: {out}")
@@ -164,9 +173,10 @@ def run_diagnose(model_a: str, model_b: str, tasks: str, samples: int, k: int, s
 
 
 def cmd_diagnose(args) -> int:
-    from copd.evaluation.commands import data_file_keys
+    from copd.evaluation.commands import SETTING_FLAGS, data_file_keys
 
-    run_diagnose(args.model_a, args.model_b, args.tasks, args.samples, args.k, args.seed, args.out, data_file_keys(args))
+    given = {key: getattr(args, key) for key in SETTING_FLAGS}
+    run_diagnose(args.model_a, args.model_b, args.tasks, args.samples, args.k, args.seed, args.out, data_file_keys(args), given)
     return 0
 
 
@@ -186,8 +196,9 @@ def add_parser(sub):
     p.add_argument("--k", type=int, default=4, help="k of the top-k overlap (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of MODEL_A's sampling (default 0)")
     p.add_argument("--out", help="write the diagnostics as JSON here")
-    from copd.evaluation.commands import add_data_file_options
+    from copd.evaluation.commands import add_data_file_options, add_generation_options
 
     add_data_file_options(p)
+    add_generation_options(p, {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "batch_size": BATCH_SIZE})
     p.set_defaults(func=cmd_diagnose)
     return p
