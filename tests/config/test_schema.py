@@ -205,7 +205,7 @@ def test_embedded_demo_config_is_shipped_in_the_package():
 def test_names_come_from_their_registries():
     from typing import get_args
 
-    from copd.config.reference import config_reference
+    from copd.cli.reference import config_reference
     from copd.config.schema import MergeConfig, OPDConfig, RLConfig, ScheduleConfig, TopologyConfig
     from copd.core.advantages import GROUP_ADVANTAGES
     from copd.core.losses import LOSS_AGGREGATIONS

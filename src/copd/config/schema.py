@@ -137,7 +137,7 @@ class CapabilityConfig(Section):
     test_split: str | None = Field(None, description="split of `dataset` used for testing, e.g. test")
     test_ratio: float = Field(0.1, ge=0, lt=1, description="fraction of the distinct prompts held out for testing when neither `test_path` nor `test_split` is set (0: no test split)")
     split_seed: int = Field(0, description="seed of the train/test split by ratio")
-    verifier: str = Field("exact", description="data files: exact, numeric or module:function (a built-in has its own)")
+    verifier: str = Field("exact", description="data files: a registered verifier or module:function, either with +format[:W] for a final-answer format reward (a built-in has its own)")
     prompt_field: str = Field("prompt", description="column holding the prompt")
     answer_field: str = Field("answer", description="column holding the reference answer (numbers become strings)")
     system_field: str | None = Field(None, description="column holding a per-sample system prompt (empty or null: none)")

@@ -1,6 +1,6 @@
 """The config reference page of the docs, generated from the config models (the single source of truth).
 
-`python -m copd.config.reference [PAGE]` rewrites the part of PAGE (default: docs/config-reference.md,
+`python -m copd.cli.reference [PAGE]` rewrites the part of PAGE (default: docs/config-reference.md,
 the page of the documentation site) between the markers; a test fails when the page is out of date.
 """
 
@@ -39,8 +39,15 @@ def _row(*cells: str) -> str:
     return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
 
+def registered() -> dict[str, str]:
+    """Keys whose names are kept in a registry above the config: the names, read from the registry itself."""
+    from copd.capabilities.verifiers import VERIFIERS
+
+    return {"capabilities.verifier": f"registered: {', '.join(VERIFIERS)}"}
+
+
 def config_reference() -> str:
-    lines = []
+    lines, listed = [], registered()
     for section, field in Config.model_fields.items():
         model = _model_type(field.annotation)
         kind = "list of" if "list" in str(field.annotation) else "section"
@@ -50,9 +57,11 @@ def config_reference() -> str:
             inner = _model_type(sub.annotation)
             if inner is not None:
                 for leaf, leaf_field in inner.model_fields.items():
-                    lines.append(_row(f"`{section}.{name}.{leaf}`", _type_name(leaf_field.annotation), _default(leaf_field), leaf_field.description or ""))
+                    lines.append(_row(f"`{section}.{name}.{leaf}`", _type_name(leaf_field.annotation), _default(leaf_field),
+                                      leaf_field.description or ""))
                 continue
-            lines.append(_row(f"`{section}.{name}`", _type_name(sub.annotation), _default(sub), sub.description or ""))
+            meaning = "; ".join(part for part in (sub.description, listed.get(f"{section}.{name}")) if part)
+            lines.append(_row(f"`{section}.{name}`", _type_name(sub.annotation), _default(sub), meaning))
         lines.append("")
     return "\n".join(lines)
 
