@@ -92,15 +92,16 @@ def test_with_one_sample_the_sampled_score_is_the_training_time_pass_rate(model_
     from copd.backends.local.factory import make_policy
     from copd.backends.roles import SamplingParams
     from copd.capabilities import load_capability
-    from copd.evaluation.evaluate import evaluate_policy
+    from copd.evaluation.evaluate import pass_rates
     from copd.models.sources import load_pretrained
 
     folder, plain, _ = model_and_files
     found = scores(tmp_path, [str(folder), "--tasks", str(plain), "--verifier", "exact"])
     cap = load_capability({"name": "plain", "path": str(plain), "test_path": str(plain), "verifier": "exact"})
     model, tokenizer = load_pretrained(folder)
-    before = evaluate_policy(make_policy("m", model, tokenizer), [cap], 8, SamplingParams(max_new_tokens=32))
-    assert found["greedy"]["plain"] == before["greedy"]["plain"] and found["sampled"]["plain"] == before["sampled"]["plain"]
+    policy, tests, params = make_policy("m", model, tokenizer), {"plain": cap.test_set(8)}, SamplingParams(max_new_tokens=32)
+    greedy = pass_rates(policy, [cap], tests, SamplingParams(max_new_tokens=32, greedy=True))
+    assert found["greedy"]["plain"] == greedy["plain"] and found["sampled"]["plain"] == pass_rates(policy, [cap], tests, params)["plain"]
 
 
 @pytest.mark.parametrize(("flag", "message"), [(["--n", "0"], "--n 0: must be at least 1"),

@@ -151,9 +151,9 @@ def run_diagnose(model_a: str, model_b: str, tasks: str, samples: int, k: int, s
     if not 1 <= k <= vocab:
         raise CopdError(f"--k must be between 1 and the vocabulary size {vocab}, got {k}")
     caps = resolve_tasks(tasks, data_keys, run_config)
-    # A model folder's defaults here: diagnose's own shorter completions and batch.
-    defaults = {**FOLDER_DEFAULTS, "max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "batch_size": BATCH_SIZE}
-    # A run's models too: one rollout per prompt in batches of BATCH_SIZE unless asked, as before these flags.
+    # A model folder's default here: diagnose's own shorter completions.
+    defaults = {**FOLDER_DEFAULTS, "max_new_tokens": DEFAULT_MAX_NEW_TOKENS}
+    # A model folder's or a run's: one rollout per prompt in batches of BATCH_SIZE unless asked, as before these flags.
     asked = {"n": 1, "batch_size": BATCH_SIZE, **{key: v for key, v in (given or {}).items() if v is not None}}
     settings, fallback = eval_settings(asked, run_config, seed, defaults)
     print(describe_settings(settings, fallback))

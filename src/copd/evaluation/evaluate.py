@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from copd.backends.roles import Policy, Prompt, SamplingParams
 from copd.capabilities import Capability, Sample
+from copd.evaluation.records import EvalSettings, score_model
 
 
 def pass_rates(
@@ -28,10 +29,8 @@ def pass_rates(
 
 
 def evaluate_policy(policy: Policy, capabilities: list[Capability], n: int, params: SamplingParams, batch_size: int = 128, seed: int = 0) -> dict:
-    """{"greedy": accuracy per capability, "sampled": pass rate at the rollout temperature}."""
-    tests = {c.name: c.test_set(n) for c in capabilities}
-    greedy = SamplingParams(params.temperature, params.top_p, params.max_new_tokens, greedy=True)
-    return {
-        "greedy": pass_rates(policy, capabilities, tests, greedy, seed, batch_size),
-        "sampled": pass_rates(policy, capabilities, tests, params, seed, batch_size),
-    }
+    """{"greedy": accuracy per capability, "sampled": pass rate at the rollout temperature} on the first `n` test
+    prompts, one sampled completion each (copd.evaluation.records.score_model with n = 1)."""
+    settings = EvalSettings(params.max_new_tokens, params.temperature, params.top_p, 1, batch_size, seed)
+    found, _ = score_model(policy, "", capabilities, n, settings)  # the label names a progress bar; there is none
+    return {"greedy": found["greedy"], "sampled": found["sampled"]}

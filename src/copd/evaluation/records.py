@@ -91,7 +91,7 @@ def check_group_column(caps: list[Capability], column: str | None, key: str = "-
             raise CopdError(f"{key} {column}: task {cap.name!r} has no such column (its columns: {', '.join(fields) or 'none'})")
 
 
-def score_model(policy, label: str, caps: list[Capability], samples: int, settings: EvalSettings, group_by: str | None,
+def score_model(policy, label: str, caps: list[Capability], samples: int, settings: EvalSettings, group_by: str | None = None,
                 reporter=None) -> tuple[dict, list[dict]]:
     """One model's scores on every task (greedy and sampled as before, and the summaries) and its records."""
     found, records = {"greedy": {}, "sampled": {}, "scores": {}}, []
