@@ -110,3 +110,21 @@ def test_with_one_sample_the_sampled_score_is_the_training_time_pass_rate(model_
 def test_bad_generation_options_are_one_line_errors(model_and_files, capsys, flag, message):
     folder, plain, _ = model_and_files
     assert message in fails(capsys, ["eval", str(folder), "--tasks", str(plain), *flag])
+
+
+def test_records_show_what_the_verifier_read_and_a_reference_read_in_part_is_warned_of(model_and_files, tmp_path, capsys):
+    pytest.importorskip("math_verify")
+    folder = model_and_files[0]
+    data, log = tmp_path / "maths.jsonl", tmp_path / "samples.jsonl"
+    data.write_text(json.dumps({"prompt": "abc", "answer": "\\frac{1}{2}"}) + "\n" + json.dumps({"prompt": "abd", "answer": "2^floor(n/2)*floor(n/2)!"}) + "\n")
+    assert main(["eval", str(folder), "--tasks", str(data), "--verifier", "math", "--samples", "2", "--max-new-tokens", "3",
+                 "--log-samples", str(log)]) == 0
+    printed = capsys.readouterr().out
+    assert "warning: task 'maths': the verifier reads 1 of 2 reference answers only in part" in printed
+    assert "'2^floor(n/2)*floor(n/2)!' is read as '2'" in printed
+    half, partial = (json.loads(line) for line in log.read_text().splitlines())
+    assert half["answer_read"] == "1/2" and "answer_dropped" not in half
+    assert partial["answer_read"] == "2" and partial["answer_dropped"] == ["floor", "n", "floor", "n"]
+    # Every completion carries what math-verify extracted from it (None where it found no expression).
+    for record in (half, partial):
+        assert {"completion", "reward", "extracted"} <= set(record["greedy"]) and "extracted" in record["sampled"][0]

@@ -54,6 +54,13 @@ def test_report_without_runs(tmp_path):
     text = write_compare_report(tmp_path, result).read_text()
     assert "| base |" in text and text.index("| MOPD |") < text.index("| CoPD |")
     assert "- did NOT hold: CoPD > static OPD / MOPD (20.0 vs 21.0)" in text
+    assert "Scored with" not in text  # compare.json from before eval settings were recorded
+
+
+def test_report_states_the_generation_settings_the_runs_were_scored_with(tmp_path):
+    result = {**result_of(("copd",)), "eval_settings": {"max_new_tokens": 64, "temperature": 0.7, "top_p": 1.0, "n": 4, "batch_size": 8}}
+    text = write_compare_report(tmp_path, result).read_text()
+    assert "Scored with max_new_tokens 64, temperature 0.7, top_p 1.0, n 4; mean@n, pass@k and groups" in text
 
 
 def test_held_out_curves_average_over_seeds_per_run_branch_and_capability(tmp_path):

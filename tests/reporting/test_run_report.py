@@ -164,3 +164,23 @@ def test_held_out_series_split_each_record_by_capability():
 
     series = _held_out_series([{"type": "eval", "step": 3, "branch": "add", "greedy/addition": 0.5, "greedy/reversal": 0.25}])
     assert series == {"add on addition": [{"step": 3, "accuracy": 0.5}], "add on reversal": [{"step": 3, "accuracy": 0.25}]}
+
+
+def test_groups_pass_at_k_and_references_read_in_part_are_reported(tmp_path):
+    run = _run_dir(tmp_path)
+    scores = {"all": {"prompts": 4, "greedy": 0.5, "mean@2": 0.375, "pass@1": 0.375, "pass@2": 0.5},
+              "groups": {"x": {"prompts": 2, "greedy": 1.0, "mean@2": 0.75, "pass@1": 0.75, "pass@2": 1.0}}}
+    ev = {**EVAL, "settings": {"n": 2}, "models": {"base": {**EVAL["models"]["base"], "scores": {"addition": scores}}},
+          "answers_read_in_part": {"addition": {"count": 1, "of": 4, "answer": "2^floor(n/2)", "read_as": "2"}}}
+    (run / "eval.json").write_text(json.dumps(ev))
+    text = write_report(run).read_text()
+    assert "mean@2 and pass@k (unbiased estimator over 2 samples per prompt)" in text
+    assert "| model | capability | group | prompts | greedy | mean@2 | pass@1 | pass@2 |" in text
+    assert "| base | addition | all | 4 | 50.0 | 37.5 | 37.5 | 50.0 |" in text
+    assert "| base | addition | x | 2 | 100.0 | 75.0 | 75.0 | 100.0 |" in text
+    assert "reads 1 of 4 reference answers only in part (e.g. `2^floor(n/2)` is read as `2`)" in text
+
+
+def test_one_sample_and_no_groups_add_no_detail_table(tmp_path):
+    text = write_report(_run_dir(tmp_path)).read_text()
+    assert "By group" not in text and "only in part" not in text

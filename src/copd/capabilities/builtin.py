@@ -11,6 +11,7 @@ from typing import Any
 
 from copd.capabilities.capability import Capability, Sample, merge_options
 from copd.capabilities.prompt_sources import ProceduralSource
+from copd.capabilities.readings import READINGS
 from copd.capabilities.verifiers import exact
 from copd.errors import CopdError
 
@@ -93,7 +94,7 @@ def _factory(name: str, kind: _Kind) -> Callable[..., Capability]:
     def make(**options: Any) -> Capability:
         opts = _options(kind, options)
         generate = functools.partial(kind.generate, o=opts)
-        return Capability(name, exact, ProceduralSource(name, generate, opts["test_size"]))
+        return Capability(name, exact, ProceduralSource(name, generate, opts["test_size"]), READINGS["exact"])
 
     make.__name__ = f"make_{name}"
     return make

@@ -5,9 +5,12 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from copd.errors import CopdError
+
+if TYPE_CHECKING:
+    from copd.capabilities.readings import AnswerReading
 
 # verifier(completion, answer, **sample.fields) -> reward in [0, 1]
 Verifier = Callable[..., float]
@@ -55,6 +58,9 @@ class Capability:
     name: str
     verifier: Verifier
     source: SampleSource
+    # What the verifier extracts from a completion and how it reads the reference (registered
+    # verifiers only), recorded beside each reward in evaluation records.
+    reading: AnswerReading | None = None
 
     def train_sampler(self, seed: int) -> TrainSampler:
         return self.source.train_sampler(seed)

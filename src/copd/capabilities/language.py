@@ -13,6 +13,7 @@ from typing import Any
 
 from copd.capabilities.capability import Capability, Sample, merge_options
 from copd.capabilities.prompt_sources import ProceduralSource
+from copd.capabilities.readings import READINGS
 from copd.capabilities.verifiers import numeric
 from copd.errors import CopdError
 
@@ -81,7 +82,7 @@ def _factory(name: str, generate: Callable[[random.Random, dict[str, Any]], Samp
     def make(**options: Any) -> Capability:
         opts = merge_options(defaults, options)
         check(opts)
-        return Capability(name, numeric, ProceduralSource(name, lambda rng: generate(rng, opts), opts["test_size"]))
+        return Capability(name, numeric, ProceduralSource(name, lambda rng: generate(rng, opts), opts["test_size"]), READINGS["numeric"])
 
     make.__name__ = f"make_{name}"
     return make

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from copd.capabilities.builtin import BUILTIN_CAPABILITIES
 from copd.capabilities.capability import Capability, did_you_mean
 from copd.capabilities.prompt_sources import FileSource
+from copd.capabilities.readings import reading_for
 from copd.capabilities.rows import FieldMap
 from copd.capabilities.tables import read_splits
 from copd.capabilities.verifiers import ANSWER_CHECKS, resolve_verifier
@@ -108,4 +109,4 @@ def _load_data(cap: CapabilityConfig, base_dir: Path | None, video_sampling: Vid
         video_sampling=video_sampling,
     )
     train, test = read_splits(cap, fields, base_dir)
-    return Capability(cap.name, verifier, FileSource(cap.name, train, test))
+    return Capability(cap.name, verifier, FileSource(cap.name, train, test), reading_for(cap.verifier))

@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw
 
 from copd.capabilities.capability import Capability, Sample, merge_options
 from copd.capabilities.prompt_sources import ProceduralSource
+from copd.capabilities.readings import READINGS
 from copd.capabilities.verifiers import exact
 from copd.errors import CopdError
 
@@ -249,7 +250,7 @@ def _factory(
     def make(**given: Any) -> Capability:
         o = options(given)
         source = ProceduralSource(name, functools.partial(generate, o=o), o["test_size"])
-        return Capability(name, exact, source)
+        return Capability(name, exact, source, READINGS["exact"])
 
     make.__name__ = f"make_{name}"
     return make

@@ -91,12 +91,14 @@ def collect(base: Config, methods: list[str], seeds: list[int], out: Path) -> di
     capabilities = sorted({c for b in base.branches if not b.distill_from for c in b.capabilities})
     rows: dict[str, dict] = {BASE_ROW: {"run": METHODS[methods[0]].run, "seeds": {}}}
     compute: dict[str, dict] = {}
+    settings = None  # every run evaluates with the same eval.* keys (the base config's)
     for name in methods:
         method = METHODS[name]
         config = method.transform(base)
         for seed in seeds:
             run_dir = run_dir_of(out, method.run, seed)
-            models = json.loads((run_dir / "eval.json").read_text())["models"]
+            found = json.loads((run_dir / "eval.json").read_text())
+            models, settings = found["models"], settings or found.get("settings")
             compute[f"{method.run}-seed{seed}"] = compute_of(run_dir)
             rows[BASE_ROW]["seeds"].setdefault(str(seed), _scores(models["base"], capabilities))
             for label, model in method.outputs(config).items():
@@ -105,7 +107,7 @@ def collect(base: Config, methods: list[str], seeds: list[int], out: Path) -> di
     for row in rows.values():
         row["mean"], row["std"] = _mean_std(row["seeds"], [*capabilities, "overall"])
     return {"capabilities": capabilities, "seeds": seeds, "rows": rows, "compute": compute, "metric": "greedy accuracy",
-            "closeness": closeness(methods, seeds, out)}
+            "eval_settings": settings, "closeness": closeness(methods, seeds, out)}
 
 
 # Runs whose branches' closeness is compared: CoPD's OPD edges against the independent experts' probes.

@@ -29,7 +29,7 @@ from copd.driver.merging import merge_branches
 from copd.driver.trainer import Trainer, plan_of
 from copd.driver.warmstart import prepare_base
 from copd.errors import CopdError
-from copd.evaluation.records import EvalSettings, check_group_column, score_model
+from copd.evaluation.records import EvalSettings, check_group_column, partly_read, score_model
 from copd.models.sources import check_model_source, load_pretrained
 from copd.multimodal.media import VideoSampling
 from copd.multimodal.processor import VLProcessor
@@ -246,9 +246,10 @@ def evaluate_run(config: Config, run_dir: Path, capabilities: dict[str, Capabili
     settings = EvalSettings.of_run(config)
     caps = list(capabilities.values())
     reporter.start("evaluating", len(policies))
-    models, logs = {}, []
+    models, logs, partial = {}, [], {}
     for label, policy in policies.items():
         models[label], records = score_model(policy, label, caps, config.eval.samples, settings, config.eval.group_by)
+        partial = partial or partly_read(records)  # the references are the same for every model
         if config.eval.log_samples:  # one file per model: samples/base.jsonl, samples/branch-rev.jsonl, ...
             logs.append(f"samples/{label.replace(':', '-')}.jsonl")
             (run_dir / "samples").mkdir(exist_ok=True)
@@ -260,6 +261,7 @@ def evaluate_run(config: Config, run_dir: Path, capabilities: dict[str, Capabili
         "decoding": {"greedy": "argmax decoding", "sampled": sampled},
         "settings": dataclasses.asdict(settings),
         "sample_logs": logs,
+        "answers_read_in_part": partial,
         "samples": config.eval.samples,
         # A small option space can hold fewer test prompts than asked for: say how many were used.
         "test_sizes": {c.name: len(c.test_set(config.eval.samples)) for c in caps},

@@ -10,7 +10,7 @@ from copd.backends.local.factory import make_policy
 from copd.capabilities import BUILTIN_CAPABILITIES, VERIFIERS, Capability, load_capability
 from copd.core.passk import reported_ks
 from copd.errors import CopdError
-from copd.evaluation.records import EvalSettings, check_group_column, score_model
+from copd.evaluation.records import EvalSettings, check_group_column, partly_read_warnings, score_model
 from copd.models.sources import load_pretrained
 from copd.multimodal.media import VideoSampling
 
@@ -138,6 +138,8 @@ def run_eval(target: str, tasks: str, samples: int, data_keys: dict, out: str | 
         model, tokenizer = load_pretrained(folder)
         policy = make_policy(label, model, tokenizer, **prompting)
         results[label], records = score_model(policy, label, caps, samples, settings, group_by, reporter)
+        for line in partly_read_warnings(records) if not logged else []:  # the references are the same for every model
+            print(line)
         logged += [{"model": label, **r} for r in records]
     print_scores(results, caps, settings.n)
     if log_samples:

@@ -32,5 +32,6 @@ def evaluate_policy(policy: Policy, capabilities: list[Capability], n: int, para
     """{"greedy": accuracy per capability, "sampled": pass rate at the rollout temperature} on the first `n` test
     prompts, one sampled completion each (copd.evaluation.records.score_model with n = 1)."""
     settings = EvalSettings(params.max_new_tokens, params.temperature, params.top_p, 1, batch_size, seed)
-    found, _ = score_model(policy, "", capabilities, n, settings)  # the label names a progress bar; there is none
+    # The label names a progress bar (there is none); the records are dropped, so nothing is read from them.
+    found, _ = score_model(policy, "", capabilities, n, settings, read=False)
     return {"greedy": found["greedy"], "sampled": found["sampled"]}

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from copd.backends.roles import Policy, Prompt, SamplingParams
 from copd.capabilities import Capability, Sample
+from copd.capabilities.readings import AnswerReading, dropped_tokens
 from copd.core.passk import sample_scores
 from copd.errors import CopdError
 
@@ -40,14 +41,16 @@ class EvalSettings:
 
 
 def score_records(policy: Policy, cap: Capability, tests: list[Sample], settings: EvalSettings,
-                  advance: Callable[[int], None] = lambda done: None) -> list[dict]:
-    """One record per test prompt: its greedy completion and `settings.n` sampled ones, each with its reward.
+                  advance: Callable[[int], None] = lambda done: None, read: bool = True) -> list[dict]:
+    """One record per test prompt: its greedy completion and `settings.n` sampled ones, each with its reward
+    and, with `read` and a registered verifier, what the verifier read (see `scored`, `reference_read`).
 
     Batches are seeded by their first prompt's index, as in training-time evaluation, so with
     n = 1 the sampled completions are those `pass_rates` scores.
     """
     params = settings.sampling()
     greedy = dataclasses.replace(params, greedy=True)
+    reading = cap.reading if read else None
     records = []
     for start in range(0, len(tests), settings.batch_size):
         chunk = tests[start : start + settings.batch_size]
@@ -58,11 +61,52 @@ def score_records(policy: Policy, cap: Capability, tests: list[Sample], settings
             sampled = drawn[i * settings.n : (i + 1) * settings.n]
             records.append({
                 "capability": cap.name, "prompt": sample.prompt, "answer": sample.answer, "fields": sample.fields,
-                "greedy": {"completion": best[i], "reward": cap.score(best[i], sample)},
-                "sampled": [{"completion": text, "reward": cap.score(text, sample)} for text in sampled],
+                **reference_read(reading, sample),
+                "greedy": scored(cap, reading, best[i], sample),
+                "sampled": [scored(cap, reading, text, sample) for text in sampled],
             })
         advance(len(chunk))
     return records
+
+
+def scored(cap: Capability, reading: AnswerReading | None, completion: str, sample: Sample) -> dict:
+    """A completion, its reward and, where the verifier is a registered one, the answer it extracted (None: none found)."""
+    found = {"completion": completion, "reward": cap.score(completion, sample)}
+    if reading is not None:
+        found["extracted"] = reading.completion(completion, **sample.fields)
+    return found
+
+
+def reference_read(reading: AnswerReading | None, sample: Sample) -> dict:
+    """How the verifier reads the reference ("answer_read") and, when that reading lost some of the
+    reference's names or numbers, which ("answer_dropped"): rewards against such a reference are unreliable."""
+    if reading is None:
+        return {}
+    read = reading.reference(sample.answer)
+    dropped = dropped_tokens(sample.answer, read)
+    return {"answer_read": read, **({"answer_dropped": dropped} if dropped else {})}
+
+
+def partly_read(records: list[dict]) -> dict[str, dict]:
+    """Per capability whose verifier reads some reference answers only in part: how many of how many
+    prompts, and the first such answer with its reading (eval.json's "answers_read_in_part")."""
+    prompts: dict[str, set] = {}
+    partial: dict[str, dict] = {}
+    for record in records:
+        key = (record["prompt"], record["answer"])
+        seen = prompts.setdefault(record["capability"], set())
+        if record.get("answer_dropped") and key not in seen:
+            found = partial.setdefault(record["capability"], {"count": 0, "answer": record["answer"], "read_as": record["answer_read"]})
+            found["count"] += 1
+        seen.add(key)
+    return {name: {**found, "of": len(prompts[name])} for name, found in partial.items()}
+
+
+def partly_read_warnings(records: list[dict]) -> list[str]:
+    """One line per capability whose verifier reads some reference answers only in part, with an example."""
+    return [f"warning: task {name!r}: the verifier reads {p['count']} of {p['of']} reference answers only in part "
+            f"(e.g. {p['answer']!r} is read as {p['read_as']!r}); rewards against them are unreliable: "
+            "see answer_read and answer_dropped in the sample records" for name, p in partly_read(records).items()]
 
 
 def summarise(records: list[dict]) -> dict[str, float]:
@@ -92,12 +136,13 @@ def check_group_column(caps: list[Capability], column: str | None, key: str = "-
 
 
 def score_model(policy, label: str, caps: list[Capability], samples: int, settings: EvalSettings, group_by: str | None = None,
-                reporter=None) -> tuple[dict, list[dict]]:
-    """One model's scores on every task (greedy and sampled as before, and the summaries) and its records."""
+                reporter=None, read: bool = True) -> tuple[dict, list[dict]]:
+    """One model's scores on every task (greedy and sampled as before, and the summaries) and its records
+    (with what the verifier read, unless `read` is False)."""
     found, records = {"greedy": {}, "sampled": {}, "scores": {}}, []
     for cap in caps:
         tests = cap.test_set(samples)
-        mine = score_records(policy, cap, tests, settings, progress(reporter, f"{label} {cap.name}", len(tests)))
+        mine = score_records(policy, cap, tests, settings, progress(reporter, f"{label} {cap.name}", len(tests)), read)
         if reporter is not None:
             reporter.stop()
         summary = summarise_by(mine, group_by)

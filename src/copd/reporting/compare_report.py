@@ -132,6 +132,14 @@ def _section(title: str, caption: str, table: list[str]) -> list[str]:
     return [f"## {title}", "", caption, "", *table, ""] if table else []
 
 
+def _settings_line(settings: dict | None) -> list[str]:
+    """The generation settings the runs were scored with; their pass@k and groups are in each run's report.md."""
+    if not isinstance(settings, dict):
+        return []
+    shown = ", ".join(f"{k} {settings[k]}" for k in ("max_new_tokens", "temperature", "top_p", "n") if k in settings)
+    return [f"Scored with {shown}; mean@n, pass@k and groups (eval.n, eval.group_by) are in each run's report.md.", ""]
+
+
 def write_compare_report(out: Path, result: dict) -> Path:
     lines = [
         "# CoPD comparison",
@@ -139,6 +147,7 @@ def write_compare_report(out: Path, result: dict) -> Path:
         f"Greedy accuracy (%) on each capability's test split, mean ± std over seeds {result['seeds']}; "
         "overall = mean over the trained capabilities. Rows marked with the same run come from one training run.",
         "",
+        *_settings_line(result.get("eval_settings")),
         *score_table(result),
         "",
         "## Orderings (docs/method.md §9), on mean overall accuracy",

@@ -147,10 +147,32 @@ def _results(ev: Any, plots: set[str]) -> list[str]:
     sampled = _get(ev, "decoding", "sampled", default="at the rollout temperature")
     out += _score_table(models, "greedy") + ["", f"Sampled mean reward (%), {sampled}.", ""]
     out += _score_table(models, "sampled") + ["", merged_vs_base(models, "greedy"), ""]
+    out += _detail_table(models, _get(ev, "settings", "n", default=1)) + _partly_read(_get(ev, "answers_read_in_part", default={}))
     logs = _get(ev, "sample_logs", default=None)
     if isinstance(logs, list) and logs:  # eval.log_samples: every prompt's completions and rewards
         out += ["Per-sample records (prompt, completions, reference answer, rewards): " + ", ".join(f"[{p}]({p})" for p in logs) + ".", ""]
     return out + _images(plots, ("eval", "heldout"))
+
+
+def _detail_table(models: dict, n: Any) -> list[str]:
+    """With eval.n > 1 or eval.group_by: prompts, greedy, mean@n and pass@k per model, capability and group (%)."""
+    order, caps = _eval_layout(models, "greedy")
+    found = [(m, c, _get(models[m], "scores", c, default={})) for m in order for c in caps]
+    if not isinstance(n, int) or not any(isinstance(s, dict) and (n > 1 or s.get("groups")) for _, _, s in found):
+        return []
+    keys = ["greedy", f"mean@{n}", *(k for k in _get(found[0][2], "all", default={}) if k.startswith("pass@"))]
+    rows = [[m, c, group, str(_get(scores, "prompts")), *(_pct(scores.get(k)) for k in keys)]
+            for m, c, summary in found if isinstance(summary, dict)
+            for group, scores in [("all", summary.get("all", {})), *(summary.get("groups") or {}).items()]]
+    lead = f"By group, with mean@{n} and pass@k (unbiased estimator over {n} samples per prompt), in %." if n > 1 else "By group, in %."
+    return [lead, "", *_table(["model", "capability", "group", "prompts", *keys], rows), ""]
+
+
+def _partly_read(partial: Any) -> list[str]:
+    """A warning per capability whose verifier read some reference answers only in part (their rewards are unreliable)."""
+    return [f"**Warning:** the verifier of {cap} reads {p.get('count')} of {p.get('of')} reference answers only in part "
+            f"(e.g. `{p.get('answer')}` is read as `{p.get('read_as')}`); rewards against them are unreliable.\n"
+            for cap, p in (partial.items() if isinstance(partial, dict) else [])]
 
 
 def _by(records: list[dict], key: str) -> dict[str, list[dict]]:
