@@ -116,16 +116,27 @@ def test_distilling_from_a_finished_experts_run_matches_training_the_experts(tmp
     assert not (tmp_path / "broken").exists()
 
 
+def twice_rows(path):
+    """A data capability no built-in shares a name with: 24 distinct prompts, `twice` the word is the answer."""
+    words = [a + b + c for a in "abc" for b in "de" for c in "fghi"]
+    path.write_text("".join(json.dumps({"prompt": f"tw:{w}=", "answer": w + w}) + "\n" for w in words))
+    return path
+
+
 def test_cli_eval_and_merge_on_a_finished_run(tmp_path, capsys):
     from copd.cli.main import main
 
-    run_dir = run_training(tiny_config(tmp_path, "run", eval={"samples": 16, "n": 2, "log_samples": True}))
+    data = twice_rows(tmp_path / "twice.jsonl")
+    caps = [*TINY["capabilities"], {"name": "twice", "path": str(data), "test_ratio": 0.25}]
+    branches = [{"name": "rev", "capabilities": ["reversal", "twice"]}, {"name": "cnt", "capabilities": ["count"]}]
+    run_dir = run_training(tiny_config(tmp_path, "run", capabilities=caps, branches=branches,
+                                       eval={"samples": 16, "n": 2, "log_samples": True}))
     # eval.n and eval.log_samples: mean@2 and pass@k in eval.json, every prompt's completions under samples/, linked.
     evaluated = json.loads((run_dir / "eval.json").read_text())
     assert evaluated["settings"]["n"] == 2 and set(evaluated["models"]["merged"]["scores"]["reversal"]["all"]) == {
         "prompts", "greedy", "mean@2", "pass@1", "pass@2"}
     lines = (run_dir / "samples" / "branch-rev.jsonl").read_text().splitlines()
-    assert len(lines) == 16 * 2 and all(len(json.loads(line)["sampled"]) == 2 for line in lines)  # reversal, count
+    assert len(lines) == 16 * 2 + 6 and all(len(json.loads(line)["sampled"]) == 2 for line in lines)  # reversal, count, twice
     assert "[samples/merged.jsonl](samples/merged.jsonl)" in (run_dir / "report.md").read_text()
     scores = tmp_path / "scores.json"
     assert main(["eval", str(run_dir), "--tasks", "reversal,count", "--samples", "8", "--out", str(scores)]) == 0
@@ -142,6 +153,30 @@ def test_cli_eval_and_merge_on_a_finished_run(tmp_path, capsys):
     assert any(not torch.equal(ties[k], mean[k]) for k in mean)
     assert main(["merge", str(run_dir), "--method", "ties"]) == 2  # never overwrites
     assert "already exists" in capsys.readouterr().err
+    _merge_is_scored_on_the_held_out_split(run_dir, tmp_path, capsys)
+
+
+def _merge_is_scored_on_the_held_out_split(run_dir, tmp_path, capsys):
+    """`copd eval RUN/merged-ties --tasks twice`: the run's own capability, on its test split only, with the run's
+    settings; and `copd eval RUN` scores the merge beside the run's own models."""
+    from copd.cli.main import main
+    from copd.config.loader import load_config
+    from copd.driver.pipeline import load_capabilities
+
+    out, logged = tmp_path / "ties.json", tmp_path / "ties.jsonl"
+    assert main(["eval", str(run_dir / "merged-ties"), "--tasks", "twice", "--out", str(out), "--log-samples", str(logged)]) == 0
+    assert f"run: {run_dir.resolve()} (task names are its capabilities reversal, count, twice" in capsys.readouterr().out
+    found = json.loads(out.read_text())
+    assert found["settings"]["n"] == 2  # eval.n of the run, not a model folder's n 1
+    twice = load_capabilities(load_config(run_dir / "config.yaml"))["twice"]
+    held_out = [s.prompt for s in twice.test_set()]
+    assert found["models"]["merged-ties"]["scores"]["twice"]["all"]["prompts"] == len(held_out) == 6
+    prompts = [json.loads(line)["prompt"] for line in logged.read_text().splitlines()]
+    assert prompts == held_out
+    assert not set(prompts) & {s.prompt for s in twice.source.train} and len(twice.source.train) == 18
+    every = tmp_path / "every.json"
+    assert main(["eval", str(run_dir), "--tasks", "twice", "--samples", "2", "--out", str(every)]) == 0
+    assert list(json.loads(every.read_text())["models"]) == ["base", "branch:cnt", "branch:rev", "merged", "merged-ties"]
 
 
 def _greedy_on_first(run_dir, capability: str, n: int) -> float:

@@ -178,8 +178,10 @@ def _add_result_commands(sub) -> list[argparse.ArgumentParser]:
     from copd.evaluation.commands import add_data_file_options, add_generation_options
 
     ev = sub.add_parser("eval", help="score a run or a model folder on capabilities' test splits")
-    ev.add_argument("target", metavar="RUN_OR_MODEL", help="a run directory (base, branches, final) or a transformers model folder")
-    ev.add_argument("--tasks", required=True, help="comma-separated built-in capability names or data files (.jsonl, .json, .parquet, .csv)")
+    ev.add_argument("target", metavar="RUN_OR_MODEL", help="a run directory (base, branches, final, merged-*) or a transformers model folder; "
+                    "a folder inside a run is scored on that run's capabilities and settings")
+    ev.add_argument("--tasks", required=True,
+                    help="comma-separated capability names (the run's own, or built-in) or data files (.jsonl, .json, .parquet, .csv)")
     ev.add_argument("--samples", type=int, default=200, help="test prompts per capability (default 200)")
     add_data_file_options(ev)
     add_generation_options(ev)

@@ -11,6 +11,7 @@ from copd.capabilities import BUILTIN_CAPABILITIES, VERIFIERS, Capability, load_
 from copd.core.passk import reported_ks
 from copd.errors import CopdError
 from copd.evaluation.records import EvalSettings, check_group_column, partly_read_warnings, score_model
+from copd.evaluation.runs import describe_run, enclosing_run, load_run_config
 from copd.models.sources import load_pretrained
 from copd.multimodal.media import VideoSampling
 
@@ -73,30 +74,32 @@ def resolve_tasks(names: str, data_keys: dict | None = None, run_config=None) ->
 
 
 def models_of(target: Path) -> dict[str, Path]:
-    """The model folders to score: a run's base, branches and final model, or one folder."""
+    """The model folders to score: a run's base, branches, final model and every merge written into it
+    (RUN/merged-METHOD, labelled by its folder name), or one folder."""
     if (target / "config.json").is_file():
         return {target.name: target}
     found = {"base": target / "base"}
     found.update({f"branch:{p.name}": p for p in sorted((target / "branches").glob("*"))})
     found["merged"] = target / "final"
+    found.update({p.name: p for p in sorted(target.glob("merged-*"))})
     found = {k: v for k, v in found.items() if (v / "config.json").is_file()}
     if not found:
         raise CopdError(f"{target}: neither a transformers model folder nor a run directory with models")
     return found
 
 
-# A model folder has no run config: these generation settings apply unless given on the command line.
+# A model folder outside any run has no run config: these generation settings apply unless given on the command line.
 FOLDER_DEFAULTS = {"max_new_tokens": 32, "temperature": 1.0, "top_p": 1.0, "n": 1, "batch_size": 128}
 SETTING_FLAGS = tuple(FOLDER_DEFAULTS)
 
 
 def add_generation_options(parser, folder_defaults: dict | None = None) -> None:
-    """--max-new-tokens, --temperature, --top-p, --n, --batch-size: unset, a run's own settings apply (model folders:
-    FOLDER_DEFAULTS, updated with `folder_defaults`)."""
+    """--max-new-tokens, --temperature, --top-p, --n, --batch-size: unset, a run's own settings apply (model folders
+    outside a run: FOLDER_DEFAULTS, updated with `folder_defaults`)."""
     helps = {"max_new_tokens": "new tokens per completion", "temperature": "sampling temperature", "top_p": "nucleus sampling threshold",
              "n": "sampled completions per prompt (pass@k, mean@n)", "batch_size": "prompts per generation call"}
     for key, default in {**FOLDER_DEFAULTS, **(folder_defaults or {})}.items():
-        where = f"the run's own; a model folder: {default}" if key != "n" else default
+        where = f"the run's own; a model folder outside a run: {default}" if key != "n" else default
         parser.add_argument(f"--{key.replace('_', '-')}", dest=key, type=type(default), metavar=key.upper(),
                             help=f"{helps[key]} (default: {where})")
 
@@ -123,11 +126,11 @@ def run_eval(target: str, tasks: str, samples: int, data_keys: dict, out: str | 
     path = Path(target).expanduser()
     if not path.exists():
         raise CopdError(f"model or run not found: {path}")
-    run_config = None
-    if (path / "config.yaml").is_file():
-        from copd.config.loader import load_config
-
-        run_config = load_config(path / "config.yaml")
+    # A run, or a model folder inside one (RUN/final, RUN/branches/X, RUN/merged-ties): the run's tasks and settings.
+    run_dir = enclosing_run(path)
+    run_config = load_run_config(run_dir)
+    if run_dir is not None and run_dir != path.resolve():
+        print(describe_run(run_dir, run_config))
     caps = resolve_tasks(tasks, data_keys, run_config)
     check_group_column(caps, group_by)
     settings, fallback = eval_settings(given or {}, run_config, seed)

@@ -16,6 +16,7 @@ from copd.capabilities import Capability
 from copd.core.losses import masked_mean
 from copd.core.opd import support_diagnostics
 from copd.errors import CopdError
+from copd.evaluation.runs import describe_run, find_run, load_run_config
 
 BATCH_SIZE = 64
 DEFAULT_TOPK = 16  # support size when none is given: opd.topk's default
@@ -101,17 +102,6 @@ def verdict(result: dict, threshold: float = MERGE_THRESHOLD) -> str:
     )
 
 
-def _run_config(folders: list[Path]):
-    """The config of the copd run directory holding the first folder that is inside one."""
-    from copd.config.loader import load_config
-
-    for folder in folders:
-        for parent in (folder.resolve().parent, folder.resolve().parent.parent):
-            if (parent / "config.yaml").is_file():
-                return load_config(parent / "config.yaml")
-    return None
-
-
 def _load_pair(model_a: str, model_b: str, options: dict):
     """Both policies (prompting and vision `options` of the run), or a CopdError when a folder is missing or the
     vocabularies differ."""
@@ -143,8 +133,11 @@ def run_diagnose(model_a: str, model_b: str, tasks: str, samples: int, k: int, s
 
     if samples < 1:
         raise CopdError(f"--samples must be >= 1, got {samples}")
-    folders = [Path(model_a), Path(model_b)]
-    run_config = _run_config(folders)
+    # The run that holds MODEL_A (else MODEL_B), as `copd eval` finds it: its capabilities, settings and prompting.
+    run_dir = find_run([model_a, model_b])
+    run_config = load_run_config(run_dir)
+    if run_dir is not None:
+        print(describe_run(run_dir, run_config))
     # The run's chat template, system prompt and video sampling, so both models see its prompts.
     options = run_config.model.policy_options() if run_config else {}
     policy_a, policy_b, folders, vocab = _load_pair(model_a, model_b, options)
