@@ -194,3 +194,33 @@ def test_answer_checks_follow_the_base_verifier(tmp_path):
     assert cap.score("Answer: y", sample) == 1.0
     assert cap.score("(B)", sample) == pytest.approx(0.9)
     assert normalize_text(" A  Tale, of the Cities! ") == "tale of cities"
+
+
+def test_a_verifier_beside_the_config_imports_with_its_siblings_and_leaves_sys_path_alone(tmp_path):
+    folder = tmp_path / "cfg"
+    (folder / "beside_cfg_pkg").mkdir(parents=True)
+    (folder / "beside_cfg_pkg" / "__init__.py").write_text("")
+    (folder / "beside_cfg_helpers.py").write_text("BONUS = 0.25\n")
+    (folder / "beside_cfg_pkg" / "rewards.py").write_text("from beside_cfg_helpers import BONUS\n\ndef score(c, a):\n    return BONUS\n")
+    before = list(sys.path)
+    assert resolve_verifier("beside_cfg_pkg.rewards:score", folder)("x", "y") == 0.25
+    assert sys.path == before
+
+
+@pytest.mark.parametrize(("source", "fragment"), [
+    ("import no_such_dependency_xyz\n", "(ModuleNotFoundError: No module named 'no_such_dependency_xyz')"),  # the module's own import
+    ("raise RuntimeError('broken')\n", "(RuntimeError: broken)"),
+])
+def test_a_verifier_module_that_fails_to_import_names_its_own_error(tmp_path, source, fragment):
+    name = f"failing_verifier_{len(source)}"
+    (tmp_path / f"{name}.py").write_text(source)
+    with pytest.raises(CopdError) as info:
+        resolve_verifier(f"{name}:score", tmp_path)
+    assert f"cannot import module {name!r} {fragment}" in str(info.value)
+
+
+def test_a_missing_submodule_names_the_package_found(tmp_path):
+    (tmp_path / "found_pkg_xyz").mkdir()
+    (tmp_path / "found_pkg_xyz" / "__init__.py").write_text("")
+    with pytest.raises(CopdError, match=r"package 'found_pkg_xyz' \(.*found_pkg_xyz\) has no module 'rewardz'"):
+        resolve_verifier("found_pkg_xyz.rewardz:score", tmp_path)

@@ -223,18 +223,18 @@ def test_names_come_from_their_registries():
         assert f"| `{key}` | {' / '.join(registry)} |" in reference  # the config reference lists the valid values
 
 
-@pytest.mark.parametrize("override, key, fragment", [
-    ("opd.estimator=exactkl", "opd.estimator", "unknown OPD estimator 'exactkl' (did you mean 'exact_kl'?); valid: sampled, baseline, exact_kl"),
-    ("rl.advantage=reinforce", "rl.advantage", "unknown advantage 'reinforce'; valid: grpo, dr_grpo"),
-    ("rl.loss_aggregation=seq_man", "rl.loss_aggregation", "(did you mean 'seq_mean'?)"),
-    ("merge.method=Mean", "merge.method", "(did you mean 'mean'?)"),
-    ("schedule.plan=expert", "schedule.plan", "(did you mean 'experts'?)"),
-    ("topology.kind=meh", "topology.kind", "(did you mean 'mesh'?); valid: pair, oneway, hub, mesh"),
-    ("opd.estimator=3", "opd.estimator", "unknown OPD estimator 3;"),
+@pytest.mark.parametrize("override, fragment", [
+    ("opd.estimator=exactkl", "unknown OPD estimator 'exactkl' (did you mean 'exact_kl'?); valid: sampled, baseline, exact_kl"),
+    ("rl.advantage=reinforce", "unknown advantage 'reinforce'; valid: grpo, dr_grpo"),
+    ("rl.loss_aggregation=seq_man", "(did you mean 'seq_mean'?)"),
+    ("merge.method=Mean", "(did you mean 'mean'?)"),
+    ("schedule.plan=expert", "(did you mean 'experts'?)"),
+    ("topology.kind=meh", "(did you mean 'mesh'?); valid: pair, oneway, hub, mesh"),
+    ("opd.estimator=3", "unknown OPD estimator 3;"),
 ])
-def test_unknown_names_suggest_the_nearest(tmp_path, override, key, fragment):
+def test_unknown_names_suggest_the_nearest(tmp_path, override, fragment):
     message = error_of(write(tmp_path, VALID), [override])
-    assert f": {key}: " in message and fragment in message
+    assert message.startswith(f"command line: {override}: ") and fragment in message  # the override names the key
     assert "(got " not in message  # the value is named once
 
 
@@ -249,7 +249,7 @@ def test_cross_reference_errors_name_the_key_and_line(tmp_path):
     message = error_of(path)
     assert message.startswith(f"{path}:6: branches.1.capabilities: ") and "(did you mean 'reversal'?)" in message
     message = error_of(write(tmp_path, VALID), ["branches.1.name=add"])
-    assert "branches.1.name: branch names must be unique" in message
+    assert message.startswith("command line: branches.1.name=add: branch names must be unique")
     message = error_of(write(tmp_path, VALID + "merge: {branches: [add, rve]}\n"))
     assert message.startswith(f"{tmp_path / 'cfg.yaml'}:12: merge.branches: ") and "'rve'" in message
 

@@ -98,6 +98,7 @@ def test_run_diagnose_uses_the_run_directory_settings(tmp_path):
         "warmup": {"enabled": False},
         "capabilities": [{"name": "rv", "builtin": "reversal", "options": {"test_size": 4}}],
         "branches": [{"name": "rev", "capabilities": ["rv"]}],
+        "schedule": {"plan": "experts"},  # one branch: nothing to distil between
         "sampling": {"max_new_tokens": 2},
         "run": {"out": str(run)},
     }

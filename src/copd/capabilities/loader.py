@@ -18,7 +18,7 @@ from copd.capabilities.builtin import BUILTIN_CAPABILITIES
 from copd.capabilities.capability import Capability, did_you_mean
 from copd.capabilities.prompt_sources import FileSource
 from copd.capabilities.readings import reading_for
-from copd.capabilities.rows import FieldMap
+from copd.capabilities.rows import FieldMap, TextCheck
 from copd.capabilities.tables import read_splits
 from copd.capabilities.verifiers import ANSWER_CHECKS, resolve_verifier
 from copd.config.loader import error_location
@@ -26,20 +26,29 @@ from copd.config.schema import CapabilityConfig
 from copd.errors import CopdError
 from copd.multimodal.media import VideoSampling
 
+# Training prompts a built-in generates for text_check, beside its whole test split.
+GENERATED_CHECKS = 200
+
 
 def load_capability(spec: CapabilityConfig | Mapping[str, Any], base_dir: Path | None = None,
-                    video_sampling: VideoSampling | None = None) -> Capability:
+                    video_sampling: VideoSampling | None = None, text_check: TextCheck | None = None) -> Capability:
     """Build a capability from a CapabilityConfig, or from a dict of its keys
     ({"name", "builtin", **options}, {"name", "path", ...} or {"name", "dataset", ...}).
 
     Relative paths are resolved against `base_dir` when given (the config file's folder),
-    otherwise against the working directory. Every video of a data file is checked against
-    `video_sampling` (the run's model.vision), so one too short fails now.
+    otherwise against the working directory; a `module:function` verifier missing from sys.path
+    is looked for there too. Every video of a data file is checked against `video_sampling`
+    (the run's model.vision), so one too short fails now. `text_check` (the model's, e.g. the
+    alphabet of a built tiny model) is applied to every prompt and answer of a data file, naming
+    its row, and to a built-in's test split and GENERATED_CHECKS of its training prompts.
     """
     cap = spec if isinstance(spec, CapabilityConfig) else capability_config(spec)
     if cap.builtin is not None:
-        return _load_builtin(cap)
-    return _load_data(cap, base_dir, video_sampling or VideoSampling())
+        capability = _load_builtin(cap)
+        if text_check is not None:
+            _check_generated(capability, cap, text_check)
+        return capability
+    return _load_data(cap, base_dir, video_sampling or VideoSampling(), text_check)
 
 
 def capability_config(spec: Mapping[str, Any]) -> CapabilityConfig:
@@ -93,9 +102,24 @@ def _load_builtin(cap: CapabilityConfig) -> Capability:
     return dataclasses.replace(capability, name=cap.name)
 
 
-def _load_data(cap: CapabilityConfig, base_dir: Path | None, video_sampling: VideoSampling) -> Capability:
+def _check_generated(capability: Capability, cap: CapabilityConfig, text_check: TextCheck) -> None:
+    """A built-in's prompts and answers against the model's text check (media tasks are left to the modality check)."""
+    probe = capability.test_set(1) or capability.train_sampler(0).draw(1)
+    if probe[0].images or probe[0].videos:
+        return
+    for sample in capability.test_set() + capability.train_sampler(0).draw(GENERATED_CHECKS):
+        for part, text in (("prompt", sample.prompt), ("answer", sample.answer)):
+            problem = text_check(text)
+            if problem:
+                options = f"options {cap.options}" if cap.options else "its default options"
+                raise CopdError(f"capability {cap.name!r}: key 'options': the built-in {cap.builtin!r} with {options} "
+                                f"generates the {part} {text!r}: {problem}")
+
+
+def _load_data(cap: CapabilityConfig, base_dir: Path | None, video_sampling: VideoSampling,
+               text_check: TextCheck | None = None) -> Capability:
     try:
-        verifier = resolve_verifier(cap.verifier)
+        verifier = resolve_verifier(cap.verifier, base_dir)
     except CopdError as exc:
         raise CopdError(f"capability {cap.name!r}: key 'verifier': {exc}") from None
     fields = FieldMap(
@@ -106,6 +130,7 @@ def _load_data(cap: CapabilityConfig, base_dir: Path | None, video_sampling: Vid
         videos=cap.videos_field,
         extra=None if cap.fields is None else tuple(cap.fields),
         check=ANSWER_CHECKS.get(cap.verifier),
+        text_check=text_check,
         video_sampling=video_sampling,
     )
     train, test = read_splits(cap, fields, base_dir)

@@ -17,6 +17,9 @@ from copd.multimodal.prompts import placeholder_problem
 # verifier, so a field with one of these names would collide; such keys are left out of the fields.
 
 AnswerCheck = Callable[[str], str | None]
+# A check of the text a model reads (prompt and answer): None, or what is wrong, e.g. a character
+# the tokenizer of a built tiny model cannot encode.
+TextCheck = Callable[[str], str | None]
 
 
 def short_repr(value: Any, limit: int = 80) -> str:
@@ -37,6 +40,7 @@ class FieldMap:
     # None: every column not mapped above (minus RESERVED_FIELDS) goes to the verifier.
     extra: tuple[str, ...] | None = None
     check: AnswerCheck | None = None
+    text_check: TextCheck | None = None
     # How videos will be sampled: a video with fewer frames than its minimum fails at load.
     video_sampling: VideoSampling = VideoSampling()
 
@@ -74,6 +78,10 @@ class FieldMap:
         problem = self.check(answer) if self.check else None
         if problem:
             raise CopdError(f'{where}: field "{self.answer}" {answer!r} {problem}')
+        for column, text in ((self.prompt, prompt), (self.answer, answer)):
+            problem = self.text_check(text) if self.text_check else None
+            if problem:
+                raise CopdError(f'{where}: field "{column}": {problem}')
         images = self._media(row, self.images, where, base, check_image)
         videos = self._media(row, self.videos, where, base, lambda p: check_video(p, self.video_sampling))
         problem = placeholder_problem(prompt, len(images), len(videos))

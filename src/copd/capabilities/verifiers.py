@@ -3,8 +3,9 @@
 A capability's `verifier:` string is one of
   NAME               a registry verifier: exact, numeric, math (needs math-verify), choice,
                      normalized, regex (sample field `answer_pattern`); see verifiers_text.py
-  module:function    a user function importable from sys.path; sample fields it does not
-                     declare are dropped
+  module:function    a user function: the module is imported from sys.path, else from the
+                     config file's folder, else from the working directory; sample fields it
+                     does not declare are dropped
   SPEC+format        SPEC mixed with a format reward: (1 - W) * SPEC + W * [the completion has
   SPEC+format:W      a final-answer marker, \\boxed{...} or "answer: ..."], W = 0.1 by default
 e.g. "math+format", "exact+format:0.2", "my_rewards:score+format". A verifier that raises
@@ -16,11 +17,15 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import inspect
 import logging
 import math
 import re
+import sys
 from collections.abc import Callable
+from importlib.machinery import PathFinder
+from pathlib import Path
 from typing import Any
 
 from copd.capabilities.capability import Verifier, did_you_mean
@@ -109,12 +114,15 @@ def safe_verifier(fn: Verifier, name: str) -> SafeVerifier:
     return SafeVerifier(fn, name)
 
 
-def resolve_verifier(spec: str) -> Verifier:
-    """A verifier spec (see the module docstring), wrapped by safe_verifier."""
+def resolve_verifier(spec: str, config_dir: Path | None = None) -> Verifier:
+    """A verifier spec (see the module docstring), wrapped by safe_verifier.
+
+    A `module:function` module that sys.path lacks is looked for in `config_dir` (the folder of
+    the config file that names it), then in the working directory."""
     if not isinstance(spec, str):
         raise CopdError(f"verifier must be a string, got {spec!r}")
     base, modifier = _split_spec(spec)
-    verifier = safe_verifier(_resolve_base(base), base)
+    verifier = safe_verifier(_resolve_base(base, config_dir), base)
     return verifier if modifier is None else with_format(verifier, _format_weight(spec, modifier))
 
 
@@ -142,9 +150,9 @@ def _format_weight(spec: str, modifier: str) -> float:
     return weight
 
 
-def _resolve_base(spec: str) -> Verifier:
+def _resolve_base(spec: str, config_dir: Path | None) -> Verifier:
     if ":" in spec:
-        return _import_verifier(spec)
+        return _import_verifier(spec, config_dir)
     if spec in VERIFIERS:
         if spec in _REQUIREMENTS:
             _REQUIREMENTS[spec]()
@@ -155,12 +163,17 @@ def _resolve_base(spec: str) -> Verifier:
     )
 
 
-def _import_verifier(spec: str) -> Verifier:
+def _import_verifier(spec: str, config_dir: Path | None) -> Verifier:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr or ":" in attr:
         raise CopdError(f"verifier {spec!r}: expected the form 'module:function'")
+    folders = _user_folders(config_dir)
     try:
-        module = importlib.import_module(module_name)
+        module = _import_user_module(module_name, [path for path, _ in folders])
+    except ModuleNotFoundError as exc:
+        if not _names_the_module(exc, module_name):  # the module was found, something it imports was not
+            raise CopdError(f"verifier {spec!r}: cannot import module {module_name!r} ({type(exc).__name__}: {exc})") from None
+        raise CopdError(f"verifier {spec!r}: cannot import module {module_name!r}: {_not_found(exc.name, folders)}") from None
     except Exception as exc:  # any failure while importing user code is a config problem
         raise CopdError(
             f"verifier {spec!r}: cannot import module {module_name!r} "
@@ -176,6 +189,47 @@ def _import_verifier(spec: str) -> Verifier:
     if not callable(fn):
         raise CopdError(f"verifier {spec!r}: {attr!r} is a {type(fn).__name__}, not callable")
     return _tolerate_extra_fields(fn)
+
+
+def _user_folders(config_dir: Path | None) -> list[tuple[Path, str]]:
+    """Where a user module missing from sys.path is looked for, labelled for errors: the config's folder, the working directory."""
+    folders = [(Path(config_dir).resolve(), "the config's folder")] if config_dir is not None else []
+    cwd = Path.cwd().resolve()
+    return folders + ([(cwd, "the working directory")] if cwd not in [path for path, _ in folders] else [])
+
+
+def _import_user_module(module_name: str, folders: list[Path]) -> Any:
+    """importlib.import_module, falling back to the first of `folders` that holds the top-level
+    package or module. That folder is on sys.path only while the module imports (its own imports
+    of sibling modules resolve there too); a package keeps finding its submodules through its __path__."""
+    top = module_name.split(".")[0]
+    if top in sys.modules or importlib.util.find_spec(top) is not None:
+        return importlib.import_module(module_name)
+    importlib.invalidate_caches()  # a module written since the last import (its folder's listing is cached)
+    folder = next((f for f in folders if PathFinder.find_spec(top, [str(f)]) is not None), None)
+    if folder is None:
+        raise ModuleNotFoundError(f"No module named {top!r}", name=top)
+    sys.path.insert(0, str(folder))
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        sys.path.remove(str(folder))
+
+
+def _not_found(missing: str, folders: list[tuple[Path, str]]) -> str:
+    """Where copd looked for a missing module, or where the package that lacks it lives."""
+    parent, _, leaf = missing.rpartition(".")
+    if parent:
+        folder = next(iter(getattr(sys.modules.get(parent), "__path__", None) or []), "?")
+        return f"package {parent!r} ({folder}) has no module {leaf!r}"
+    looked = ", ".join(f"{label} {path}" for path, label in folders)
+    return f"no module {missing!r} in {looked} or on sys.path; put it in {folders[0][1]}, or add its folder to PYTHONPATH"
+
+
+def _names_the_module(exc: ModuleNotFoundError, module_name: str) -> bool:
+    """Whether the missing module is `module_name` or a package above it (not one it imports)."""
+    parts = module_name.split(".")
+    return exc.name in {".".join(parts[: i + 1]) for i in range(len(parts))}
 
 
 def _tolerate_extra_fields(fn: Callable[..., Any]) -> Verifier:

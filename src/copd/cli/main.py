@@ -94,6 +94,10 @@ def cmd_merge(args) -> int:
     from copd.driver.merging import merge_branches
 
     run_dir = Path(args.run)
+    if not (run_dir / "config.yaml").is_file():  # a run without branches/ yet gets merge_branches' own error
+        found = " (no such folder)" if not run_dir.is_dir() else " (it holds a model: config.json)" if (run_dir / "config.json").is_file() else ""
+        raise CopdError(f"merge: {run_dir} is not a run directory{found}; expected {run_dir / 'config.yaml'} and "
+                        f"{run_dir / 'branches'}/: give the folder copd train wrote")
     config = load_config(run_dir / "config.yaml")
     out = Path(args.out) if args.out else run_dir / f"merged-{args.method}"
     if out.exists() and any(out.iterdir()):

@@ -1,7 +1,8 @@
 """Load a Config from YAML plus `key.sub=value` overrides, with one-line errors.
 
 Errors name the file, the YAML line when known, the dotted key, and for a mistyped key
-the nearest valid key.
+the nearest valid key. A mistake in a value or key given as an override is blamed on the
+command line (`command line: KEY=VALUE: ...`), not on the YAML line of that key.
 """
 
 from __future__ import annotations
@@ -30,43 +31,55 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise CopdError(f"{path}{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
     if not isinstance(raw, dict):
         raise CopdError(f"{path}: the top level must be a mapping of sections")
-    for item in overrides or []:
-        apply_override(raw, item)
-    return validate_config(raw, source=str(path), lines=_key_lines(text))
+    overridden = {apply_override(raw, item): item for item in overrides or []}
+    return validate_config(raw, source=str(path), lines=_key_lines(text), overridden=overridden)
 
 
-def validate_config(raw: dict[str, Any], source: str = "<config>", lines: dict | None = None) -> Config:
+def validate_config(raw: dict[str, Any], source: str = "<config>", lines: dict | None = None,
+                    overridden: dict[tuple, str] | None = None) -> Config:
+    """`overridden` maps the key path of each command-line override to the override as typed."""
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
-        raise CopdError(describe_error(err, source, lines or {})) from None
+        raise CopdError(describe_error(err, source, lines or {}, overridden=overridden)) from None
 
 
-def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Apply `a.b.c=value` to the nested dict; list items are addressed by index (branches.0.beta)."""
+def apply_override(raw: dict[str, Any], item: str) -> tuple:
+    """Apply `a.b.c=value` to the nested dict; list items are addressed by index (branches.0.beta).
+
+    Returns the key path it set, list indices as ints, as the error locations of validation name it."""
     key, sep, value = item.partition("=")
     if not sep or not key:
         raise CopdError(f"override {item!r} must look like key.sub=value")
     parts = key.split(".")
     node: Any = raw
+    path: list[str | int] = []
     for i, part in enumerate(parts[:-1]):
-        node = _child(node, part, parts[: i + 1])
+        node, step = _child(node, part, parts[: i + 1])
+        path.append(step)
     last = parts[-1]
     if not isinstance(node, (dict, list)):
         raise CopdError(f"override key {key!r}: {'.'.join(parts[:-1])} is not a section")
-    parsed = yaml.safe_load(value) if value != "" else None
+    try:
+        parsed = yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError as err:
+        raise CopdError(f"command line: {item}: the value is not valid YAML ({getattr(err, 'problem', err)})") from None
     if isinstance(node, list):
-        node[_index(node, last, parts)] = parsed
-    else:
-        node[last] = parsed
+        index = _index(node, last, parts)
+        node[index] = parsed
+        return (*path, index)
+    node[last] = parsed
+    return (*path, last)
 
 
-def _child(node: Any, part: str, trail: list[str]) -> Any:
+def _child(node: Any, part: str, trail: list[str]) -> tuple[Any, str | int]:
+    """The section `part` of `node` (made when missing) and its step in the key path."""
     if isinstance(node, list):
-        return node[_index(node, part, trail)]
+        index = _index(node, part, trail)
+        return node[index], index
     if not isinstance(node, dict):
         raise CopdError(f"override key {'.'.join(trail)!r}: {'.'.join(trail[:-1])} is not a section")
-    return node.setdefault(part, {})
+    return node.setdefault(part, {}), part
 
 
 def _index(node: list, part: str, trail: list[str]) -> int:
@@ -82,14 +95,19 @@ def error_location(error: dict) -> tuple:
     return loc + problem.loc if isinstance(problem, KeyProblem) else loc
 
 
-def describe_error(err: ValidationError, source: str, lines: dict | None = None, model: type[BaseModel] = Config) -> str:
-    """One line: `source:line: key: message`, the nearest valid key for an unknown one."""
+def describe_error(err: ValidationError, source: str, lines: dict | None = None, model: type[BaseModel] = Config,
+                   overridden: dict[tuple, str] | None = None) -> str:
+    """One line: `source:line: key: message` (or `command line: KEY=VALUE: ...` for an override's
+    mistake), the nearest valid key for an unknown one."""
     lines = lines or {}
     first = err.errors()[0]
     loc = error_location(first)
     dotted = ".".join(str(p) for p in loc) or "(top level)"
     line = lines.get(loc) or lines.get(loc[:-1])
     where = f"{source}:{line}" if line else source
+    override = _override_at(loc, overridden or {}, lines)
+    if override is not None:
+        where = f"command line: {override}"
     if first["type"] == "extra_forbidden":
         valid = _fields_at(loc[:-1], model)
         near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
@@ -98,9 +116,21 @@ def describe_error(err: ValidationError, source: str, lines: dict | None = None,
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "missing":
         return f"{where}: missing required key {dotted!r}"
+    if override is not None and override.partition("=")[0] == dotted:
+        return f"{where}: {message}"  # the override shows the key and the value already
     given = first.get("input")
     shown = "" if isinstance(given, (dict, list)) or given is None or repr(given) in message else f" (got {given!r})"
     return f"{where}: {dotted}: {message}{shown}"
+
+
+def _override_at(loc: tuple, overridden: dict[tuple, str], lines: dict) -> str | None:
+    """The last override that set the key at `loc` or a section above it, or a key below it in a
+    section the YAML file does not have (schedule.cycels.x=1 made `cycels`); None when the file is to blame."""
+    found = None
+    for path, item in overridden.items():
+        if path == loc[: len(path)] or (loc and loc == path[: len(loc)] and loc not in lines):
+            found = item
+    return found
 
 
 def _fields_at(loc: tuple, model: type[BaseModel] = Config) -> list[str]:

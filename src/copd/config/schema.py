@@ -137,7 +137,7 @@ class CapabilityConfig(Section):
     test_split: str | None = Field(None, description="split of `dataset` used for testing, e.g. test")
     test_ratio: float = Field(0.1, ge=0, lt=1, description="fraction of the distinct prompts held out for testing when neither `test_path` nor `test_split` is set (0: no test split)")
     split_seed: int = Field(0, description="seed of the train/test split by ratio")
-    verifier: str = Field("exact", description="data files: a registered verifier or module:function, either with +format[:W] for a final-answer format reward (a built-in has its own)")
+    verifier: str = Field("exact", description="data files: a registered verifier or module:function (the module from sys.path, else the config file's folder, else the working directory), either with +format[:W] for a final-answer format reward (a built-in has its own)")
     prompt_field: str = Field("prompt", description="column holding the prompt")
     answer_field: str = Field("answer", description="column holding the reference answer (numbers become strings)")
     system_field: str | None = Field(None, description="column holding a per-sample system prompt (empty or null: none)")
@@ -214,7 +214,7 @@ class TopologyConfig(Section):
 
 
 class ScheduleConfig(Section):
-    plan: PlanName = Field("copd", description="plan builder: copd is Algorithm 1; experts, static_opd and mopd are the baselines (static_opd and mopd need branches with `distill_from`)")
+    plan: PlanName = Field("copd", description="plan builder: copd is Algorithm 1 and needs at least 2 branches to distil between; experts (GRPO per branch, no distillation, one branch allowed), static_opd and mopd are the baselines (static_opd and mopd need branches with `distill_from`)")
     cycles: int = Field(3, gt=0, description="N cycles of Algorithm 1")
     rl_steps: int = Field(6, ge=0, description="S_RL: Phase I steps per cycle")
     opd_steps: int = Field(4, ge=0, description="S_OPD: Phase II steps per cycle")
@@ -334,6 +334,22 @@ class Config(Section):
         for ref in self.resources.branches:
             if ref not in names:
                 raise KeyProblem(("resources", "branches", ref), f"names no branch; branches: {names}")
+        return self
+
+    @model_validator(mode="after")
+    def _plan_has_edges(self) -> Config:
+        """A plan that distils needs someone to distil between; without, it would quietly train GRPO alone."""
+        plan = self.schedule.plan
+        experts = [b.name for b in self.branches if not b.distill_from]
+        if plan == "copd" and len(experts) < 2:
+            aside = "; branches with distill_from do not count" if len(experts) < len(self.branches) else ""
+            raise KeyProblem(("schedule", "plan"), f"the plan 'copd' distils between branches and needs at least 2, got "
+                             f"{len(experts)} ({', '.join(experts) or 'none'}{aside}); add a branch, or set schedule.plan: "
+                             "experts to train one branch with GRPO alone")
+        if plan in ("static_opd", "mopd") and len(experts) == len(self.branches):
+            raise KeyProblem(("schedule", "plan"), f"the plan {plan!r} distils students from trained experts and needs a "
+                             "branch with `distill_from` (its teachers), none has one; add a student branch, or set "
+                             "schedule.plan: copd or experts")
         return self
 
     @model_validator(mode="after")

@@ -27,7 +27,7 @@ from copd.driver.branches import BRANCH_BACKENDS
 from copd.driver.checkpoint import check_resumable
 from copd.driver.merging import merge_branches
 from copd.driver.trainer import Trainer, plan_of
-from copd.driver.warmstart import prepare_base
+from copd.driver.warmstart import model_text_check, prepare_base
 from copd.errors import CopdError
 from copd.evaluation.records import EvalSettings, check_group_column, partly_read, score_model
 from copd.models.sources import check_model_source, load_pretrained
@@ -60,8 +60,11 @@ def check_modalities(capabilities: dict[str, Capability], tokenizer) -> None:
 
 
 def load_capabilities(config: Config, base_dir: Path | None = None) -> dict[str, Capability]:
+    """The config's capabilities, their text checked against what the base model can encode (a built
+    tiny model's alphabet), so a character it would read as <unk> fails now, naming its file and row."""
     sampling = VideoSampling.from_options(config.model.vision.model_dump())
-    return {c.name: load_capability(c, base_dir, sampling) for c in config.capabilities}
+    check = model_text_check(config)
+    return {c.name: load_capability(c, base_dir, sampling, check) for c in config.capabilities}
 
 
 def check_run_dir(config: Config, run_dir: Path, resume: bool) -> None:

@@ -18,10 +18,19 @@ from pathlib import Path
 from copd.backends.local.factory import make_policy
 from copd.backends.roles import Prompt, SamplingParams
 from copd.capabilities import Capability
+from copd.capabilities.rows import TextCheck
 from copd.config.schema import Config, TinyModelConfig
 from copd.driver.rollout import MixtureSampler, derived_seed
 from copd.evaluation.evaluate import pass_rates
-from copd.models.sources import TINY_ALPHABET, build_char_tokenizer, build_tiny_model, load_base_model, load_pretrained, save_pretrained
+from copd.models.sources import (
+    TINY_ALPHABET,
+    build_char_tokenizer,
+    build_tiny_model,
+    load_base_model,
+    load_pretrained,
+    save_pretrained,
+    tiny_alphabet_problem,
+)
 from copd.reporting.progress import QuietReporter, Reporter
 
 
@@ -67,6 +76,13 @@ TINY_BUILDERS: dict[str, Callable[[TinyModelConfig, int], tuple]] = {
     "qwen2_5_vl": _tiny_vision_language,
     "qwen3_vl": _tiny_vision_language,
 }
+
+
+def model_text_check(config: Config) -> TextCheck | None:
+    """What every prompt and answer must satisfy for the run's base model: the character tokenizer
+    of a built tiny text model encodes TINY_ALPHABET only; every other tokenizer encodes any text."""
+    built = not (config.model.path or config.model.gguf_file)
+    return tiny_alphabet_problem if built and TINY_BUILDERS[config.model.tiny.architecture] is _tiny_text else None
 
 
 def base_key(config: Config) -> str:

@@ -16,7 +16,7 @@ from copd.models.sources import load_pretrained
 from copd.multimodal.media import VideoSampling
 
 # From the registry, as the error for an unknown verifier lists it.
-VERIFIER_HELP = (f"how a completion is scored: one of {', '.join(VERIFIERS)}, or module:function; "
+VERIFIER_HELP = (f"how a completion is scored: one of {', '.join(VERIFIERS)}, or module:function (from sys.path or the working directory); "
                  "either with +format[:W] adds a final-answer format reward")
 
 # The keys of a data capability that `copd eval` and `copd diagnose` take as options (--prompt-field, ...).

@@ -25,6 +25,7 @@ from copd.multimodal.processor import VLProcessor, is_vision_language
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 # The tiny model's characters: the built-in tasks' first (their ids do not move), then every printable one.
 TINY_ALPHABET = CHAR_ALPHABET + "".join(c for c in string.printable if c.isprintable())
+_TINY_CHARACTERS = frozenset(TINY_ALPHABET)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -38,6 +39,16 @@ def build_char_tokenizer(alphabet: str) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
     )
+
+
+def tiny_alphabet_problem(text: str) -> str | None:
+    """None when the tiny model's character tokenizer encodes all of `text`, else the first character it
+    would read as <unk> (anything outside printable ASCII: accents, tabs and newlines too)."""
+    bad = next((c for c in text if c not in _TINY_CHARACTERS), None)
+    if bad is None:
+        return None
+    return (f"character {bad!r} (U+{ord(bad):04X}) is not in the tiny model's alphabet (printable ASCII; its tokenizer "
+            "would read it as <unk>); keep the text to printable ASCII, or set model.path to a pretrained model")
 
 
 def build_tiny_model(cfg: TinyModelConfig, tokenizer, seed: int = 0) -> torch.nn.Module:

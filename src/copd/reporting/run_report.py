@@ -82,10 +82,18 @@ def _summary(cfg: Any) -> list[str]:
     betas = ", ".join(f"{b.get('name', '?')}={b.get('beta', '?')}" for b in branches)
     model = _get(cfg, "model", "path", default=None) or f"tiny ({_get(cfg, 'model', 'tiny', 'architecture')})"
     sched = {k: _get(cfg, "schedule", k) for k in ("plan", "cycles", "rl_steps", "opd_steps")}
-    return [f"Plan `{sched['plan']}`, K={len(branches)} branches ({names}), topology "
-            f"`{_get(cfg, 'topology', 'kind')}`, {sched['cycles']} cycles × ({sched['rl_steps']} RL + "
-            f"{sched['opd_steps']} OPD steps), OPD estimator `{_get(cfg, 'opd', 'estimator')}`, "
-            f"β: {betas or '?'}, merge `{_get(cfg, 'merge', 'method')}`.", "",
+    if sched["plan"] == "experts":  # no edges: topology, estimator and beta play no part
+        rl, opd = _num(sched["rl_steps"]), _num(sched["opd_steps"])
+        per_cycle = f"{rl + opd:g}" if rl is not None and opd is not None else "?"  # experts run S_RL + S_OPD RL steps
+        first = (f"Plan `experts`: each branch trains with GRPO alone, no distillation; K={len(branches)} "
+                 f"{'branch' if len(branches) == 1 else 'branches'} ({names}), {sched['cycles']} cycles × {per_cycle} RL steps, "
+                 f"merge `{_get(cfg, 'merge', 'method')}`.")
+    else:
+        first = (f"Plan `{sched['plan']}`, K={len(branches)} branches ({names}), topology "
+                 f"`{_get(cfg, 'topology', 'kind')}`, {sched['cycles']} cycles × ({sched['rl_steps']} RL + "
+                 f"{sched['opd_steps']} OPD steps), OPD estimator `{_get(cfg, 'opd', 'estimator')}`, "
+                 f"β: {betas or '?'}, merge `{_get(cfg, 'merge', 'method')}`.")
+    return [first, "",
             f"Model: {model}; seed {_get(cfg, 'run', 'seed')}; RL advantage `{_get(cfg, 'rl', 'advantage')}`, "
             f"loss aggregation `{_get(cfg, 'rl', 'loss_aggregation')}`; overlap top-k {_get(cfg, 'opd', 'overlap_k')}."]
 
@@ -196,9 +204,11 @@ def _images(plots: set[str], names: tuple[str, ...]) -> list[str]:
     return [line for n in names if n in plots for line in (f"![{n}](plots/{n}.png)", "")]
 
 
-def _diagnostics(edges: list[dict], plots: set[str]) -> list[str]:
+def _diagnostics(edges: list[dict], plots: set[str], plan: Any) -> list[str]:
     out = ["## Distillation diagnostics", ""]
-    if not edges:
+    if not edges and plan == "experts":
+        out += ["_None: plan `experts` trains each branch with GRPO alone, so no branch distils from another._", ""]
+    elif not edges:
         out += ["_No edge (OPD) records in metrics.jsonl._", ""]
     else:
         rows = []
@@ -351,7 +361,7 @@ def write_report(run_dir: Path) -> Path:
     lines = [f"# CoPD run report: {run_dir.name}", ""] + _summary(cfg) + [""] + _environment(_load(run_dir / "environment.json"))
     if missing:
         lines += [f"Missing or empty: {', '.join(missing)}.", ""]
-    lines += _results(ev, plots) + _diagnostics(edges, plots) + _branch_summary(branches, plots)
+    lines += _results(ev, plots) + _diagnostics(edges, plots, _get(cfg, "schedule", "plan")) + _branch_summary(branches, plots)
     lines += _warmup_timing(warm, timing)
     path = run_dir / "report.md"
     path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
