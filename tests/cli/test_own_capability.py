@@ -103,6 +103,11 @@ def test_a_verifier_package_beside_the_config_is_found_from_another_folder(tmp_p
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "cfg" / "rewards_beside_cfg" / "scored").is_file()  # the user's function scored the rollouts
     assert (tmp_path / "run" / "eval.json").is_file()
+    # The run records the config's folder, so its relative data path and verifier resolve from anywhere later on.
+    (tmp_path / "cfg" / "rewards_beside_cfg" / "scored").unlink()
+    done = copd(["eval", str(tmp_path / "run" / "final"), "--tasks", "qa", "--samples", "2", "--quiet"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "cfg" / "rewards_beside_cfg" / "scored").is_file() and "qa" in done.stdout
 
 
 def test_a_missing_verifier_module_names_where_copd_looked(tmp_path):

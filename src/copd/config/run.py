@@ -45,6 +45,7 @@ class ResourcesConfig(Section):
 
 class RunConfig(Section):
     out: str = Field("runs/copd", description="run directory")
+    config_dir: str | None = Field(None, description="the folder of the config file a run was started from: copd train sets it and writes it into RUN/config.yaml, so that copd eval and copd diagnose find the run's relative data paths and verifier modules from any working directory (unset: the working directory)")
     backend: Literal["local", "ray"] = Field("local", description="local: every branch in this process (the reference); ray: one Ray actor per branch (needs copd[ray])")
     ray_address: str | None = Field(None, description="with backend ray: the address of a running cluster (`ray start --head` prints it); unset: start a local Ray")
     max_restarts: int = Field(3, ge=0, strict=True, description="when a branch's worker dies, restart every branch from the last checkpoint all of them completed, up to this many times")

@@ -90,7 +90,7 @@ def prepare_run_dir(config: Config, run_dir: Path, resume: bool) -> None:
 
 
 # run.* keys that say where a run goes, not what it computes.
-PLACEMENT_KEYS = ("out", "backend", "ray_address", "restart_timeout")
+PLACEMENT_KEYS = ("out", "config_dir", "backend", "ray_address", "restart_timeout")
 
 
 def _check_same_run(config: Config, saved: Path) -> None:
@@ -113,6 +113,9 @@ def run_training(config: Config, resume: bool = False, reporter: Reporter | None
     """
     reporter = reporter or QuietReporter()
     run_dir = Path(config.run.out).expanduser()
+    if base_dir is not None and config.run.config_dir is None:  # recorded in RUN/config.yaml for copd eval and diagnose
+        config = config.model_copy(update={"run": config.run.model_copy(update={"config_dir": str(Path(base_dir).resolve())})})
+    base_dir = Path(config.run.config_dir) if config.run.config_dir else None
     config, capabilities, device = check_run(config, run_dir, resume, reporter, base_dir)
     started, timing = time.perf_counter(), {}  # timing: stage -> seconds, written to timing.json
     with timed(timing, "warmup_seconds"):

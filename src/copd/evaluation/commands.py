@@ -51,10 +51,12 @@ def resolve_tasks(names: str, data_keys: dict | None = None, run_config=None) ->
     own = {c.name: c for c in run_config.capabilities} if run_config else {}
     # Videos are checked against the frame sampling the run's models were trained with.
     sampling = VideoSampling.from_options(run_config.model.vision.model_dump()) if run_config else None
+    # Relative data paths and verifier modules of the run's capabilities: as in training, from the config's folder.
+    config_dir = Path(run_config.run.config_dir) if run_config and run_config.run.config_dir else None
     caps, files = [], 0
     for name in [n.strip() for n in names.split(",") if n.strip()]:
         if name in own:
-            caps.append(load_capability(own[name], video_sampling=sampling))
+            caps.append(load_capability(own[name], config_dir, video_sampling=sampling))
         elif name in BUILTIN_CAPABILITIES:
             caps.append(load_capability({"name": name, "builtin": name}))
         elif name.endswith(".jsonl") or Path(name).exists():
