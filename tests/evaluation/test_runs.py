@@ -16,6 +16,7 @@ CONFIG = {
     "warmup": {"enabled": False},
     "capabilities": [{"name": "rv", "builtin": "reversal", "options": {"test_size": 4}}],
     "branches": [{"name": "rev", "capabilities": ["rv"]}],
+    "schedule": {"plan": "experts"},  # one branch: GRPO alone
     "sampling": {"max_new_tokens": 2},
     "eval": {"n": 3},
 }
