@@ -19,14 +19,13 @@ from typing import Any
 
 from copd.capabilities.verifiers import _as_float, _split_spec, parse_last_number
 from copd.capabilities.verifiers_text import (
-    DEFAULT_ANSWER_PATTERN,
-    _compile,
     _math_timeout,
     extract_choice,
+    extract_regex,
     gold_letter,
     normalize_text,
     parse_gold,
-    require_math_verify,
+    parse_prediction,
 )
 
 
@@ -44,8 +43,7 @@ def _number(value: float | None) -> str | None:
 
 
 def _math_completion(text: str, **fields: Any) -> str | None:
-    parse, _ = require_math_verify()
-    found = parse(text, parsing_timeout=_math_timeout())
+    found = parse_prediction(text, _math_timeout())  # cached: the verifier has just parsed this completion
     return str(found[0]) if found else None
 
 
@@ -55,9 +53,7 @@ def _math_reference(answer: str) -> str | None:
 
 
 def _regex_completion(text: str, answer_pattern: str | None = None, **fields: Any) -> str | None:
-    compiled = _compile(answer_pattern or DEFAULT_ANSWER_PATTERN)
-    matches = list(compiled.finditer(text))
-    return (matches[-1].group(1 if compiled.groups else 0) or "").strip() if matches else None
+    return extract_regex(text, answer_pattern)
 
 
 def _stripped(text: str, **fields: Any) -> str:

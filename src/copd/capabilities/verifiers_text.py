@@ -49,14 +49,22 @@ def parse_gold(answer: str, timeout: int | None = None) -> tuple[Any, ...]:
     return tuple(gold or parse(text, parsing_timeout=timeout))
 
 
+@functools.lru_cache(maxsize=4096)
+def parse_prediction(completion: str, timeout: int | None = None) -> tuple[Any, ...]:
+    """A completion's final answer parsed by math-verify; cached, so the evaluation records' reading of
+    what the verifier extracted (copd.capabilities.readings) does not parse the completion again."""
+    parse, _ = require_math_verify()
+    return tuple(parse(completion, parsing_timeout=timeout))
+
+
 def math_answer(completion: str, answer: str, **fields: Any) -> float:
     """1 if math-verify finds the completion's final answer (\\boxed{}, "answer is", last
     expression) equal to the reference: 1/2 == 0.5 == \\frac{1}{2}, x^2+1 == 1+x^2, ..."""
-    parse, verify = require_math_verify()
+    _, verify = require_math_verify()
     timeout = _math_timeout()
     gold = parse_gold(answer, timeout)
-    pred = parse(completion, parsing_timeout=timeout)
-    return 1.0 if gold and pred and verify(list(gold), pred, timeout_seconds=timeout) else 0.0
+    pred = parse_prediction(completion, timeout)
+    return 1.0 if gold and pred and verify(list(gold), list(pred), timeout_seconds=timeout) else 0.0
 
 
 # ------------------------------------------------------------------------------ normalized text
@@ -143,15 +151,19 @@ def _compile(pattern: str) -> re.Pattern[str]:
         raise CopdError(f"invalid regular expression {pattern!r}: {exc}") from None
 
 
-def regex(completion: str, answer: str, answer_pattern: str | None = None, **fields: Any) -> float:
-    """The first group of the last match of `answer_pattern` (a sample field; default: the
-    text after "answer:" on its line) must equal the answer, both stripped."""
+def extract_regex(completion: str, answer_pattern: str | None = None) -> str | None:
+    """The first group (else the whole) of the last match of `answer_pattern` (default: the text
+    after "answer:" on its line), stripped; None when nothing matches."""
     compiled = _compile(answer_pattern or DEFAULT_ANSWER_PATTERN)
     matches = list(compiled.finditer(completion))
-    if not matches:
-        return 0.0
-    got = matches[-1].group(1 if compiled.groups else 0) or ""
-    return 1.0 if got.strip() == answer.strip() else 0.0
+    return (matches[-1].group(1 if compiled.groups else 0) or "").strip() if matches else None
+
+
+def regex(completion: str, answer: str, answer_pattern: str | None = None, **fields: Any) -> float:
+    """The answer `extract_regex` finds with `answer_pattern` (a sample field) must equal the
+    reference, both stripped."""
+    got = extract_regex(completion, answer_pattern)
+    return 1.0 if got is not None and got == answer.strip() else 0.0
 
 
 # ------------------------------------------------------------------------------------ format
